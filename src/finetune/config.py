@@ -1,0 +1,215 @@
+"""The config schema (every key, its type and default) and the checks that run before any work starts.
+
+Hydra composes conf/train.yaml on top of `TrainConfig`, so an unknown key or a value of the wrong type fails at
+composition with the key's full name. `validate` then checks what types cannot say (lr > 0, a root that
+exists, a backbone timm knows) and raises `ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class FinetuneError(Exception):
+    """An error the user can fix; scripts print its message as one line instead of a traceback."""
+
+
+class ConfigError(FinetuneError):
+    """A config value that cannot work."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: Optional[str] = MISSING  # the dataset's folder, in the layout it was downloaded in; null if bundled
+    image_size: Optional[int] = None  # null: the backbone's own input size (timm's data config)
+    crop_pct: Optional[float] = None  # evaluation: resize to image_size / crop_pct, centre-crop; null: timm's
+    batch_size: int = 64
+    num_workers: int = 4
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING  # any timm model name
+    pretrained: bool = True  # ImageNet weights through timm (downloaded once into its cache)
+    weights: Optional[str] = None  # a local weights file instead of the download (.pth, .bin, .safetensors)
+
+
+@dataclass
+class HeadConfig:
+    name: str = "linear"  # linear | mlp
+    pool: str = "avg"  # timm global pooling: avg | max | avgmax | catavgmax
+    hidden: int = 256  # mlp only: width of the dense layer
+    dropout: float = 0.2
+
+
+@dataclass
+class ScheduleConfig:
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-3  # the head's peak learning rate
+    weight_decay: float = 0.01
+    momentum: float = 0.9  # sgd only
+    epochs: int = 10
+    warmup_epochs: float = 1.0  # linear warm-up of each group, from its first trainable step
+    scheduler: str = "cosine"  # cosine | step | constant (after warm-up)
+    step_size: int = 3  # step: multiply by gamma every step_size epochs
+    gamma: float = 0.1
+    freeze_epochs: int = 2  # epochs with the backbone frozen (eval mode, no gradient)
+    unfreeze: Any = "all"  # all, or N: only the last N blocks of the backbone train afterwards
+    backbone_lr_ratio: float = 0.1  # backbone lr = backbone_lr_ratio * lr once it trains
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    name: str = "light"
+    crop: str = "random_resized"  # random_resized | center
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5  # probability
+    rotation: float = 0.0  # degrees, either way
+    zoom: float = 0.0  # scale in [1 - zoom, 1 + zoom]
+    translate: float = 0.0  # fraction of the image size, either way
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+    csv: bool = True
+
+
+@dataclass
+class CallbacksConfig:
+    early_stopping_patience: Optional[int] = None  # epochs without a better val/acc before stopping
+    progress_bar: bool = True
+    extra: list[Any] = field(default_factory=list)  # callbacks of your own: [{_target_: my.module.MyCallback}]
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    run_dir: str = "${hydra:runtime.output_dir}"  # where this run writes everything
+    resume: Optional[str] = None  # RUN_DIR of an earlier run: continue it from RUN_DIR/checkpoints/last.ckpt
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)  # lightning.Trainer arguments
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+
+
+def _if_set(value: Any, then: Any, otherwise: Any) -> Any:
+    return then if value not in (None, "", "None", "null") else otherwise
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+OmegaConf.register_new_resolver("if_set", _if_set, replace=True)
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "step", "constant")
+HEADS = ("linear", "mlp")
+CROPS = ("random_resized", "center")
+# Keys of conf/trainer that finetune resolves itself instead of handing them to lightning.Trainer as they are.
+OWN_TRAINER_KEYS = ("precision",)
+
+
+def suggest(word: str, options: list[str], n: int = 3) -> str:
+    """' Did you mean a, b?' for the closest options, or '' when none is close."""
+    close = difflib.get_close_matches(word, options, n=n, cutoff=0.6)
+    return f" Did you mean {', '.join(close)}?" if close else ""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check what the schema's types cannot; return the config with every interpolation resolved."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if "dataset.root" in missing:
+        raise ConfigError(f"dataset.root is required for dataset={cfg.dataset.name}: dataset.root=/path/to/data")
+    if missing:
+        raise ConfigError(f"{missing[0]} must be set ({missing[0]}=...)")
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as e:  # a broken interpolation
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{key or 'config'}: {str(e).splitlines()[0]}") from None
+
+    d, s, h, a = cfg.dataset, cfg.schedule, cfg.head, cfg.augment
+    _check(d.batch_size > 0, f"dataset.batch_size must be > 0 (got {d.batch_size})")
+    _check(d.num_workers >= 0, f"dataset.num_workers must be >= 0 (got {d.num_workers})")
+    _check(d.image_size is None or d.image_size >= 8, f"dataset.image_size must be >= 8 (got {d.image_size})")
+    _check(d.crop_pct is None or 0 < d.crop_pct <= 1, f"dataset.crop_pct must be in (0, 1] (got {d.crop_pct})")
+    for key in ("val_fraction", "test_fraction"):
+        _check(0 <= d[key] < 1, f"dataset.{key} must be in [0, 1) (got {d[key]})")
+    _check(d.val_fraction + d.test_fraction < 1, "dataset.val_fraction + dataset.test_fraction must be < 1")
+
+    _check(s.optimizer in OPTIMIZERS, f"schedule.optimizer must be one of {', '.join(OPTIMIZERS)} (got {s.optimizer})")
+    _check(s.scheduler in SCHEDULERS, f"schedule.scheduler must be one of {', '.join(SCHEDULERS)} (got {s.scheduler})")
+    _check(s.lr > 0, f"schedule.lr must be > 0 (got {s.lr})")
+    _check(s.weight_decay >= 0, f"schedule.weight_decay must be >= 0 (got {s.weight_decay})")
+    _check(s.epochs >= 1, f"schedule.epochs must be >= 1 (got {s.epochs})")
+    _check(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0 (got {s.warmup_epochs})")
+    _check(s.freeze_epochs >= 0, f"schedule.freeze_epochs must be >= 0 (got {s.freeze_epochs})")
+    _check(s.backbone_lr_ratio > 0, f"schedule.backbone_lr_ratio must be > 0 (got {s.backbone_lr_ratio})")
+    _check(s.step_size >= 1, f"schedule.step_size must be >= 1 (got {s.step_size})")
+    _check(0 <= s.label_smoothing < 1, f"schedule.label_smoothing must be in [0, 1) (got {s.label_smoothing})")
+    unfreeze_ok = s.unfreeze == "all" or (isinstance(s.unfreeze, int) and not isinstance(s.unfreeze, bool))
+    _check(unfreeze_ok and (s.unfreeze == "all" or s.unfreeze >= 1),
+           f"schedule.unfreeze must be 'all' or a number of blocks >= 1 (got {s.unfreeze})")
+
+    _check(h.name in HEADS, f"head.name must be one of {', '.join(HEADS)} (got {h.name})")
+    _check(0 <= h.dropout < 1, f"head.dropout must be in [0, 1) (got {h.dropout})")
+    _check(h.hidden >= 1, f"head.hidden must be >= 1 (got {h.hidden})")
+
+    _check(a.crop in CROPS, f"augment.crop must be one of {', '.join(CROPS)} (got {a.crop})")
+    _check(0 <= a.hflip <= 1, f"augment.hflip is a probability in [0, 1] (got {a.hflip})")
+    _check(0 <= a.zoom < 1, f"augment.zoom must be in [0, 1) (got {a.zoom})")
+    _check(0 <= a.translate < 1, f"augment.translate must be in [0, 1) (got {a.translate})")
+    _check(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
+           f"augment.crop_scale must be [min, max] within (0, 1] (got {list(a.crop_scale)})")
+
+    _validate_trainer(cfg.trainer)
+    _validate_backbone(cfg.backbone)
+    return cfg
+
+
+def _validate_trainer(trainer: DictConfig) -> None:
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    known = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+    for key in trainer:
+        _check(key in known or key in OWN_TRAINER_KEYS,
+               f"trainer.{key} is not an argument of lightning.Trainer.{suggest(key, known)}")
+    for key in ("max_epochs", "min_epochs"):
+        _check(key not in trainer, f"trainer.{key}: set the number of epochs with schedule.epochs")
+
+
+def _validate_backbone(backbone: DictConfig) -> None:
+    import timm
+
+    names = timm.list_models()
+    if backbone.name not in names:
+        alternatives = difflib.get_close_matches(backbone.name, names, n=5, cutoff=0.5)
+        hint = f" Closest timm names: {', '.join(alternatives)}." if alternatives else ""
+        raise ConfigError(f"backbone.name={backbone.name} is not a timm model.{hint}")
+    if backbone.weights is not None:
+        _check(Path(backbone.weights).is_file(), f"backbone.weights={backbone.weights}: no such file")
+    elif backbone.pretrained:
+        tagged = timm.list_models(backbone.name, pretrained=True)
+        _check(bool(tagged), f"timm has no pretrained weights for {backbone.name}: set backbone.pretrained=false "
+                             "or backbone.weights=/path/to/file")

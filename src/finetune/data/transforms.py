@@ -1,0 +1,77 @@
+"""Train and eval transforms: torchvision.transforms.v2 on PIL images, ending in uint8 CHW tensors.
+
+Normalisation is not here: batches travel as uint8 (a quarter of float32's bytes) and the model normalises them
+on its own device, so the same preprocessing ships inside checkpoints and exported models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torchvision.transforms import InterpolationMode, v2
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects of its input; stored in checkpoints so no later script has to ask for it."""
+
+    image_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def as_dict(self) -> dict:
+        return {"image_size": self.image_size, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+def resolve_preprocessing(backbone, image_size: int | None, crop_pct: float | None) -> Preprocessing:
+    """The backbone's own input size, crop and mean/std (timm's data config), with the dataset's choices on top."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=backbone)
+    return Preprocessing(
+        image_size=int(image_size or config["input_size"][-1]),
+        crop_pct=float(crop_pct or config.get("crop_pct") or 0.875),
+        interpolation=str(config.get("interpolation") or "bilinear"),
+        mean=tuple(float(x) for x in config["mean"]),
+        std=tuple(float(x) for x in config["std"]),
+    )
+
+
+def _interpolation(name: str) -> InterpolationMode:
+    return InterpolationMode.BICUBIC if name == "bicubic" else InterpolationMode.BILINEAR
+
+
+def eval_transform(pre: Preprocessing) -> v2.Compose:
+    """Resize the short side to image_size / crop_pct, centre-crop image_size (timm's and torchvision's eval)."""
+    resize = math.floor(pre.image_size / pre.crop_pct)
+    return v2.Compose([
+        v2.Resize(resize, interpolation=_interpolation(pre.interpolation), antialias=True),
+        v2.CenterCrop(pre.image_size),
+        v2.PILToTensor(),
+    ])
+
+
+def train_transform(pre: Preprocessing, augment) -> v2.Compose:
+    """The augmentation preset `augment` (conf/augment) at the model's input size."""
+    interpolation = _interpolation(pre.interpolation)
+    if augment.crop == "random_resized":
+        steps = [v2.RandomResizedCrop(pre.image_size, scale=tuple(augment.crop_scale),
+                                      ratio=tuple(augment.crop_ratio), interpolation=interpolation, antialias=True)]
+    else:
+        steps = [v2.Resize(math.floor(pre.image_size / pre.crop_pct), interpolation=interpolation, antialias=True),
+                 v2.CenterCrop(pre.image_size)]
+    if augment.rotation or augment.zoom or augment.translate:
+        steps.append(v2.RandomAffine(
+            degrees=augment.rotation,
+            translate=(augment.translate, augment.translate) if augment.translate else None,
+            scale=(1 - augment.zoom, 1 + augment.zoom) if augment.zoom else None,
+            interpolation=InterpolationMode.BILINEAR,
+        ))
+    if augment.hflip:
+        steps.append(v2.RandomHorizontalFlip(augment.hflip))
+    steps.append(v2.PILToTensor())
+    return v2.Compose(steps)

@@ -1,0 +1,182 @@
+"""Classifier: the LightningModule holding backbone + head, its steps, metrics, and optimizer/schedule."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn as nn
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from finetune.config import FinetuneError
+from finetune.models.backbone import create_backbone
+from finetune.models.heads import create_head
+
+
+class UnsafeCheckpoint(FinetuneError):
+    """A checkpoint that holds more than tensors and plain containers."""
+
+
+def lr_factor(step: int, steps_per_epoch: int, schedule: dict, start_epoch: int = 0) -> float:
+    """Multiplier of a group's peak learning rate at optimizer step `step`.
+
+    0 before `start_epoch` (the group is frozen), then a linear warm-up over `warmup_epochs` from that point,
+    times the decay of `scheduler` over the whole run (cosine to 0, step, or constant).
+    """
+    start = start_epoch * steps_per_epoch
+    if step < start:
+        return 0.0
+    warmup = schedule["warmup_epochs"] * steps_per_epoch
+    factor = min(1.0, (step - start + 1) / warmup) if warmup > 0 else 1.0
+    total = max(1, schedule["epochs"] * steps_per_epoch)
+    if schedule["scheduler"] == "cosine":
+        factor *= 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    elif schedule["scheduler"] == "step":
+        factor *= schedule["gamma"] ** (step // (schedule["step_size"] * steps_per_epoch))
+    return factor
+
+
+class Classifier(L.LightningModule):
+    """timm backbone (pooled features) -> head -> logits, fed uint8 images that it normalises on its own device.
+
+    Everything needed to rebuild it (class names, backbone and head config, preprocessing) is in its
+    hyperparameters, as plain containers, so a checkpoint alone is enough for evaluation, prediction and export.
+    """
+
+    def __init__(self, backbone: nn.Module, classes: list[str], backbone_config: dict, head_config: dict,
+                 schedule: dict, preprocessing: dict, class_weights: list[float] | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"], logger=False)
+        self.classes = list(classes)
+        self.backbone = backbone
+        self.head = create_head(head_config["name"], backbone.num_features, len(classes),
+                                hidden=head_config.get("hidden", 256), dropout=head_config.get("dropout", 0.0))
+        # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtraction and one division on uint8 input.
+        self.register_buffer("mean", torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(preprocessing["std"]).view(1, 3, 1, 1) * 255, persistent=False)
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=schedule.get("label_smoothing", 0.0))
+
+        k = len(classes)
+        self.train_acc = MulticlassAccuracy(k, average="micro")
+        self.val_acc = MulticlassAccuracy(k, average="micro")
+        self.test_acc = MulticlassAccuracy(k, average="micro")
+        self.val_acc_best = MaxMetric()
+        self.top5 = k > 5
+        if self.top5:
+            self.val_acc_top5 = MulticlassAccuracy(k, top_k=5, average="micro")
+            self.test_acc_top5 = MulticlassAccuracy(k, top_k=5, average="micro")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for RGB images, NCHW, uint8 (or float) in 0..255."""
+        x = (images.float() - self.mean) / self.std
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        self.train_acc.update(logits, labels)
+        n = len(labels)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n)
+        self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=n)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def _evaluate(self, batch, stage: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        n = len(labels)
+        acc = getattr(self, f"{stage}_acc")
+        acc.update(logits, labels)
+        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=n)
+        self.log(f"{stage}/acc", acc, on_epoch=True, prog_bar=stage == "val", batch_size=n)
+        if self.top5:
+            top5 = getattr(self, f"{stage}_acc_top5")
+            top5.update(logits, labels)
+            self.log(f"{stage}/acc_top5", top5, on_epoch=True, batch_size=n)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_train_start(self) -> None:
+        """Start (or resume) with the best val/acc so far and learning rates that follow this run's schedule.
+
+        A resumed optimizer holds the rates of the step it was saved at, under the schedule it was saved with;
+        LambdaLR would only correct them after the first step, and keep the saved base rates for good.
+        """
+        self.val_acc_best.reset()  # forget the sanity check's validation
+        best = self.trainer.checkpoint_callback.best_model_score if self.trainer.checkpoint_callback else None
+        if best is not None and torch.isfinite(best):
+            self.val_acc_best.update(best.to(self.device))
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            s = self.hparams.schedule
+            scheduler.base_lrs = [s["lr"] * s["backbone_lr_ratio"], s["lr"]]
+            for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(self.val_acc.compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+
+    def configure_optimizers(self):
+        s = self.hparams.schedule
+        groups = [
+            {"name": "backbone", "params": list(self.backbone.parameters()), "lr": s["lr"] * s["backbone_lr_ratio"]},
+            {"name": "head", "params": list(self.head.parameters()), "lr": s["lr"]},
+        ]
+        if s["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+        elif s["optimizer"] == "adam":
+            optimizer = torch.optim.Adam(groups, lr=s["lr"], weight_decay=s["weight_decay"])
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=s["lr"], weight_decay=s["weight_decay"])
+        steps_per_epoch = self._steps_per_epoch()
+        freeze = s["freeze_epochs"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+            lambda step: lr_factor(step, steps_per_epoch, s, start_epoch=freeze),  # backbone: 0 while frozen
+            lambda step: lr_factor(step, steps_per_epoch, s),  # head
+        ])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+
+    def _steps_per_epoch(self) -> int:
+        total = self.trainer.estimated_stepping_batches
+        epochs = max(1, self.trainer.max_epochs or 1)
+        return max(1, math.ceil(total / epochs)) if math.isfinite(total) else 1
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, so no code in the file ever runs."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0][:200]
+        raise UnsafeCheckpoint(f"{path} holds more than weights and plain data, and was not loaded (nothing in it "
+                               f"ran): {reason}. Load only checkpoints you trust to be finetune's own.") from None
+    except FileNotFoundError:
+        raise FinetuneError(f"{path}: no such checkpoint") from None
+
+
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
+    """A trained Classifier from a finetune checkpoint alone, in eval mode."""
+    checkpoint = load_checkpoint(path, map_location)
+    hp = checkpoint.get("hyper_parameters")
+    if not hp or "classes" not in hp:
+        raise FinetuneError(f"{path} is not a finetune checkpoint (it has no class names)")
+    pool = hp["head_config"].get("pool", "avg")
+    backbone = create_backbone(hp["backbone_config"]["name"], pretrained=False, pool=pool)
+    model = Classifier(backbone, **hp)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()

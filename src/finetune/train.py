@@ -1,0 +1,226 @@
+"""finetune.train.run: one training run, from a composed config to a tested best checkpoint and metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.profilers import SimpleProfiler
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.callbacks.nonfinite import StopOnNonFiniteLoss
+from finetune.callbacks.unfreeze import BackboneFreeze
+from finetune.config import OWN_TRAINER_KEYS, ConfigError, TrainConfig, validate
+from finetune.data.datamodule import ImageDataModule
+from finetune.data.transforms import resolve_preprocessing
+from finetune.models.backbone import create_backbone
+from finetune.models.classifier import Classifier, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+# The metrics each run reports in TensorBoard's HPARAMS tab, to compare the runs of a sweep.
+HPARAM_METRICS = ("val/acc", "val/acc_best", "val/loss", "train/loss", "test/acc", "test/loss")
+GROUPS = ("dataset", "backbone", "head", "schedule", "augment", "trainer", "logger", "callbacks", "debug", "experiment")
+
+
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    """Train and test as `cfg` says; write everything into its run directory; return the final metrics.
+
+    `overrides` (default: this Hydra command line's) are applied to a resumed run's saved config.
+    """
+    resuming = cfg.get("resume") is not None
+    if resuming:
+        cfg = resume_config(cfg, _command_line_overrides() if overrides is None else overrides)
+    cfg = validate(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Run directory: %s", run_dir)
+    log.info("Config:\n%s", OmegaConf.to_yaml(cfg))
+    if not resuming:
+        _save_config(cfg, run_dir / "config.yaml")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    # Model first: missing pretrained weights or a bad backbone name fail before the dataset is read.
+    backbone = create_backbone(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.weights, cfg.head.pool)
+    preprocessing = resolve_preprocessing(backbone, cfg.dataset.image_size, cfg.dataset.crop_pct)
+    split_file = run_dir / "split.csv" if resuming else None
+    data = ImageDataModule(cfg.dataset, cfg.augment, preprocessing, cfg.seed, run_dir, split_file=split_file)
+    data.setup("fit")
+    model = Classifier(
+        backbone,
+        classes=data.classes,
+        backbone_config=_plain(cfg.backbone),
+        head_config=_plain(cfg.head),
+        schedule=_plain(cfg.schedule),
+        preprocessing=preprocessing.as_dict(),
+    )
+
+    trainer = build_trainer(cfg, run_dir)
+    if not resuming:
+        log_hparams(trainer, cfg, preprocessing.image_size)
+    ckpt_path = None
+    if resuming:
+        ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+        load_checkpoint(ckpt_path)  # refuses a checkpoint that would run code, before Lightning opens it
+        log.info("Resuming from %s", ckpt_path)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    metrics = test_best(trainer, model, data, run_dir)
+    log.info("Test accuracy %.4f (best checkpoint). Run directory: %s", metrics.get("test/acc", float("nan")), run_dir)
+    return metrics
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    """A Lightning Trainer with finetune's callbacks and loggers, and `cfg.trainer` passed through."""
+    s = cfg.schedule
+    # Two savers: Lightning's save_last writes last.ckpt only in epochs that also write a new best, so on its own
+    # it would leave resume an old epoch. The first ModelCheckpoint is the trainer's `checkpoint_callback`.
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
+                           save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
+    callbacks: list[L.Callback] = [BackboneFreeze(s.freeze_epochs, s.unfreeze), StopOnNonFiniteLoss(), best, last]
+    loggers = []
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False))
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=run_dir, name="csv"))
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.callbacks.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping("val/acc", mode="max", patience=cfg.callbacks.early_stopping_patience))
+    callbacks += [instantiate(extra) for extra in cfg.callbacks.extra]
+    if cfg.callbacks.progress_bar:
+        callbacks.append(ProgressBar(refresh_rate=10))  # reading the live loss is a host sync: not every step
+
+    kwargs = {k: v for k, v in _plain(cfg.trainer).items() if k not in OWN_TRAINER_KEYS}
+    kwargs["precision"] = resolve_precision(cfg.trainer)
+    if kwargs.get("profiler") == "simple":
+        kwargs["profiler"] = SimpleProfiler(dirpath=run_dir, filename="profile")
+    return L.Trainer(
+        max_epochs=s.epochs,
+        default_root_dir=run_dir,
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_progress_bar=cfg.callbacks.progress_bar,
+        **kwargs,
+    )
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without the logger version number, which names nothing here."""
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+def resolve_precision(trainer: DictConfig) -> str:
+    """trainer.precision, or when null: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, 32 on CPU."""
+    if trainer.get("precision") is not None:
+        return str(trainer.precision)
+    on_gpu = torch.cuda.is_available() and trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+    if not on_gpu:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_dir: Path) -> dict:
+    """Test the best checkpoint (the current weights when there is none) and write metrics.json."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    results = trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    best_score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    if best_score is not None:
+        metrics["val/acc_best"] = float(best_score)
+    metrics["epochs"] = trainer.current_epoch
+    metrics["global_step"] = trainer.global_step
+    metrics["best_checkpoint"] = str(Path(best).relative_to(run_dir)) if best else None
+    metrics["test_images"] = len(data.indices("test")) or len(data.indices("val"))
+    _write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def log_hparams(trainer: L.Trainer, cfg: DictConfig, image_size: int) -> None:
+    """Write this run's hyperparameters and metric names for TensorBoard's HPARAMS tab.
+
+    Lightning's log_hyperparams would also log a placeholder value for every metric at step 0, which then shows
+    in the curves; the summaries written here only name the metrics, whose values TensorBoard reads from the run.
+    """
+    tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    if tensorboard is None or trainer.global_rank != 0:
+        return
+    from torch.utils.tensorboard.summary import hparams
+
+    params = {
+        "dataset": cfg.dataset.name, "backbone": cfg.backbone.name, "pretrained": cfg.backbone.pretrained,
+        "head": cfg.head.name, "dropout": cfg.head.dropout, "image_size": image_size,
+        "batch_size": cfg.dataset.batch_size, "augment": cfg.augment.name, "seed": cfg.seed,
+        "precision": resolve_precision(cfg.trainer),
+        **{f"schedule.{k}": (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in cfg.schedule.items()},
+    }
+    writer = tensorboard.experiment
+    for summary in hparams(params, {m: 0.0 for m in HPARAM_METRICS}):
+        writer.file_writer.add_summary(summary)
+    writer.flush()
+
+
+def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The config of run `cfg.resume`, with the single values given on this command line (schedule.epochs=20)."""
+    run_dir = Path(cfg.resume)
+    if not run_dir.is_dir():
+        raise ConfigError(f"resume={cfg.resume}: no such run directory")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(f"resume={cfg.resume}: there is no {last} to resume from (no fresh run was started)")
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"resume={cfg.resume}: {saved_path} is missing, so this is not a finetune run directory")
+    changes = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in ("resume", "run_dir") or key.startswith("hydra."):
+            continue
+        if key in GROUPS:
+            raise ConfigError(f"resume={cfg.resume} continues that run with its own config: change single values "
+                              f"(e.g. schedule.epochs=20), not a whole group ({override})")
+        changes.append(override.lstrip("+"))
+    saved = OmegaConf.load(saved_path)
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved, OmegaConf.from_dotlist(changes))
+    merged.resume = str(run_dir)
+    merged.run_dir = str(run_dir)
+    if changes:
+        backup = run_dir / f"config.before-resume-{len(list(run_dir.glob('config.before-resume-*.yaml'))) + 1}.yaml"
+        saved_path.replace(backup)
+        _save_config(merged, saved_path)
+        log.info("Resuming with %s; the previous config is kept as %s", ", ".join(changes), backup.name)
+    return merged
+
+
+def _command_line_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _plain(node: DictConfig) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+@rank_zero_only
+def _save_config(cfg: DictConfig, path: Path) -> None:
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+@rank_zero_only
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

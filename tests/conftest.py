@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach the network: the Hugging Face hub (timm's weights) is told it is offline.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fabricate import make_dogs_vs_cats, make_image_folder  # noqa: E402
+
+# Small, fast and quiet: every training test runs at 32 px on the CPU without a progress bar.
+FAST = [
+    "dataset.image_size=32", "dataset.num_workers=0", "dataset.batch_size=16", "trainer.accelerator=cpu",
+    "trainer.devices=1", "callbacks.progress_bar=false", "+trainer.enable_model_summary=false",
+    "backbone.pretrained=false", "trainer.log_every_n_steps=2",
+]
+
+
+def compose(run_dir: Path, *overrides: str):
+    """conf/train.yaml composed with `overrides`, writing into `run_dir`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import finetune.config  # noqa: F401  (the schema conf/train.yaml builds on)
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return hydra_compose("train", overrides=[f"run_dir={run_dir}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """A three-class image folder, 40 images per class, with a space in one class name."""
+    root = tmp_path_factory.mktemp("shapes")
+    return make_image_folder(root, {"red": "red", "green": "green", "not red or green": "blue"}, per_class=40)
+
+
+@pytest.fixture(scope="session")
+def dogs_vs_cats(tmp_path_factory) -> Path:
+    return make_dogs_vs_cats(tmp_path_factory.mktemp("dogs-vs-cats"), per_class=40)

@@ -1,0 +1,45 @@
+"""Callbacks the tests plug in through callbacks.extra (as a user would) to watch a run from the inside."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+
+class FreezeRecorder(L.Callback):
+    """Records, for every optimizer step: the epoch, which backbone parameters got a gradient, whether the
+    backbone's modules were in train mode, a BatchNorm running mean, and the learning rate of each group."""
+
+    instances: list[FreezeRecorder] = []
+
+    def __init__(self):
+        self.steps: list[dict] = []
+        self.initial: dict[str, torch.Tensor] = {}
+        FreezeRecorder.instances.append(self)
+
+    def on_fit_start(self, trainer, pl_module):
+        self.initial = {k: v.detach().clone() for k, v in pl_module.backbone.state_dict().items()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        backbone = pl_module.backbone
+        bn = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        self.steps.append({
+            "epoch": trainer.current_epoch,
+            "with_grad": [name for name, p in backbone.named_parameters() if p.grad is not None],
+            "modules_training": [name for name, m in backbone.named_modules() if m.training],
+            "bn_running_mean": bn[0].running_mean.detach().clone(),
+            "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+        })
+
+
+class PoisonHead(L.Callback):
+    """Sets the head's weights to NaN at the start of epoch `epoch`, so the loss turns NaN from then on."""
+
+    def __init__(self, epoch: int = 1):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                for p in pl_module.head.parameters():
+                    p.fill_(float("nan"))

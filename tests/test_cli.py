@@ -1,0 +1,76 @@
+"""scripts/train.py as a user runs it: sweeps, error messages, and the quick start."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FAST, ROOT
+
+
+def train_script(cwd, *args, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_multirun_gives_each_learning_rate_its_own_run_directory(tmp_path, shapes):
+    result = train_script(tmp_path, "-m", "schedule.lr=1e-2,1e-3", "dataset=image_folder", f"dataset.root={shapes}",
+                          *FAST, "schedule.epochs=1", "schedule.freeze_epochs=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweeps = list((tmp_path / "outputs" / "sweeps").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    for job, lr in zip(jobs, ("0.01", "0.001")):
+        assert f"lr: {lr}" in (job / "config.yaml").read_text()
+        assert (job / "checkpoints" / "best.ckpt").is_file() and (job / "checkpoints" / "last.ckpt").is_file()
+        assert "test/acc" in json.loads((job / "metrics.json").read_text())
+        assert list(job.glob("events.out.tfevents.*"))
+        assert (job / "split.csv").read_text() == (jobs[0] / "split.csv").read_text()  # same seed, same split
+
+
+# Every message is tested in-process (test_config.py, test_data.py); here: that each kind reaches the user as one line.
+@pytest.mark.parametrize(("args", "message"), [
+    (["schedule.lr=-1"], "schedule.lr must be > 0 (got -1.0)"),
+    (["dataset=image_folder", "dataset.root=/no/such/dir"], "dataset.root=/no/such/dir: no such directory"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
+    result = train_script(tmp_path, *FAST, *args)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert output.count(message) == 1, output[-2000:]
+    assert "Traceback" not in output
+    assert not list(tmp_path.glob("outputs/runs/*/checkpoints"))
+
+
+def test_one_class_dataset_is_refused_before_training(tmp_path):
+    from fabricate import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", {"alpaca": "red"}, per_class=3)
+    result = train_script(tmp_path, "dataset=image_folder", f"dataset.root={root}", *FAST)
+    assert result.returncode == 2
+    assert "found only class 'alpaca'; a classifier needs at least two classes" in result.stdout + result.stderr
+
+
+def test_unknown_key_is_named_without_a_traceback(tmp_path):
+    result = train_script(tmp_path, "schedule.lrr=1e-3")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "schedule.lrr" in output and "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_quick_start_reaches_97_percent_on_digits(tmp_path):
+    """README's first command, exactly: no arguments, random init, bundled digits."""
+    result = train_script(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 1
+    assert f"Run directory: {runs[0]}" in result.stdout + result.stderr
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["test/acc"] >= 0.97, metrics
+    assert metrics["test_images"] == (runs[0] / "split.csv").read_text().count(",test\n")
+    torch.load(runs[0] / "checkpoints" / "best.ckpt", weights_only=True)

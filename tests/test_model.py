@@ -1,0 +1,107 @@
+"""Backbone, heads, the Classifier's normalisation and parameter groups, and the learning-rate schedule."""
+
+import math
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from finetune.config import ConfigError
+from finetune.models.backbone import WeightsUnavailable, backbone_blocks, create_backbone
+from finetune.models.classifier import Classifier, lr_factor
+from finetune.models.heads import LinearHead, MLPHead
+
+SCHEDULE = {"epochs": 10, "warmup_epochs": 1, "scheduler": "cosine", "step_size": 3, "gamma": 0.1}
+
+
+def test_backbone_lr_is_zero_while_frozen_then_warms_up():
+    spe = 5
+    assert all(lr_factor(s, spe, SCHEDULE, start_epoch=2) == 0.0 for s in range(2 * spe))
+    ramp = [lr_factor(s, spe, SCHEDULE, start_epoch=2) for s in range(2 * spe, 3 * spe + 1)]
+    assert all(b > a for a, b in zip(ramp[:spe], ramp[1:spe]))  # linear warm-up from the unfreeze
+    assert ramp[0] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 10 / 50)))
+    head = [lr_factor(s, spe, SCHEDULE) for s in range(50)]
+    assert head[0] > 0 and head[4] == pytest.approx(max(head), rel=0.01)
+    assert head[-1] < 0.01  # cosine to zero at the end
+
+
+def test_step_and_constant_schedules():
+    step = {**SCHEDULE, "scheduler": "step", "warmup_epochs": 0}
+    assert lr_factor(0, 10, step) == 1.0 and lr_factor(30, 10, step) == pytest.approx(0.1)
+    const = {**SCHEDULE, "scheduler": "constant", "warmup_epochs": 0}
+    assert lr_factor(0, 10, const) == lr_factor(99, 10, const) == 1.0
+
+
+def test_mobilenetv2_has_18_blocks_in_timms_grouping():
+    blocks = backbone_blocks(create_backbone("mobilenetv2_100"))
+    assert len(blocks) == 18
+    assert blocks[0] == ["conv_stem", "bn1"]
+    assert "conv_head" in blocks[-1] and "blocks.6.0.conv_pw" in blocks[-1]
+
+
+def test_weights_file_loads_with_or_without_a_classifier(tmp_path):
+    source = timm.create_model("mobilenetv2_100", num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "imagenet.pth")
+    save_file({k: v for k, v in source.state_dict().items() if not k.startswith("classifier")},
+              tmp_path / "features.safetensors")
+    for name in ("imagenet.pth", "features.safetensors"):
+        backbone = create_backbone("mobilenetv2_100", weights=str(tmp_path / name)).eval()
+        assert torch.equal(backbone.conv_stem.weight, source.conv_stem.weight)
+        assert torch.equal(backbone.bn2.running_var, source.bn2.running_var)
+        assert backbone.num_features == 1280 and backbone(torch.zeros(1, 3, 32, 32)).shape == (1, 1280)
+
+
+def test_weights_file_of_another_architecture_is_refused(tmp_path):
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(ConfigError, match="does not load into mobilenetv2_100"):
+        create_backbone("mobilenetv2_100", weights=str(tmp_path / "resnet.pth"))
+
+
+def test_unavailable_pretrained_weights_name_the_three_ways_on():
+    # conftest sets HF_HUB_OFFLINE=1: the hub is unreachable, as on a machine without network
+    with pytest.raises(WeightsUnavailable) as error:
+        create_backbone("efficientnet_b0", pretrained=True)
+    message = str(error.value)
+    assert "connect to the internet once" in message
+    assert "backbone.weights=/path/to/file" in message
+    assert "backbone.pretrained=false" in message
+
+
+def _classifier(head="linear", k=3):
+    pre = {"image_size": 32, "crop_pct": 1.0, "interpolation": "bicubic", "mean": [0.4, 0.5, 0.6], "std": [0.2] * 3}
+    schedule = {**SCHEDULE, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9,
+                "freeze_epochs": 1, "unfreeze": "all", "backbone_lr_ratio": 0.1}
+    return Classifier(create_backbone("mobilenetv2_100"), [str(i) for i in range(k)],
+                      {"name": "mobilenetv2_100"}, {"name": head, "hidden": 16, "dropout": 0.1}, schedule, pre)
+
+
+def test_forward_normalises_uint8_images_like_torchvision_would():
+    model = _classifier().eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    expected = (images.float() / 255 - torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)) / 0.2
+    with torch.no_grad():
+        assert torch.allclose(model(images), model.head(model.backbone(expected)), atol=1e-5)
+
+
+def test_heads_start_at_zero_logits_and_have_the_keras_shapes():
+    assert isinstance(_classifier("linear").head, LinearHead)
+    mlp = _classifier("mlp").head
+    assert isinstance(mlp, MLPHead)
+    assert [type(m).__name__ for m in mlp] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert mlp[0].out_features == 16
+    with torch.no_grad():
+        assert torch.count_nonzero(mlp(torch.randn(4, 1280))) == 0
+
+
+def test_optimizer_has_named_backbone_and_head_groups_with_their_rates():
+    model = _classifier()
+    model._steps_per_epoch = lambda: 10  # what the Trainer would estimate from the train loader
+    config = model.configure_optimizers()
+    groups = config["optimizer"].param_groups
+    assert [g["name"] for g in groups] == ["backbone", "head"]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.backbone.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.head.parameters()}
+    assert groups[0]["lr"] == 0.0  # frozen at step 0: LambdaLR has applied the backbone's factor
+    assert groups[1]["lr"] == pytest.approx(1e-3 * lr_factor(0, 10, SCHEDULE))
+    assert config["lr_scheduler"]["interval"] == "step" and config["lr_scheduler"]["name"] == "lr"
