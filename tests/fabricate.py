@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 COLOURS = {
     "red": (215, 45, 40), "green": (40, 170, 70), "blue": (45, 75, 215),
     "yellow": (225, 205, 40), "purple": (140, 50, 170), "cyan": (40, 200, 210),
+    "orange": (225, 95, 40),  # close to red on purpose: hard to tell apart
 }
 
 
@@ -33,14 +34,14 @@ def shape_image(rng: np.random.Generator, colour: tuple[int, int, int],
     return image
 
 
-def make_image_folder(root: Path, classes: dict[str, str], per_class: int, seed: int = 0,
+def make_image_folder(root: Path, classes: dict[str, str], per_class: int | dict[str, int], seed: int = 0,
                       size: tuple[int, int] = (48, 40), ext: str = ".jpg") -> Path:
-    """ROOT/<class>/<n>.jpg for each class name -> colour name."""
+    """ROOT/<class>/<n>.jpg for each class name -> colour name; per_class may differ by class."""
     rng = np.random.default_rng(seed)
     for name, colour in classes.items():
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
+        for i in range(per_class[name] if isinstance(per_class, dict) else per_class):
             shape_image(rng, COLOURS[colour], size).save(folder / f"{i:04d}{ext}", quality=92)
     return root
 
@@ -55,4 +56,158 @@ def make_dogs_vs_cats(root: Path, per_class: int, unlabeled: int = 5, seed: int 
         shape_image(rng, COLOURS["blue"]).save(root / "train" / f"dog.{i}.jpg", quality=92)
     for i in range(1, unlabeled + 1):
         shape_image(rng, COLOURS["green"]).save(root / "test1" / f"{i}.jpg")
+    return root
+
+
+def _jpeg(image: Image.Image, path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, "JPEG", quality=90, **kwargs)
+    return path
+
+
+def add_odd_but_valid(folder: Path, colour: str, seed: int = 1) -> list[Path]:
+    """Images that are unusual but fine, as real downloads have them: CMYK and grey JPEGs, PNG bytes under a .jpg
+    name, RGBA and palette PNGs, a 16-bit PNG, and a JPEG stored sideways with an EXIF orientation."""
+    rng = np.random.default_rng(seed)
+    rgb = shape_image(rng, COLOURS[colour])
+    folder.mkdir(parents=True, exist_ok=True)
+    out = [_jpeg(rgb.convert("CMYK"), folder / "odd_cmyk.jpg"), _jpeg(rgb.convert("L"), folder / "odd_grey.jpg")]
+    rgb.save(folder / "odd_png_named.jpg", "PNG")
+    rgb.convert("RGBA").save(folder / "odd_rgba.png")
+    palette = rgb.convert("P")
+    palette.save(folder / "odd_palette.png", transparency=0)
+    Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).save(folder / "odd_16bit.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _jpeg(rgb.transpose(Image.Transpose.ROTATE_90), folder / "odd_rotated.jpg", exif=exif)
+    return out + [folder / n for n in ("odd_png_named.jpg", "odd_rgba.png", "odd_palette.png", "odd_16bit.png",
+                                       "odd_rotated.jpg")]
+
+
+def add_broken(folder: Path, empty_name: str = "empty.jpg") -> dict[Path, str]:
+    """Files that cannot be used, with the start of the reason the scan must give for each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / empty_name).write_bytes(b"")
+    whole = folder / "whole.tmp"
+    _jpeg(shape_image(np.random.default_rng(5), COLOURS["red"], (64, 64)), whole)
+    data = whole.read_bytes()
+    whole.unlink()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "not_an_image.jpg").write_text("<html>403 Forbidden</html>")
+    write_png_header_only(folder / "bomb.png", 50_000, 50_000)
+    return {folder / empty_name: "empty file", folder / "truncated.jpg": "truncated",
+            folder / "not_an_image.jpg": "not an image", folder / "bomb.png": "too large"}
+
+
+def write_png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that claims width x height pixels but holds almost no data: a decompression bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def make_pet_images(root: Path, per_class: int, seed: int = 0) -> tuple[Path, dict[Path, str], list[Path]]:
+    """Microsoft's PetImages layout with what the real zip holds: Thumbs.db files, the empty Cat/666.jpg and
+    Dog/11702.jpg, a truncated JPEG, a non-image, an oversized image; plus odd but valid images.
+    Returns the root, the unusable files with their expected reasons, and the odd-but-valid files."""
+    rng = np.random.default_rng(seed)
+    pets = root / "PetImages"
+    for name, colour in (("Cat", "red"), ("Dog", "blue")):
+        for i in range(per_class):
+            _jpeg(shape_image(rng, COLOURS[colour]), pets / name / f"{i}.jpg")
+        (pets / name / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + bytes(60))
+    bad = add_broken(pets / "Cat", empty_name="666.jpg")
+    (pets / "Dog" / "11702.jpg").write_bytes(b"")
+    bad[pets / "Dog" / "11702.jpg"] = "empty file"
+    odd = add_odd_but_valid(pets / "Dog", "blue")
+    return root, bad, odd
+
+
+def make_dog_breeds(root: Path, breeds: dict[str, str], per_breed: int, missing: int = 1, seed: int = 0) -> Path:
+    """Kaggle dog-breed-identification: ROOT/labels.csv (id,breed), ROOT/train/<id>.jpg, ROOT/test/<id>.jpg.
+    The last `missing` ids of labels.csv have no image, as happens with a partial unzip."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for breed, colour in breeds.items():
+        for _ in range(per_breed):
+            image_id = "".join(rng.choice(list("0123456789abcdef"), 32))
+            rows.append((image_id, breed))
+            _jpeg(shape_image(rng, COLOURS[colour]), root / "train" / f"{image_id}.jpg")
+    for image_id, _ in rows[len(rows) - missing:]:
+        (root / "train" / f"{image_id}.jpg").unlink()
+    _jpeg(shape_image(rng, COLOURS["green"]), root / "test" / "0123456789abcdef0123456789abcdef.jpg")
+    (root / "labels.csv").write_text("id,breed\n" + "".join(f"{i},{b}\n" for i, b in rows))
+    return root
+
+
+def make_stanford_dogs(root: Path, breeds: dict[str, str], per_breed: int, lists_dir: str = "lists",
+                       seed: int = 0) -> tuple[Path, set[str]]:
+    """Stanford Dogs: ROOT/Images/<wnid>-<breed>/<wnid>_<n>.jpg and the .mat split files of lists.tar, one image in
+    three in test_list.mat. Returns the root and the test images' paths relative to Images/."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for k, (folder, colour) in enumerate(breeds.items()):
+        wnid = folder.split("-", 1)[0]
+        for i in range(per_breed):
+            relative = f"{folder}/{wnid}_{1000 + i}.jpg"
+            _jpeg(shape_image(rng, COLOURS[colour]), root / "Images" / relative)
+            (test if i % 3 == 0 else train).append((relative, k + 1))
+    lists = root / lists_dir
+    lists.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train_list.mat", train), ("test_list.mat", test), ("file_list.mat", train + test)):
+        cells = np.empty((len(rows), 1), dtype=object)
+        for j, (relative, _) in enumerate(rows):
+            cells[j, 0] = relative
+        savemat(lists / name, {"file_list": cells, "annotation_list": cells,
+                               "labels": np.array([[float(label)] for _, label in rows])})
+    return root, {relative for relative, _ in test}
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_cifar10(root: Path, per_batch: int, seed: int = 0) -> Path:
+    """torchvision's cifar-10-batches-py: five training batches and a test batch of `per_batch` 32x32 images
+    each, pickled as the real ones are (bytes keys, row-major RGB planes)."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    palette = rng.integers(0, 256, size=(10, 3))
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(x) for x in rng.integers(0, 10, per_batch)]
+        images = np.stack([np.clip(palette[y] + rng.normal(0, 20, (32, 32, 3)), 0, 255) for y in labels])
+        data = images.astype(np.uint8).transpose(0, 3, 1, 2).reshape(per_batch, 3072)
+        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                 b"filenames": [f"{i}.png".encode() for i in range(per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072}, f)
+    return root
+
+
+def make_oxford_pets(root: Path, breeds: dict[str, tuple[int, str]], per_breed: int, seed: int = 0) -> Path:
+    """torchvision's OxfordIIITPet layout. `breeds` maps an image-name prefix (Abyssinian, american_bulldog) to
+    (species: 1 cat, 2 dog; colour); every third image is in test.txt, the rest in trainval.txt."""
+    rng = np.random.default_rng(seed)
+    pets = root / "oxford-iiit-pet"
+    trainval, test = [], []
+    for class_id, (prefix, (species, colour)) in enumerate(breeds.items(), start=1):
+        for i in range(1, per_breed + 1):
+            _jpeg(shape_image(rng, COLOURS[colour]), pets / "images" / f"{prefix}_{i}.jpg")
+            (test if i % 3 == 0 else trainval).append(f"{prefix}_{i} {class_id} {species} {i}")
+    (pets / "annotations").mkdir(parents=True, exist_ok=True)
+    (pets / "annotations" / "trainval.txt").write_text("\n".join(trainval) + "\n")
+    (pets / "annotations" / "test.txt").write_text("\n".join(test) + "\n")
     return root

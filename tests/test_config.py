@@ -38,13 +38,44 @@ def _options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize("group", ["dataset", "backbone", "head", "schedule", "augment", "trainer", "logger",
-                                   "callbacks", "debug"])
+                                   "callbacks", "debug", "experiment"])
 def test_every_preset_composes_and_validates(tmp_path, group):
     options = _options(group)
     assert options, f"conf/{group} is empty"
     for option in options:
         cfg = validate(compose(tmp_path, f"{group}={option}", f"dataset.root={tmp_path}"))
-        assert group == "debug" or cfg[group] is not None
+        assert group in ("debug", "experiment") or cfg[group] is not None
+
+
+@pytest.mark.parametrize(("experiment", "expected"), [
+    ("dogs_vs_cats_mobilenetv2", {"dataset.name": "dogs_vs_cats", "head.name": "mlp", "head.binary": True,
+                                  "schedule.optimizer": "adam", "backbone.pretrained": True}),
+    ("dogs_vs_cats_efficientnet_b0", {"backbone.name": "efficientnet_b0", "dataset.balance": "weights",
+                                      "augment.name": "classic", "head.binary": True}),
+    ("cifar10_mobilenetv2", {"dataset.name": "cifar10", "dataset.image_size": None, "schedule.freeze_epochs": 1}),
+    ("dog_breeds_mobilenetv2", {"dataset.name": "dog_breeds", "schedule.unfreeze": 4}),
+    ("alpaca_mobilenetv2", {"dataset.name": "image_folder", "dataset.image_size": 160, "schedule.unfreeze": 6,
+                            "augment.name": "classic", "head.binary": True}),
+])
+def test_recipes_set_what_their_seed_projects_did(tmp_path, experiment, expected):
+    from omegaconf import OmegaConf
+
+    cfg = validate(compose(tmp_path, f"experiment={experiment}", f"dataset.root={tmp_path}"))
+    for key, value in expected.items():
+        assert OmegaConf.select(cfg, key) == value, key
+
+
+def test_every_augment_preset_makes_uint8_images_at_the_input_size(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from finetune.data.transforms import Preprocessing, train_transform
+
+    pre = Preprocessing(32, 0.875, "bicubic", (0.5,) * 3, (0.25,) * 3)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    for option in _options("augment"):
+        out = train_transform(pre, compose(tmp_path, f"augment={option}").augment)(image)
+        assert out.shape == (3, 32, 32) and out.dtype.is_floating_point is False, option
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -1,14 +1,12 @@
 """Dataset readers on their real layouts, splits, decoding of odd images, and transforms."""
 
 import csv
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
 from conftest import compose
-from fabricate import make_image_folder
+from fabricate import make_image_folder, write_png_header_only
 from PIL import Image
 
 from finetune.data.datamodule import ImageDataModule
@@ -188,17 +186,8 @@ def test_png_bytes_under_a_jpg_name_load(tmp_path):
     assert open_rgb(str(tmp_path / "really-a-png.jpg")).size == (40, 20)
 
 
-def _png_header_only(path, width, height):
-    """A PNG that claims width x height pixels but holds almost no data: a decompression bomb's header."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-
-
 def test_pixel_limit_is_checked_before_decoding(tmp_path):
-    _png_header_only(tmp_path / "bomb.png", 60_000, 60_000)
+    write_png_header_only(tmp_path / "bomb.png", 60_000, 60_000)
     with pytest.raises(ImageTooLarge, match="over the limit"):
         open_rgb(str(tmp_path / "bomb.png"))
     _save_rgb_halves(tmp_path / "small.jpg")

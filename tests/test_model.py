@@ -105,3 +105,42 @@ def test_optimizer_has_named_backbone_and_head_groups_with_their_rates():
     assert groups[0]["lr"] == 0.0  # frozen at step 0: LambdaLR has applied the backbone's factor
     assert groups[1]["lr"] == pytest.approx(1e-3 * lr_factor(0, 10, SCHEDULE))
     assert config["lr_scheduler"]["interval"] == "step" and config["lr_scheduler"]["name"] == "lr"
+
+
+def test_binary_head_is_one_logit_trained_with_binary_cross_entropy():
+    import torch.nn.functional as F
+
+    model = _classifier(k=2)
+    binary = Classifier(create_backbone("mobilenetv2_100"), ["cat", "dog"], {"name": "mobilenetv2_100"},
+                        {"name": "mlp", "hidden": 8, "binary": True}, model.hparams.schedule,
+                        model.hparams.preprocessing).eval()
+    assert binary.head[-1].out_features == 1
+    torch.nn.init.normal_(binary.head[-1].weight)
+    with torch.no_grad():
+        logits = binary(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    assert logits.shape == (4, 2) and torch.all(logits[:, 0] == 0)
+    labels = torch.tensor([0, 1, 1, 0])
+    bce = F.binary_cross_entropy_with_logits(logits[:, 1], labels.float())
+    assert torch.allclose(binary.criterion(logits, labels), bce, atol=1e-6)
+    assert torch.allclose(logits.softmax(1)[:, 1], torch.sigmoid(logits[:, 1]))
+
+
+def test_binary_head_needs_two_classes():
+    from finetune.config import FinetuneError
+
+    with pytest.raises(FinetuneError, match="head.binary=true needs two classes; this dataset has 3"):
+        Classifier(create_backbone("mobilenetv2_100"), ["a", "b", "c"], {"name": "mobilenetv2_100"},
+                   {"name": "linear", "binary": True}, {}, _classifier().hparams.preprocessing)
+
+
+def test_mixup_and_cutmix_train_on_soft_targets():
+    model = _classifier()
+    mixed = Classifier(model.backbone, model.classes, {"name": "mobilenetv2_100"}, {"name": "linear"},
+                       model.hparams.schedule, model.hparams.preprocessing, mix={"mixup": 0.4, "cutmix": 1.0})
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    x, soft = mixed.mix(mixed.normalize(images), labels)
+    assert soft.shape == (6, 3) and torch.allclose(soft.sum(1), torch.ones(6))
+    assert not torch.equal(x, mixed.normalize(images))
+    loss = mixed.training_step((images, labels), 0)
+    assert torch.isfinite(loss)

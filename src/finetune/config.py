@@ -30,10 +30,17 @@ class DatasetConfig:
     root: Optional[str] = MISSING  # the dataset's folder, in the layout it was downloaded in; null if bundled
     image_size: Optional[int] = None  # null: the backbone's own input size (timm's data config)
     crop_pct: Optional[float] = None  # evaluation: resize to image_size / crop_pct, centre-crop; null: timm's
+    target: Optional[str] = None  # what to classify, where a dataset offers a choice (oxford_pets: breed | species)
+    download: bool = False  # fetch, verify and extract the dataset into root if it is not there
     batch_size: int = 64
     num_workers: int = 4
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
+    val_fraction: float = 0.1  # of all images; of the training images where the dataset has an official test split
+    test_fraction: float = 0.1  # ignored where the dataset has an official test split
+    split_file: Optional[str] = None  # a split.csv of an earlier run, to train and test on exactly its images
+    limit_per_class: Optional[int] = None  # a seeded subset of N images per class (and official split)
+    balance: str = "none"  # none | weights (class-weighted loss) | sampler (class-balanced batches)
+    max_bad_fraction: float = 0.05  # stop before training if more of the files than this cannot be used
+    max_pixels: int = 100_000_000  # larger images are skipped, unread (decompression bombs)
 
 
 @dataclass
@@ -49,6 +56,7 @@ class HeadConfig:
     pool: str = "avg"  # timm global pooling: avg | max | avgmax | catavgmax
     hidden: int = 256  # mlp only: width of the dense layer
     dropout: float = 0.2
+    binary: bool = False  # two classes only: one sigmoid output trained with binary cross-entropy, as in Keras
 
 
 @dataclass
@@ -78,6 +86,11 @@ class AugmentConfig:
     rotation: float = 0.0  # degrees, either way
     zoom: float = 0.0  # scale in [1 - zoom, 1 + zoom]
     translate: float = 0.0  # fraction of the image size, either way
+    policy: Optional[str] = None  # randaugment | trivialaugment (torchvision's), after crop and flip
+    num_ops: int = 2  # randaugment: operations per image
+    magnitude: int = 9  # randaugment: strength, 0..30
+    mixup: float = 0.0  # MixUp's alpha; 0: off
+    cutmix: float = 0.0  # CutMix's alpha; 0: off (with both on, each batch gets one of them)
 
 
 @dataclass
@@ -119,6 +132,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "step", "constant")
 HEADS = ("linear", "mlp")
 CROPS = ("random_resized", "center")
+POLICIES = ("randaugment", "trivialaugment")
+BALANCE = ("none", "weights", "sampler")
 # Keys of conf/trainer that finetune resolves itself instead of handing them to lightning.Trainer as they are.
 OWN_TRAINER_KEYS = ("precision",)
 
@@ -155,6 +170,13 @@ def validate(cfg: DictConfig) -> DictConfig:
     for key in ("val_fraction", "test_fraction"):
         _check(0 <= d[key] < 1, f"dataset.{key} must be in [0, 1) (got {d[key]})")
     _check(d.val_fraction + d.test_fraction < 1, "dataset.val_fraction + dataset.test_fraction must be < 1")
+    _check(d.balance in BALANCE, f"dataset.balance must be one of {', '.join(BALANCE)} (got {d.balance})")
+    _check(0 <= d.max_bad_fraction <= 1, f"dataset.max_bad_fraction must be in [0, 1] (got {d.max_bad_fraction})")
+    _check(d.max_pixels > 0, f"dataset.max_pixels must be > 0 (got {d.max_pixels})")
+    _check(d.limit_per_class is None or d.limit_per_class >= 1,
+           f"dataset.limit_per_class must be >= 1 or null (got {d.limit_per_class})")
+    _check(d.split_file is None or Path(d.split_file).is_file(), f"dataset.split_file={d.split_file}: no such file")
+    _check(not d.download or d.root is not None, "dataset.download=true needs dataset.root: where to put it")
 
     _check(s.optimizer in OPTIMIZERS, f"schedule.optimizer must be one of {', '.join(OPTIMIZERS)} (got {s.optimizer})")
     _check(s.scheduler in SCHEDULERS, f"schedule.scheduler must be one of {', '.join(SCHEDULERS)} (got {s.scheduler})")
@@ -178,6 +200,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(0 <= a.hflip <= 1, f"augment.hflip is a probability in [0, 1] (got {a.hflip})")
     _check(0 <= a.zoom < 1, f"augment.zoom must be in [0, 1) (got {a.zoom})")
     _check(0 <= a.translate < 1, f"augment.translate must be in [0, 1) (got {a.translate})")
+    _check(a.policy is None or a.policy in POLICIES,
+           f"augment.policy must be one of {', '.join(POLICIES)} or null (got {a.policy})")
+    _check(a.mixup >= 0 and a.cutmix >= 0, "augment.mixup and augment.cutmix are alphas: >= 0, 0 for off")
+    _check(0 <= a.magnitude <= 30 and a.num_ops >= 1, "augment.magnitude must be in 0..30 and augment.num_ops >= 1")
     _check(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
            f"augment.crop_scale must be [min, max] within (0, 1] (got {list(a.crop_scale)})")
 

@@ -52,6 +52,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     preprocessing = resolve_preprocessing(backbone, cfg.dataset.image_size, cfg.dataset.crop_pct)
     split_file = run_dir / "split.csv" if resuming else None
     data = ImageDataModule(cfg.dataset, cfg.augment, preprocessing, cfg.seed, run_dir, split_file=split_file)
+    data.prepare_data()
     data.setup("fit")
     model = Classifier(
         backbone,
@@ -60,11 +61,14 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         head_config=_plain(cfg.head),
         schedule=_plain(cfg.schedule),
         preprocessing=preprocessing.as_dict(),
+        class_weights=data.class_weights() if cfg.dataset.balance == "weights" else None,
+        mix={"mixup": cfg.augment.mixup, "cutmix": cfg.augment.cutmix},
     )
 
     trainer = build_trainer(cfg, run_dir)
     if not resuming:
         log_hparams(trainer, cfg, preprocessing.image_size)
+        log_class_counts(trainer, data)
     ckpt_path = None
     if resuming:
         ckpt_path = run_dir / "checkpoints" / "last.ckpt"
@@ -170,6 +174,18 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, image_size: int) -> None:
     for summary in hparams(params, {m: 0.0 for m in HPARAM_METRICS}):
         writer.file_writer.add_summary(summary)
     writer.flush()
+
+
+def log_class_counts(trainer: L.Trainer, data: ImageDataModule) -> None:
+    """The images per class in each split, as a table in TensorBoard's TEXT tab."""
+    tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    if tensorboard is None or trainer.global_rank != 0:
+        return
+    counts = data.class_counts()
+    rows = ["| class | train | val | test |", "|---|---:|---:|---:|"]
+    rows += [f"| {name} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
+             for i, name in enumerate(data.classes)]
+    tensorboard.experiment.add_text("dataset/class_counts", "\n".join(rows))
 
 
 def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:

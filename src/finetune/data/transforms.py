@@ -56,7 +56,8 @@ def eval_transform(pre: Preprocessing) -> v2.Compose:
 
 
 def train_transform(pre: Preprocessing, augment) -> v2.Compose:
-    """The augmentation preset `augment` (conf/augment) at the model's input size."""
+    """The augmentation preset `augment` (conf/augment) at the model's input size. MixUp and CutMix work on whole
+    batches, on the device: the Classifier applies them."""
     interpolation = _interpolation(pre.interpolation)
     if augment.crop == "random_resized":
         steps = [v2.RandomResizedCrop(pre.image_size, scale=tuple(augment.crop_scale),
@@ -73,5 +74,9 @@ def train_transform(pre: Preprocessing, augment) -> v2.Compose:
         ))
     if augment.hflip:
         steps.append(v2.RandomHorizontalFlip(augment.hflip))
+    if augment.policy == "randaugment":
+        steps.append(v2.RandAugment(num_ops=augment.num_ops, magnitude=augment.magnitude, interpolation=interpolation))
+    elif augment.policy == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
     steps.append(v2.PILToTensor())
     return v2.Compose(steps)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
 
 from finetune.config import FinetuneError
 from finetune.models.backbone import create_backbone
@@ -48,12 +49,18 @@ class Classifier(L.LightningModule):
     """
 
     def __init__(self, backbone: nn.Module, classes: list[str], backbone_config: dict, head_config: dict,
-                 schedule: dict, preprocessing: dict, class_weights: list[float] | None = None):
+                 schedule: dict, preprocessing: dict, class_weights: list[float] | None = None,
+                 mix: dict | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"], logger=False)
         self.classes = list(classes)
         self.backbone = backbone
-        self.head = create_head(head_config["name"], backbone.num_features, len(classes),
+        # A binary head has one logit z; [0, z] through softmax is [1 - sigmoid(z), sigmoid(z)], and cross-entropy
+        # on [0, z] is binary cross-entropy on z: everything downstream sees two classes as usual.
+        self.binary = bool(head_config.get("binary", False))
+        if self.binary and len(classes) != 2:
+            raise FinetuneError(f"head.binary=true needs two classes; this dataset has {len(classes)}")
+        self.head = create_head(head_config["name"], backbone.num_features, 1 if self.binary else len(classes),
                                 hidden=head_config.get("hidden", 256), dropout=head_config.get("dropout", 0.0))
         # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtraction and one division on uint8 input.
         self.register_buffer("mean", torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
@@ -62,9 +69,15 @@ class Classifier(L.LightningModule):
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=schedule.get("label_smoothing", 0.0))
 
         k = len(classes)
+        mixers = [cls(alpha=alpha, num_classes=k) for cls, alpha in
+                  ((v2.MixUp, (mix or {}).get("mixup", 0)), (v2.CutMix, (mix or {}).get("cutmix", 0))) if alpha]
+        self.mix = v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
         self.train_acc = MulticlassAccuracy(k, average="micro")
         self.val_acc = MulticlassAccuracy(k, average="micro")
         self.test_acc = MulticlassAccuracy(k, average="micro")
+        # mean recall over classes: what accuracy hides on imbalanced data
+        self.val_balanced_acc = MulticlassAccuracy(k, average="macro")
+        self.test_balanced_acc = MulticlassAccuracy(k, average="macro")
         self.val_acc_best = MaxMetric()
         self.top5 = k > 5
         if self.top5:
@@ -73,15 +86,24 @@ class Classifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for RGB images, NCHW, uint8 (or float) in 0..255."""
+        return self.classify(self.normalize(images))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(self.backbone(x))
+        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for normalised images."""
+        logits = self.head(self.backbone(x))
+        return torch.cat([torch.zeros_like(logits), logits], dim=1) if self.binary else logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
-        loss = self.criterion(logits, labels)
+        x, targets = self.normalize(images), labels
+        if self.mix is not None:
+            x, targets = self.mix(x, labels)  # soft targets; accuracy is still counted against the true labels
+        logits = self.classify(x)
+        loss = self.criterion(logits, targets)
         self.train_acc.update(logits, labels)
         n = len(labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n)
@@ -94,10 +116,12 @@ class Classifier(L.LightningModule):
         logits = self(images)
         loss = self.criterion(logits, labels)
         n = len(labels)
-        acc = getattr(self, f"{stage}_acc")
+        acc, balanced = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_balanced_acc")
         acc.update(logits, labels)
+        balanced.update(logits, labels)
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=n)
         self.log(f"{stage}/acc", acc, on_epoch=True, prog_bar=stage == "val", batch_size=n)
+        self.log(f"{stage}/balanced_acc", balanced, on_epoch=True, batch_size=n)
         if self.top5:
             top5 = getattr(self, f"{stage}_acc_top5")
             top5.update(logits, labels)

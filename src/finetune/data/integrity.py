@@ -1,0 +1,131 @@
+"""Integrity scan: decode every image file once, and skip and report the ones that cannot be used.
+
+A file is usable when it really decodes to an RGB image (the same code path training uses), not when its header
+looks right. Results are cached next to the data, keyed by path, size and modification time, so a second run
+over 25,000 files only stats them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from finetune.data.images import ImageTooLarge, open_rgb
+
+log = logging.getLogger(__name__)
+
+CACHE_NAME = ".finetune-scan.json"
+CACHE_VERSION = 1
+
+
+def check_image(path: str, max_pixels: int, draft: int | None = None) -> str | None:
+    """None if `path` decodes to an image; otherwise why it cannot be used, in a few words."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Possibly corrupt EXIF data": the pixels are what counts
+            open_rgb(path, max_pixels=max_pixels, draft=draft).close()
+        return None
+    except ImageTooLarge as e:
+        return f"too large: {e}"
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "truncated" in text or "broken data stream" in text:
+            return f"truncated: {text}"
+        return f"corrupt: {text}"
+    except Exception as e:  # a decoder bug on a hostile file must not stop the scan
+        return f"unreadable: {type(e).__name__}: {e}"
+
+
+@dataclass
+class ScanResult:
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    checked: int = 0  # files decoded in this run
+    cached: int = 0  # files whose result came from the cache
+
+    @property
+    def bad_paths(self) -> set[str]:
+        return {path for path, _ in self.bad}
+
+
+def scan(paths: list[str], root: str | Path, max_pixels: int, workers: int = 0,
+         draft: int | None = None) -> ScanResult:
+    """Check every file in `paths` (all below `root`), reusing and updating the cache for `root`."""
+    cache_file = cache_path(Path(root))
+    cached = _load_cache(cache_file, max_pixels)
+    result = ScanResult()
+    todo: list[tuple[str, tuple[int, int]]] = []
+    entries: dict[str, list] = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            result.bad.append((path, f"unreadable: {e.strerror}"))
+            continue
+        key = (st.st_size, st.st_mtime_ns)
+        hit = cached.get(path)
+        if hit is not None and tuple(hit[:2]) == key:
+            result.cached += 1
+            entries[path] = hit
+            if hit[2] is not None:
+                result.bad.append((path, hit[2]))
+        else:
+            todo.append((path, key))
+    if todo:
+        log.info("Integrity scan: decoding %s files (%d already known)...", f"{len(todo):,}", result.cached)
+        reasons = _check_all([p for p, _ in todo], max_pixels, workers, draft)
+        for (path, key), reason in zip(todo, reasons):
+            entries[path] = [*key, reason]
+            if reason is not None:
+                result.bad.append((path, reason))
+        result.checked = len(todo)
+        _save_cache(cache_file, {**cached, **entries}, max_pixels)
+    return result
+
+
+def _check_all(paths: list[str], max_pixels: int, workers: int, draft: int | None) -> list[str | None]:
+    if workers <= 1 or len(paths) < 64:
+        return [check_image(p, max_pixels, draft) for p in paths]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(check_image, paths, [max_pixels] * len(paths), [draft] * len(paths),
+                             chunksize=max(1, min(256, len(paths) // (workers * 8)))))
+
+
+def cache_path(root: Path) -> Path:
+    """ROOT/.finetune-scan.json, or a file in the user's cache when ROOT is not writable (a shared dataset)."""
+    if os.access(root, os.W_OK):
+        return root / CACHE_NAME
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune" / "scans"
+    return base / f"{digest}.json"
+
+
+def _load_cache(path: Path, max_pixels: int) -> dict[str, list]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if data.get("version") != CACHE_VERSION or data.get("max_pixels") != max_pixels:
+        return {}
+    return data.get("files", {})
+
+
+def _save_cache(path: Path, files: dict[str, list], max_pixels: int) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "max_pixels": max_pixels, "files": files}))
+        tmp.replace(path)
+    except OSError as e:  # a cache that cannot be written costs time, not correctness
+        log.warning("Could not write the integrity-scan cache %s: %s", path, e)
