@@ -17,7 +17,7 @@ from fabricate import make_dogs_vs_cats, make_image_folder  # noqa: E402
 FAST = [
     "dataset.image_size=32", "dataset.num_workers=0", "dataset.batch_size=16", "trainer.accelerator=cpu",
     "trainer.devices=1", "callbacks.progress_bar=false", "+trainer.enable_model_summary=false",
-    "backbone.pretrained=false", "trainer.log_every_n_steps=2",
+    "backbone.pretrained=false", "trainer.log_every_n_steps=2", "callbacks.dashboards.enabled=false",
 ]
 
 

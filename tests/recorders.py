@@ -43,3 +43,21 @@ class PoisonHead(L.Callback):
             with torch.no_grad():
                 for p in pl_module.head.parameters():
                     p.fill_(float("nan"))
+
+
+class RankWeights(L.Callback):
+    """Writes, at the end of every training epoch, each rank's backbone checksum and frozen state to
+    RUN_DIR/rank<R>.json: under DDP all ranks must hold identical weights."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        import json
+        from pathlib import Path
+
+        params = list(pl_module.backbone.parameters())
+        record = {"epoch": trainer.current_epoch, "step": trainer.global_step,
+                  "sum": float(torch.cat([p.detach().flatten() for p in params]).double().sum()),
+                  "first": [float(x) for x in params[0].detach().flatten()[:5]],
+                  "trainable": sum(p.requires_grad for p in params)}
+        path = Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.json"
+        history = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps(history + [record]))

@@ -5,24 +5,43 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from pathlib import Path
 
 from finetune.config import FinetuneError
 
 log = logging.getLogger("finetune")
 
 
+# Set by script() when a job of a multirun fails; finetune.sweep.SweepReport records it for the sweep's report.
+job_error: str | None = None
+
+
 @contextlib.contextmanager
 def script():
-    """Run a script's body: a FinetuneError becomes one logged line and exit status 2. In a Hydra multirun it is
-    re-raised instead, so the sweep records the job as failed and goes on with the next one."""
+    """Run a script's body. A FinetuneError becomes one logged line and its exit status (2; 143 when pre-empted).
+
+    In a multirun, a failed job (any error) is logged and recorded for the sweep's report, and the sweep goes on
+    with the next job; it exits non-zero at the end. Sweepers that count failures themselves (Optuna) get the
+    error raised. A pre-empted job stops the whole sweep.
+    """
+    global job_error
     _single_console_logging()
     try:
         yield
     except FinetuneError as e:
         log.error("%s", e)
-        if _in_multirun():
+        if not _in_multirun() or e.exit_code == 143:
+            sys.exit(e.exit_code)
+        job_error = str(e)
+        if not _basic_sweeper():
             raise
-        sys.exit(2)
+    except Exception as e:
+        if not _in_multirun():
+            raise
+        log.exception("The job failed")
+        job_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if not _basic_sweeper():
+            raise
 
 
 def _single_console_logging() -> None:
@@ -44,3 +63,20 @@ def _in_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def free_path(path: Path) -> Path:
+    """`path` if nothing is there yet, else the first free of path-2, path-3, ... (before any suffix)."""
+    path = Path(path)
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+def _basic_sweeper() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return "BasicSweeper" in str(HydraConfig.get().sweeper.get("_target_", ""))

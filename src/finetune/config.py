@@ -19,6 +19,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 class FinetuneError(Exception):
     """An error the user can fix; scripts print its message as one line instead of a traceback."""
 
+    exit_code = 2
+
 
 class ConfigError(FinetuneError):
     """A config value that cannot work."""
@@ -100,10 +102,34 @@ class LoggerConfig:
 
 
 @dataclass
+class DashboardsConfig:
+    enabled: bool = True
+    every_n_epochs: int = 1  # confusion matrix, per-class scores, sample predictions and PR curves
+    images: int = 16  # images per grid
+    max_classes: int = 30  # per-class views only up to this many classes (evaluate draws them for any number)
+    graph: bool = True  # the model graph, traced once at the start
+
+
+@dataclass
 class CallbacksConfig:
     early_stopping_patience: Optional[int] = None  # epochs without a better val/acc before stopping
     progress_bar: bool = True
+    dashboards: DashboardsConfig = field(default_factory=DashboardsConfig)
     extra: list[Any] = field(default_factory=list)  # callbacks of your own: [{_target_: my.module.MyCallback}]
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: Optional[int] = None  # also write last.ckpt every N optimizer steps, besides every epoch
+
+
+@dataclass
+class TuneConfig:
+    lr_find: bool = False  # Lightning's learning-rate finder before training; its suggestion replaces schedule.lr
+    min_lr: float = 1e-6  # unless schedule.lr was given on the command line
+    max_lr: float = 1.0
+    steps: int = 100
+    early_stop_threshold: Optional[float] = 4.0  # stop when the loss exceeds this times its best; null: never
 
 
 @dataclass
@@ -119,6 +145,8 @@ class TrainConfig:
     trainer: dict[str, Any] = field(default_factory=dict)  # lightning.Trainer arguments
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def _if_set(value: Any, then: Any, otherwise: Any) -> Any:
@@ -207,6 +235,16 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
            f"augment.crop_scale must be [min, max] within (0, 1] (got {list(a.crop_scale)})")
 
+    b = cfg.callbacks.dashboards
+    _check(b.every_n_epochs >= 1 and b.images >= 1 and b.max_classes >= 2,
+           "callbacks.dashboards: every_n_epochs and images must be >= 1, max_classes >= 2")
+
+    _check(cfg.checkpoint.every_n_steps is None or cfg.checkpoint.every_n_steps >= 1,
+           f"checkpoint.every_n_steps must be >= 1 or null (got {cfg.checkpoint.every_n_steps})")
+    t = cfg.tune
+    _check(0 < t.min_lr < t.max_lr, f"tune: 0 < tune.min_lr < tune.max_lr (got {t.min_lr}, {t.max_lr})")
+    _check(t.steps >= 20, f"tune.steps must be >= 20: the finder's suggestion skips its first 10 (got {t.steps})")
+
     _validate_trainer(cfg.trainer)
     _validate_backbone(cfg.backbone)
     return cfg
@@ -239,3 +277,16 @@ def _validate_backbone(backbone: DictConfig) -> None:
         tagged = timm.list_models(backbone.name, pretrained=True)
         _check(bool(tagged), f"timm has no pretrained weights for {backbone.name}: set backbone.pretrained=false "
                              "or backbone.weights=/path/to/file")
+
+
+def validate_tool(cfg: DictConfig, required: tuple[str, ...] = (), positive: tuple[str, ...] = (),
+                  non_negative: tuple[str, ...] = ()) -> DictConfig:
+    """The checks of evaluate, predict and export: required keys set, counts whole numbers in range."""
+    for key in required:
+        _check(not OmegaConf.is_missing(cfg, key) and cfg[key] is not None, f"{key}=... is required")
+    for key in positive + non_negative:
+        value = cfg[key]
+        low = 1 if key in positive else 0
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+               f"{key} must be a whole number >= {low} (got {value!r})")
+    return cfg

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -13,10 +15,15 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.profilers import SimpleProfiler
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.callbacks.dashboards import Dashboards
+from finetune.callbacks.mixed_precision import CountSkippedSteps
 from finetune.callbacks.nonfinite import StopOnNonFiniteLoss
+from finetune.callbacks.preemption import Preempted, SaveOnPreemption
 from finetune.callbacks.unfreeze import BackboneFreeze
+from finetune.checkpoints import AtomicCheckpointIO, remove_leftovers
 from finetune.config import OWN_TRAINER_KEYS, ConfigError, TrainConfig, validate
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.transforms import resolve_preprocessing
@@ -27,24 +34,29 @@ log = logging.getLogger(__name__)
 
 # The metrics each run reports in TensorBoard's HPARAMS tab, to compare the runs of a sweep.
 HPARAM_METRICS = ("val/acc", "val/acc_best", "val/loss", "train/loss", "test/acc", "test/loss")
-GROUPS = ("dataset", "backbone", "head", "schedule", "augment", "trainer", "logger", "callbacks", "debug", "experiment")
+GROUPS = ("dataset", "backbone", "head", "schedule", "augment", "trainer", "logger", "callbacks", "debug", "experiment",
+          "hparams_search")
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Train and test as `cfg` says; write everything into its run directory; return the final metrics.
 
-    `overrides` (default: this Hydra command line's) are applied to a resumed run's saved config.
+    `overrides` (default: this Hydra command line's) are applied to a resumed run's saved config, and say whether
+    schedule.lr was given (then tune.lr_find does not replace it).
     """
+    overrides = _command_line_overrides() if overrides is None else overrides
     resuming = cfg.get("resume") is not None
     if resuming:
-        cfg = resume_config(cfg, _command_line_overrides() if overrides is None else overrides)
+        cfg = resume_config(cfg, overrides)
     cfg = validate(cfg)
+    refuse_multirun_with_ddp(cfg.trainer)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("Run directory: %s", run_dir)
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg))
     if not resuming:
         _save_config(cfg, run_dir / "config.yaml")
+    remove_leftovers(run_dir / "checkpoints")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Model first: missing pretrained weights or a bad backbone name fail before the dataset is read.
@@ -66,18 +78,98 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     )
 
     trainer = build_trainer(cfg, run_dir)
-    if not resuming:
-        log_hparams(trainer, cfg, preprocessing.image_size)
-        log_class_counts(trainer, data)
     ckpt_path = None
     if resuming:
         ckpt_path = run_dir / "checkpoints" / "last.ckpt"
         load_checkpoint(ckpt_path)  # refuses a checkpoint that would run code, before Lightning opens it
         log.info("Resuming from %s", ckpt_path)
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    else:
+        if cfg.tune.lr_find:
+            find_learning_rate(trainer, model, data, cfg, run_dir, given=_gives(overrides, "schedule.lr"))
+        log_hparams(trainer, cfg, preprocessing.image_size)
+        log_class_counts(trainer, data)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        raise Preempted(f"Stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; the "
+                        f"checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} holds that step. Continue with "
+                        f"resume={run_dir}") from None
     metrics = test_best(trainer, model, data, run_dir)
     log.info("Test accuracy %.4f (best checkpoint). Run directory: %s", metrics.get("test/acc", float("nan")), run_dir)
+    # Let this run's model, data and trainer go (they hold reference cycles), so a sweep's jobs do not add up.
+    del trainer, model, data, backbone
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return metrics
+
+
+def refuse_multirun_with_ddp(trainer: DictConfig) -> None:
+    """Lightning's DDP starts its worker processes by re-running this command line, which breaks a Hydra multirun
+    on the local launcher: refuse that combination before any work."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    strategy = str(trainer.get("strategy", "auto"))
+    if "ddp" not in strategy or "spawn" in strategy or _processes(trainer) <= 1:
+        return
+    if "BasicLauncher" in str(HydraConfig.get().launcher.get("_target_", "")):
+        raise ConfigError("-m (a sweep) with trainer=ddp on more than one device: Lightning starts DDP's workers by "
+                          "re-running the command, which would start the whole sweep again in each. Run the jobs "
+                          "one at a time, or send the sweep to SLURM with hydra/launcher=submitit_slurm (README)")
+
+
+def _processes(trainer: DictConfig) -> int:
+    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes", 1) or 1)
+    if isinstance(devices, int) and devices > 0:
+        return devices * nodes
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices) * nodes
+    on_gpu = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+    return max(1, torch.cuda.device_count() if on_gpu else 1) * nodes
+
+
+def find_learning_rate(trainer: L.Trainer, model: Classifier, data: ImageDataModule, cfg: DictConfig, run_dir: Path,
+                       given: bool) -> float:
+    """Lightning's learning-rate finder: plot it to RUN_DIR/lr_find.png and, unless schedule.lr was given on the
+    command line, train with its suggestion."""
+    from lightning.pytorch.tuner import Tuner
+
+    t = cfg.tune
+    epochs = trainer.fit_loop.max_epochs
+    trainer.fit_loop.max_epochs = max(epochs, t.steps)  # the finder counts steps; small datasets need epochs more
+    try:
+        finder = Tuner(trainer).lr_find(model, datamodule=data, min_lr=t.min_lr, max_lr=t.max_lr,
+                                        num_training=t.steps, early_stop_threshold=t.early_stop_threshold,
+                                        update_attr=False)
+    finally:
+        trainer.fit_loop.max_epochs = epochs
+    suggestion = finder.suggestion() if finder is not None else None
+    if finder is not None:
+        figure = finder.plot(suggest=suggestion is not None, show=False)
+        figure.savefig(run_dir / "lr_find.png", dpi=110)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+    if suggestion is None:
+        log.warning("The learning-rate finder made no suggestion; keeping schedule.lr=%s", cfg.schedule.lr)
+        return cfg.schedule.lr
+    if given:
+        log.info("Learning-rate finder suggests %.3g (plot: %s); keeping schedule.lr=%s from the command line",
+                 suggestion, run_dir / "lr_find.png", cfg.schedule.lr)
+        return cfg.schedule.lr
+    log.info("Learning-rate finder suggests %.3g (plot: %s): training with schedule.lr=%.3g", suggestion,
+             run_dir / "lr_find.png", suggestion)
+    cfg.schedule.lr = float(suggestion)
+    model.hparams.schedule["lr"] = float(suggestion)
+    _save_config(cfg, run_dir / "config.yaml")
+    return float(suggestion)
+
+
+def _gives(overrides: list[str], key: str) -> bool:
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
@@ -85,11 +177,22 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     s = cfg.schedule
     # Two savers: Lightning's save_last writes last.ckpt only in epochs that also write a new best, so on its own
     # it would leave resume an old epoch. The first ModelCheckpoint is the trainer's `checkpoint_callback`.
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
+    checkpoints = run_dir / "checkpoints"
+    best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/acc", mode="max",
                            save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+    last = ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False)
-    callbacks: list[L.Callback] = [BackboneFreeze(s.freeze_epochs, s.unfreeze), StopOnNonFiniteLoss(), best, last]
+    every = cfg.checkpoint.every_n_steps
+    callbacks: list[L.Callback] = [
+        BackboneFreeze(s.freeze_epochs, s.unfreeze),
+        # checked at least at every step that may be saved, so no NaN model is written
+        StopOnNonFiniteLoss(check_every=math.gcd(8, every) if every else 8),
+        SaveOnPreemption(checkpoints / "last.ckpt"),
+        best, last,
+    ]
+    if every:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
+                                         every_n_train_steps=every, enable_version_counter=False))
     loggers = []
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False))
@@ -97,6 +200,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         loggers.append(CSVLogger(save_dir=run_dir, name="csv"))
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    dashboards = cfg.callbacks.dashboards
+    if cfg.logger.tensorboard and dashboards.enabled:
+        callbacks.append(Dashboards(dashboards.every_n_epochs, dashboards.images, dashboards.max_classes,
+                                    dashboards.graph))
     if cfg.callbacks.early_stopping_patience is not None:
         callbacks.append(EarlyStopping("val/acc", mode="max", patience=cfg.callbacks.early_stopping_patience))
     callbacks += [instantiate(extra) for extra in cfg.callbacks.extra]
@@ -105,6 +212,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
     kwargs = {k: v for k, v in _plain(cfg.trainer).items() if k not in OWN_TRAINER_KEYS}
     kwargs["precision"] = resolve_precision(cfg.trainer)
+    if kwargs["precision"].startswith("16"):
+        callbacks.append(CountSkippedSteps())
     if kwargs.get("profiler") == "simple":
         kwargs["profiler"] = SimpleProfiler(dirpath=run_dir, filename="profile")
     return L.Trainer(
@@ -113,6 +222,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         callbacks=callbacks,
         logger=loggers or False,
         enable_progress_bar=cfg.callbacks.progress_bar,
+        plugins=[AtomicCheckpointIO()],
         **kwargs,
     )
 

@@ -28,7 +28,7 @@ class StopOnNonFiniteLoss(L.Callback):
             return
         bad = ~torch.isfinite(loss.detach())
         self._flag = bad if self._flag is None else self._flag | bad
-        if (batch_idx + 1) % self.check_every == 0:
+        if trainer.global_step % self.check_every == 0:
             self._check(trainer)
 
     def on_validation_start(self, trainer, pl_module) -> None:

@@ -26,6 +26,13 @@ from finetune.data.transforms import Preprocessing, eval_transform, train_transf
 log = logging.getLogger(__name__)
 
 
+def load_image(source: Source, j: int, max_pixels: int, draft: int | None = None) -> Image.Image:
+    """Sample j of `source` as an upright RGB image: from its pixels in memory, or decoded from its file."""
+    if source.images is not None:
+        return Image.fromarray(source.images[j])
+    return open_rgb(source.paths[j], max_pixels=max_pixels, draft=draft)
+
+
 class ImageDataset(Dataset):
     """Samples `indices` of `source`, decoded to RGB and transformed to uint8 CHW tensors."""
 
@@ -38,10 +45,7 @@ class ImageDataset(Dataset):
         return len(self.indices)
 
     def load(self, i: int) -> Image.Image:
-        j = self.indices[i]
-        if self.source.images is not None:
-            return Image.fromarray(self.source.images[j])
-        return open_rgb(self.source.paths[j], max_pixels=self.max_pixels, draft=self.draft)
+        return load_image(self.source, self.indices[i], self.max_pixels, self.draft)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         # A file the integrity scan passed can still fail later (replaced or deleted during training): the
@@ -98,10 +102,11 @@ class ImageDataModule(L.LightningDataModule):
         d = self.cfg
         source = read_source(d.name, d.root, d.get("target"))
         if self.split_file is not None:
-            source = _apply_split_file(source, self.split_file)  # its splits become source.splits
+            source = apply_split_file(source, self.split_file)  # its splits become source.splits
         if d.get("limit_per_class"):
             source = _limit_per_class(source, d.limit_per_class, self.seed)
-        source = self._drop_unusable(source)
+        source = drop_unusable(source, d.root, d.max_pixels, d.max_bad_fraction, self.run_dir / "skipped.csv",
+                               workers=d.num_workers, draft=self.preprocessing.image_size)
         if self.split_file is not None:
             splits = np.array(source.splits)
         else:
@@ -115,34 +120,6 @@ class ImageDataModule(L.LightningDataModule):
         _record_split(self.run_dir / "split.csv", source, splits)
         log.info("Dataset %s: %s images, %d classes\n%s", d.name, f"{len(source):,}", len(source.classes),
                  self.class_count_table())
-
-    def _drop_unusable(self, source: Source) -> Source:
-        """Scan the files of `source`, write skipped.csv, and return the usable samples (or stop if too few)."""
-        skipped = list(source.passed_over)
-        if source.images is None and len(source):
-            result = scan(source.paths, _common_root(source.paths, self.cfg.root), self.cfg.max_pixels,
-                          workers=self.cfg.num_workers, draft=self.preprocessing.image_size)
-            bad = result.bad_paths
-            skipped += result.bad
-            keep = np.array([p not in bad for p in source.paths])
-            fraction = len(bad) / len(source.paths)
-            reasons = Counter(reason.split(":")[0] for _, reason in result.bad)
-            summary = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
-            _write_skipped(self.run_dir / "skipped.csv", skipped)
-            if bad:
-                log.warning("Integrity scan: skipped %d of %s images (%s); the list is in %s", len(bad),
-                            f"{len(source.paths):,}", summary, self.run_dir / "skipped.csv")
-            if fraction > self.cfg.max_bad_fraction:
-                raise DataError(f"{len(bad)} of {len(source.paths)} images ({fraction:.1%}) cannot be used "
-                                f"({summary}), more than dataset.max_bad_fraction={self.cfg.max_bad_fraction}: "
-                                f"see {self.run_dir / 'skipped.csv'}")
-            source = _subset(source, np.flatnonzero(keep))
-        else:
-            _write_skipped(self.run_dir / "skipped.csv", skipped)
-        if source.passed_over:
-            log.info("%d other files (not images, or named but missing) were passed over; see skipped.csv",
-                     len(source.passed_over))
-        return source
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == split)
@@ -209,14 +186,41 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader("test" if len(self.indices("test")) else "val")
 
 
-def _subset(source: Source, keep: np.ndarray) -> Source:
+def drop_unusable(source: Source, root: str | None, max_pixels: int, max_bad_fraction: float, skipped_csv: Path,
+                  workers: int = 0, draft: int | None = None) -> Source:
+    """The samples of `source` whose files decode (integrity scan); skipped_csv lists the others and what the
+    reader passed over. A DataError, with the report written, when more than max_bad_fraction are bad."""
+    skipped = list(source.passed_over)
+    if source.images is not None or not len(source):
+        _write_skipped(skipped_csv, skipped)
+        return source
+    result = scan(source.paths, _common_root(source.paths, root), max_pixels, workers=workers, draft=draft)
+    skipped += result.bad
+    _write_skipped(skipped_csv, skipped)
+    bad = result.bad_paths
+    if bad:
+        reasons = Counter(reason.split(":")[0] for _, reason in result.bad)
+        summary = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+        fraction = len(bad) / len(source.paths)
+        log.warning("Integrity scan: skipped %d of %s images (%s); the list is in %s", len(bad),
+                    f"{len(source.paths):,}", summary, skipped_csv)
+        if fraction > max_bad_fraction:
+            raise DataError(f"{len(bad)} of {len(source.paths)} images ({fraction:.1%}) cannot be used ({summary}), "
+                            f"more than dataset.max_bad_fraction={max_bad_fraction}: see {skipped_csv}")
+    if source.passed_over:
+        log.info("%d other files (not images, or named but missing) were passed over; see %s",
+                 len(source.passed_over), skipped_csv)
+    return subset(source, np.array([j for j, p in enumerate(source.paths) if p not in bad], dtype=np.int64))
+
+
+def subset(source: Source, keep: np.ndarray) -> Source:
     return Source(source.classes, [source.paths[j] for j in keep], source.labels[keep],
                   images=None if source.images is None else source.images[keep],
                   splits=None if source.splits is None else [source.splits[j] for j in keep],
                   passed_over=source.passed_over)
 
 
-def _apply_split_file(source: Source, split_file: Path) -> Source:
+def apply_split_file(source: Source, split_file: Path) -> Source:
     """The samples of `source` named in `split_file`, with its splits; every one of them must still be there."""
     if not split_file.is_file():
         raise DataError(f"split file {split_file}: no such file")
@@ -231,9 +235,9 @@ def _apply_split_file(source: Source, split_file: Path) -> Source:
         raise DataError(f"{len(wrong)} images of {split_file} have another class now, e.g. {wrong[0]}")
     if len(keep) < len(source):
         log.warning("%d images of the dataset are not in %s and are left out", len(source) - len(keep), split_file)
-    subset = _subset(source, keep)
-    subset.splits = [split for _, _, split in rows]
-    return subset
+    chosen = subset(source, keep)
+    chosen.splits = [split for _, _, split in rows]
+    return chosen
 
 
 def _limit_per_class(source: Source, n: int, seed: int) -> Source:
@@ -245,7 +249,7 @@ def _limit_per_class(source: Source, n: int, seed: int) -> Source:
     for group in np.unique(groups):
         members = np.flatnonzero(groups == group)
         keep += sorted(rng.choice(members, size=min(n, len(members)), replace=False).tolist())
-    return _subset(source, np.array(sorted(keep), dtype=np.int64))
+    return subset(source, np.array(sorted(keep), dtype=np.int64))
 
 
 def _common_root(paths: list[str], root: str | None) -> Path:

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from finetune.data.images import ImageTooLarge, open_rgb
 
@@ -29,23 +29,29 @@ CACHE_VERSION = 1
 def check_image(path: str, max_pixels: int, draft: int | None = None) -> str | None:
     """None if `path` decodes to an image; otherwise why it cannot be used, in a few words."""
     try:
-        if os.path.getsize(path) == 0:
-            return "empty file"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Possibly corrupt EXIF data": the pixels are what counts
             open_rgb(path, max_pixels=max_pixels, draft=draft).close()
         return None
-    except ImageTooLarge as e:
-        return f"too large: {e}"
-    except UnidentifiedImageError:
+    except Exception as e:  # a decoder bug on a hostile file must not stop the scan either
+        return failure_reason(e, path)
+
+
+def failure_reason(error: Exception, path: str | None = None) -> str:
+    """Why an image could not be loaded, in the words skipped.csv and predict use."""
+    try:
+        if path is not None and os.path.getsize(path) == 0:
+            return "empty file"
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+    if isinstance(error, ImageTooLarge):
+        return f"too large: {error}"
+    if isinstance(error, UnidentifiedImageError):
         return "not an image"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "truncated" in text or "broken data stream" in text:
-            return f"truncated: {text}"
-        return f"corrupt: {text}"
-    except Exception as e:  # a decoder bug on a hostile file must not stop the scan
-        return f"unreadable: {type(e).__name__}: {e}"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, (OSError, SyntaxError, ValueError)):
+        return f"truncated: {text}" if "truncated" in text or "broken data stream" in text else f"corrupt: {text}"
+    return f"unreadable: {type(error).__name__}: {text}"
 
 
 @dataclass

@@ -41,6 +41,18 @@ def lr_factor(step: int, steps_per_epoch: int, schedule: dict, start_epoch: int 
     return factor
 
 
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (or float 0..255) NCHW RGB images to the backbone's input; mean and std are pre-scaled by 255.
+    Channels-last, like the backbone's weights: faster convolutions on GPUs and on CPUs alike (about twice as
+    fast for MobileNetV2 training on a 2-core CPU)."""
+    return ((images.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def two_class_logits(logit: torch.Tensor) -> torch.Tensor:
+    """A binary head's one logit z as [0, z]: softmax gives [1 - sigmoid(z), sigmoid(z)], cross-entropy is BCE."""
+    return torch.cat([torch.zeros_like(logit), logit], dim=1)
+
+
 class Classifier(L.LightningModule):
     """timm backbone (pooled features) -> head -> logits, fed uint8 images that it normalises on its own device.
 
@@ -54,9 +66,8 @@ class Classifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"], logger=False)
         self.classes = list(classes)
-        self.backbone = backbone
-        # A binary head has one logit z; [0, z] through softmax is [1 - sigmoid(z), sigmoid(z)], and cross-entropy
-        # on [0, z] is binary cross-entropy on z: everything downstream sees two classes as usual.
+        self.backbone = backbone.to(memory_format=torch.channels_last)
+        # A binary head has one logit, expanded by two_class_logits: everything downstream sees two classes.
         self.binary = bool(head_config.get("binary", False))
         if self.binary and len(classes) != 2:
             raise FinetuneError(f"head.binary=true needs two classes; this dataset has {len(classes)}")
@@ -89,13 +100,11 @@ class Classifier(L.LightningModule):
         return self.classify(self.normalize(images))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+        return normalize(images, self.mean, self.std)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for normalised images."""
-        logits = self.head(self.backbone(x))
-        return torch.cat([torch.zeros_like(logits), logits], dim=1) if self.binary else logits
+        return two_class_logits(self.head(self.backbone(x))) if self.binary else self.head(self.backbone(x))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -106,12 +115,12 @@ class Classifier(L.LightningModule):
         loss = self.criterion(logits, targets)
         self.train_acc.update(logits, labels)
         n = len(labels)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
         self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=n)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
-    def _evaluate(self, batch, stage: str) -> None:
+    def _evaluate(self, batch, stage: str) -> dict[str, torch.Tensor]:
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
@@ -126,12 +135,13 @@ class Classifier(L.LightningModule):
             top5 = getattr(self, f"{stage}_acc_top5")
             top5.update(logits, labels)
             self.log(f"{stage}/acc_top5", top5, on_epoch=True, batch_size=n)
+        return {"logits": logits.detach(), "labels": labels}  # for the dashboards; Lightning keeps none of it
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+    def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._evaluate(batch, "val")
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._evaluate(batch, "test")
 
     def on_train_start(self) -> None:
         """Start (or resume) with the best val/acc so far and learning rates that follow this run's schedule.
@@ -144,7 +154,7 @@ class Classifier(L.LightningModule):
         if best is not None and torch.isfinite(best):
             self.val_acc_best.update(best.to(self.device))
         scheduler = self.lr_schedulers()
-        if scheduler is not None:
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # not the learning-rate finder's own
             s = self.hparams.schedule
             scheduler.base_lrs = [s["lr"] * s["backbone_lr_ratio"], s["lr"]]
             for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):

@@ -1,0 +1,19 @@
+"""A checkpoint as ONNX or TorchScript, checked for parity: uv run scripts/export.py ckpt=... format=onnx"""
+
+import hydra
+from omegaconf import DictConfig
+
+from finetune.cli import script
+from finetune.config import validate_tool
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    from finetune.export import run
+
+    with script():
+        run(validate_tool(cfg, required=("ckpt",)))
+
+
+if __name__ == "__main__":
+    main()

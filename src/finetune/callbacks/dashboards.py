@@ -1,0 +1,120 @@
+"""TensorBoard images a researcher would rather look at than read, written at a bounded rate."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from finetune.plots import confusion_matrix_figure, figure_to_array, image_grid_figure, per_class_figure
+
+log = logging.getLogger(__name__)
+
+
+class Dashboards(L.Callback):
+    """At the start: a grid of training images as the model sees them after augmentation, and the model graph.
+    Every `every_n_epochs` validation epochs (and the last): the confusion matrix, per-class precision and recall,
+    sample validation images with their predicted and true classes, and a precision-recall curve per class.
+    The per-class views need at most `max_classes` classes; beyond that, scripts/evaluate.py draws them once.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, images: int = 16, max_classes: int = 30, graph: bool = True):
+        self.every_n_epochs, self.images, self.max_classes, self.graph = every_n_epochs, images, max_classes, graph
+        self._active = False
+        self._logits: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._samples: torch.Tensor | None = None
+        self._shown_training_batch = False
+
+    @staticmethod
+    def _writer(trainer: L.Trainer):
+        if trainer.global_rank != 0:
+            return None
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        return logger.experiment if logger is not None else None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.graph and self._writer(trainer) is not None:
+            size = int(pl_module.hparams.preprocessing["image_size"])
+            example = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=pl_module.device)
+            mode = pl_module.training
+            try:
+                pl_module.eval()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # TensorBoard's add_graph traces with the deprecated torch.jit
+                    self._writer(trainer).add_graph(pl_module, example)
+            except Exception as e:  # a backbone torch.jit cannot trace still trains
+                log.warning("The model graph could not be traced for TensorBoard: %s", str(e).splitlines()[0])
+            finally:
+                pl_module.train(mode)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        writer = self._writer(trainer)
+        if self._shown_training_batch or writer is None:
+            return
+        self._shown_training_batch = True
+        images, labels = batch
+        n = min(self.images, len(images))
+        grid = image_grid_figure([_hwc(x) for x in images[:n]], [pl_module.classes[int(y)] for y in labels[:n]],
+                                 title="Training images after augmentation, as the model sees them")
+        writer.add_image("train/augmented_images", figure_to_array(grid), trainer.global_step, dataformats="HWC")
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch
+        last = epoch + 1 >= (trainer.max_epochs or 0)
+        self._active = not trainer.sanity_checking and ((epoch + 1) % self.every_n_epochs == 0 or last)
+        self._logits, self._labels, self._samples = [], [], None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        if not self._active or not isinstance(outputs, dict):
+            return
+        self._logits.append(outputs["logits"].float())
+        self._labels.append(outputs["labels"])
+        if self._samples is None:
+            self._samples = batch[0][: self.images].cpu()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self._active or not self._logits:
+            return
+        logits = pl_module.all_gather(torch.cat(self._logits)).reshape(-1, len(pl_module.classes))
+        labels = pl_module.all_gather(torch.cat(self._labels)).reshape(-1)
+        writer = self._writer(trainer)
+        if writer is None:
+            return
+        step, classes = trainer.global_step, pl_module.classes
+        probs = logits.softmax(1).cpu().numpy()
+        labels_np = labels.cpu().numpy()
+        predicted = probs.argmax(1)
+
+        n = len(self._samples)
+        sample_pred = predicted[:n]
+        titles = [f"predicted {classes[p]} ({probs[i, p]:.2f})\ntrue {classes[labels_np[i]]}"
+                  for i, p in enumerate(sample_pred)]
+        colours = ["darkgreen" if p == labels_np[i] else "firebrick" for i, p in enumerate(sample_pred)]
+        grid = image_grid_figure([_hwc(x) for x in self._samples], titles, colours, title="Validation predictions")
+        writer.add_image("val/predictions", figure_to_array(grid), step, dataformats="HWC")
+
+        k = len(classes)
+        if k > self.max_classes:
+            return
+        matrix = np.zeros((k, k), dtype=np.int64)
+        np.add.at(matrix, (labels_np, predicted), 1)
+        writer.add_image("val/confusion_matrix", figure_to_array(confusion_matrix_figure(matrix, classes)), step,
+                         dataformats="HWC")
+        true_positive = np.diag(matrix).astype(np.float64)
+        precision = np.divide(true_positive, matrix.sum(0), out=np.zeros(k), where=matrix.sum(0) > 0)
+        recall = np.divide(true_positive, matrix.sum(1), out=np.zeros(k), where=matrix.sum(1) > 0)
+        writer.add_image("val/per_class", figure_to_array(per_class_figure(precision, recall, classes)), step,
+                         dataformats="HWC")
+        for c, name in enumerate(classes):
+            writer.add_scalar(f"val_per_class/precision/{name}", precision[c], step)
+            writer.add_scalar(f"val_per_class/recall/{name}", recall[c], step)
+            writer.add_pr_curve(f"val_pr_curve/{name}", labels_np == c, probs[:, c], step)
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    return image.detach().cpu().permute(1, 2, 0).numpy().astype(np.uint8)

@@ -1,0 +1,219 @@
+"""finetune.evaluate.run: metrics, a classification report and figures for a checkpoint, on its run's test split
+or on any labelled dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.cli import free_path
+from finetune.config import ConfigError
+from finetune.data.datamodule import apply_split_file, drop_unusable, load_image, subset
+from finetune.data.sources import DataError, Source, read_source
+from finetune.inference import probabilities, resolve_device
+from finetune.models.classifier import load_classifier
+from finetune.plots import confusion_matrix_figure, curves_figure, image_grid_figure
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Evaluate cfg.ckpt; write metrics.json, the classification report, the confusion matrix, curves and top
+    losses into the output folder; return the metrics."""
+    ckpt = Path(cfg.ckpt)
+    device = resolve_device(cfg.device)
+    model = load_classifier(ckpt, map_location="cpu")
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    out = output_folder(cfg.out, run_dir)
+    source, indices, described = evaluation_set(cfg, model.classes, run_dir, out)
+    log.info("Evaluating %s on %s (%s images)%s; writing into %s", ckpt, described, f"{len(indices):,}",
+             " with ten-crop TTA" if cfg.tta else "", out)
+
+    probs, failed = probabilities(model, source, indices, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                  device=device, tta=cfg.tta, max_pixels=cfg.max_pixels, progress=True)
+    ok = np.array([i not in failed for i in range(len(indices))], dtype=bool)
+    for i, reason in failed.items():
+        log.warning("Could not evaluate %s: %s", source.paths[indices[i]], reason)
+    if not ok.any():
+        raise DataError(f"none of the {len(indices)} images could be loaded (see the warnings above)")
+    labels = source.labels[indices][ok]
+    probs = probs[ok]
+    classes = model.classes
+    metrics = compute_metrics(probs, labels, len(classes))
+    metrics.update({"images": int(ok.sum()), "unreadable": len(failed), "checkpoint": str(ckpt),
+                    "evaluated_on": described, "tta": bool(cfg.tta)})
+
+    _write_json(out / "metrics.json", metrics)
+    write_report(out, labels, probs.argmax(1), classes)
+    write_confusion(out, labels, probs.argmax(1), classes)
+    write_predictions(out / "predictions.csv", [source.paths[j] for j in indices[ok]], labels, probs, classes)
+    write_curves(out / "curves.png", run_dir)
+    write_top_losses(out / "top_losses.png", source, indices[ok], labels, probs, classes, cfg.top_losses,
+                     cfg.max_pixels)
+    log.info("accuracy %.4f  balanced accuracy %.4f  macro F1 %.4f  log loss %.4f  ECE %.4f%s",
+             metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"], metrics["log_loss"],
+             metrics["expected_calibration_error"],
+             f"  top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else "")
+    log.info("Evaluation written to %s", out)
+    return metrics
+
+
+def output_folder(out: str | None, run_dir: Path) -> Path:
+    """out, or RUN_DIR/eval (eval-2, ... if taken): an earlier evaluation is never overwritten."""
+    if out is not None:
+        folder = Path(out)
+        if (folder / "metrics.json").exists():
+            raise ConfigError(f"out={out} already holds an evaluation (metrics.json): choose another out=")
+    else:
+        folder = free_path(run_dir / "eval")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path) -> tuple[Source, np.ndarray, str]:
+    """The images to evaluate on, labelled with the model's class indices, and a description of them."""
+    if cfg.get("dataset") is not None:
+        d = cfg.dataset
+        source = read_source(d.name, d.root, d.get("target"))
+        unknown = [c for c in source.classes if c not in classes]
+        if unknown:
+            raise DataError(f"dataset={d.name} has classes the model does not know: {', '.join(unknown[:5])} "
+                            f"(the model's: {', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
+        source.labels = np.array([classes.index(source.classes[y]) for y in source.labels], dtype=np.int64)
+        source.classes = list(classes)
+        source = drop_unusable(source, d.root, cfg.max_pixels, d.get("max_bad_fraction", 0.05), out / "skipped.csv",
+                               workers=cfg.num_workers)
+        return source, np.arange(len(source)), f"dataset={d.name} ({d.root}), all of it"
+    config, split_file = run_dir / "config.yaml", run_dir / "split.csv"
+    if not (config.is_file() and split_file.is_file()):
+        raise ConfigError(f"{cfg.ckpt} is not in a run directory with config.yaml and split.csv: give the images to "
+                          "evaluate on with dataset=NAME dataset.root=DIR")
+    d = OmegaConf.load(config).dataset
+    source = apply_split_file(read_source(d.name, d.root, d.get("target")), split_file)
+    if list(source.classes) != list(classes):
+        raise DataError(f"the classes of {run_dir}'s dataset changed since training: {source.classes} != {classes}")
+    chosen = np.array([s == cfg.split for s in source.splits])
+    if not chosen.any():
+        raise DataError(f"{split_file} has no '{cfg.split}' images: choose split=train, val or test")
+    source = drop_unusable(subset(source, np.flatnonzero(chosen)), d.root, cfg.max_pixels, 1.0, out / "skipped.csv",
+                           workers=cfg.num_workers)
+    return source, np.arange(len(source)), f"the {cfg.split} split of {run_dir}"
+
+
+def compute_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int, bins: int = 15) -> dict:
+    """Accuracy, balanced accuracy, macro F1 (over the classes present), clipped log loss as Kaggle scores it,
+    top-5 accuracy (more than 5 classes) and expected calibration error (15 equal-width confidence bins)."""
+    import torch
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    predicted = probs.argmax(1)
+    present = sorted(set(labels.tolist()))
+    clipped = np.clip(probs.astype(np.float64), 1e-15, 1 - 1e-15)
+    clipped /= clipped.sum(1, keepdims=True)
+    metrics = {
+        "accuracy": float((predicted == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, labels=present, average="macro", zero_division=0)),
+        "log_loss": float(-np.log(clipped[np.arange(len(labels)), labels]).mean()),
+        "expected_calibration_error": float(multiclass_calibration_error(
+            torch.from_numpy(probs), torch.from_numpy(labels), num_classes=num_classes, n_bins=bins, norm="l1")),
+    }
+    if num_classes > 5:
+        top5 = np.argsort(-probs, axis=1)[:, :5]
+        metrics["top5_accuracy"] = float((top5 == labels[:, None]).any(1).mean())
+    return metrics
+
+
+def write_report(out: Path, labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> None:
+    """classification_report.txt and .csv: precision, recall, F1 and support per class, as scikit-learn gives them."""
+    from sklearn.metrics import classification_report
+
+    present = sorted(set(labels.tolist()) | set(predicted.tolist()))
+    names = [classes[i] for i in present]
+    kwargs = {"labels": present, "target_names": names, "zero_division": 0}
+    (out / "classification_report.txt").write_text(classification_report(labels, predicted, digits=4, **kwargs))
+    report = classification_report(labels, predicted, output_dict=True, **kwargs)
+    with open(out / "classification_report.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "precision", "recall", "f1-score", "support"])
+        for name in [*names, "macro avg", "weighted avg"]:
+            row = report[name]
+            writer.writerow([name, row["precision"], row["recall"], row["f1-score"], int(row["support"])])
+
+
+def write_confusion(out: Path, labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> None:
+    from sklearn.metrics import confusion_matrix
+
+    matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
+    with open(out / "confusion_matrix.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *classes])
+        for name, row in zip(classes, matrix):
+            writer.writerow([name, *row.tolist()])
+    _save(confusion_matrix_figure(matrix, classes), out / "confusion_matrix.png")
+
+
+def write_predictions(path: Path, paths: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
+    predicted = probs.argmax(1)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "predicted", "probability", "correct"])
+        for p, y, k, row in zip(paths, labels, predicted, probs):
+            writer.writerow([p, classes[y], classes[k], f"{row[k]:.6f}", int(y == k)])
+
+
+def read_history(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{metric: {epoch: value}} from the run's CSV logs (csv/version_*/metrics.csv, in order; a resumed run's later
+    segments win), for train/val loss and accuracy."""
+    history: dict[str, dict[int, float]] = {}
+    for file in sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+        with open(file, newline="") as f:
+            for row in csv.DictReader(f):
+                if not row.get("epoch"):
+                    continue
+                for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+                    if row.get(key):
+                        history.setdefault(key, {})[int(float(row["epoch"]))] = float(row[key])
+    return history
+
+
+def write_curves(path: Path, run_dir: Path) -> None:
+    history = read_history(run_dir)
+    if not history:
+        log.info("No CSV logs in %s (logger.csv was off): curves.png is not written", run_dir)
+        return
+    _save(curves_figure(history, title=run_dir.name), path)
+
+
+def write_top_losses(path: Path, source: Source, indices: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                     classes: list[str], count: int, max_pixels: int) -> None:
+    """The most confidently wrong images: highest probability on a wrong class first, as fastai's plot_top_losses."""
+    predicted = probs.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    order = wrong[np.argsort(-probs[wrong, predicted[wrong]])][:count]
+    if not len(order):
+        log.info("No wrong predictions: top_losses.png is not written")
+        return
+    images, titles = [], []
+    for i in order:
+        image = load_image(source, indices[i], max_pixels)
+        image.thumbnail((256, 256))
+        images.append(np.asarray(image))
+        k, y = predicted[i], labels[i]
+        titles.append(f"predicted {classes[k]} ({probs[i, k]:.2f})\ntrue {classes[y]} ({probs[i, y]:.2f})")
+    _save(image_grid_figure(images, titles, ["firebrick"] * len(images),
+                            title="Most confidently wrong: predicted (probability) / true (its probability)"), path)
+
+
+def _save(figure, path: Path) -> None:
+    figure.savefig(path, dpi=110)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

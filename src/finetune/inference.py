@@ -1,0 +1,102 @@
+"""Class probabilities for many images, batched, on CPU or GPU; what evaluate and predict share."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from finetune.data.datamodule import load_image
+from finetune.data.integrity import failure_reason
+from finetune.data.sources import Source
+from finetune.data.transforms import Preprocessing, _interpolation, eval_transform
+from finetune.models.classifier import Classifier
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def preprocessing_of(model: Classifier) -> Preprocessing:
+    pre = model.hparams.preprocessing
+    return Preprocessing(int(pre["image_size"]), float(pre["crop_pct"]), str(pre["interpolation"]),
+                         tuple(pre["mean"]), tuple(pre["std"]))
+
+
+class TenCropViews:
+    """Ten views of an image for test-time augmentation: the centre and four corner crops, each also flipped
+    (torchvision's ten_crop), after the evaluation resize; a (10, 3, H, W) uint8 tensor."""
+
+    def __init__(self, pre: Preprocessing):
+        self.resize = v2.Resize(math.floor(pre.image_size / pre.crop_pct),
+                                interpolation=_interpolation(pre.interpolation), antialias=True)
+        self.size = pre.image_size
+
+    def __call__(self, image) -> torch.Tensor:
+        crops = v2.functional.ten_crop(self.resize(image), self.size)
+        return torch.stack([v2.functional.pil_to_tensor(crop) for crop in crops])
+
+
+class InferenceImages(Dataset):
+    """Samples `indices` of `source` as model input; an image that cannot be loaded is reported, not replaced.
+    JPEGs are decoded at the size the evaluation transform resizes to, as during training."""
+
+    def __init__(self, source: Source, indices: np.ndarray, transform, max_pixels: int, draft: int):
+        self.source, self.indices, self.transform = source, indices, transform
+        self.max_pixels, self.draft = max_pixels, draft
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str]:
+        j = self.indices[i]
+        try:
+            return self.transform(load_image(self.source, j, self.max_pixels, self.draft)), i, ""
+        except Exception as e:
+            return None, i, failure_reason(e, None if self.source.images is not None else self.source.paths[j])
+
+
+def _collate(items):
+    good = [(image, i) for image, i, error in items if image is not None]
+    failed = [(i, error) for image, i, error in items if image is None]
+    images = torch.stack([image for image, _ in good]) if good else None
+    return images, [i for _, i in good], failed
+
+
+def probabilities(model: Classifier, source: Source, indices: np.ndarray, *, batch_size: int = 64,
+                  num_workers: int = 0, device: torch.device | None = None, tta: bool = False,
+                  max_pixels: int = 100_000_000, progress: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+    """Softmax probabilities (len(indices) x classes; NaN rows for failed images) and {position: reason} of the
+    images that could not be loaded. With `tta`, each image's probabilities are the mean over its ten crops."""
+    device = device or resolve_device()
+    pre = preprocessing_of(model)
+    transform = TenCropViews(pre) if tta else eval_transform(pre)
+    draft = math.floor(pre.image_size / pre.crop_pct)
+    loader = DataLoader(InferenceImages(source, indices, transform, max_pixels, draft), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+    model = model.to(device).eval()
+    out = np.full((len(indices), len(model.classes)), np.nan, dtype=np.float32)
+    failed: dict[int, str] = {}
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(loader, total=len(loader), unit="batch", desc="classifying")
+    with torch.inference_mode():
+        for images, positions, errors in batches:
+            failed.update(dict(errors))
+            if images is None:
+                continue
+            images = images.to(device, non_blocking=True)
+            if images.dim() == 5:  # (batch, views, C, H, W)
+                b, views = images.shape[:2]
+                p = model(images.flatten(0, 1)).float().softmax(1).view(b, views, -1).mean(1)
+            else:
+                p = model(images).float().softmax(1)
+            out[positions] = p.cpu().numpy()
+    return out, failed

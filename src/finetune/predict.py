@@ -1,0 +1,122 @@
+"""finetune.predict.run: the top-k classes of images, files or folders, from a checkpoint alone."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from finetune.cli import free_path
+from finetune.config import ConfigError
+from finetune.data.sources import Source, is_image_file
+from finetune.inference import probabilities, resolve_device
+from finetune.models.classifier import load_classifier
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("csv", "json", "kaggle")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Classify cfg.inputs; print and write the top-k of each image. Returns {"classified", "failed", "out"};
+    images that could not be read are reported one by one and the others are still classified."""
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"format={cfg.format}: one of {', '.join(FORMATS)}")
+    if cfg.top_k < 1:
+        raise ConfigError(f"top_k must be >= 1 (got {cfg.top_k})")
+    paths = find_inputs(str(cfg.inputs))
+    model = load_classifier(cfg.ckpt)
+    classes = model.classes
+    out = output_path(cfg.out, cfg.format)
+    if cfg.format == "kaggle":
+        kaggle_header(classes)  # refuse before any work if the model fits neither competition
+    source = Source(classes, paths, np.zeros(len(paths), dtype=np.int64))
+    probs, failed = probabilities(model, source, np.arange(len(paths)), batch_size=cfg.batch_size,
+                                  num_workers=cfg.num_workers, device=resolve_device(cfg.device),
+                                  max_pixels=cfg.max_pixels, progress=len(paths) > cfg.batch_size)
+    k = min(cfg.top_k, len(classes))
+    results = []
+    for i, path in enumerate(paths):
+        if i in failed:
+            log.error("%s: not classified (%s)", path, failed[i])
+            continue
+        top = np.argsort(-probs[i])[:k]
+        results.append((path, [(classes[c], float(probs[i, c])) for c in top], probs[i]))
+        print(f"{path}: " + ", ".join(f"{name} {p:.4f}" for name, p in results[-1][1]))
+    write(out, cfg.format, results, classes)
+    log.info("Classified %d of %d images; %s written", len(results), len(paths), out)
+    if failed:
+        log.error("%d images could not be classified (listed above)", len(failed))
+    return {"classified": len(results), "failed": len(failed), "out": str(out)}
+
+
+def find_inputs(inputs: str) -> list[str]:
+    """Image files named by `inputs`: a file, a folder (searched recursively) or a glob pattern."""
+    if any(c in inputs for c in "*?["):
+        found = sorted(p for p in glob.glob(os.path.expanduser(inputs), recursive=True) if os.path.isfile(p))
+    elif os.path.isdir(os.path.expanduser(inputs)):
+        found = []
+        for folder, dirs, files in os.walk(os.path.expanduser(inputs)):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [os.path.join(folder, f) for f in sorted(files) if is_image_file(f)]
+    elif os.path.isfile(os.path.expanduser(inputs)):
+        found = [os.path.expanduser(inputs)]
+    else:
+        raise ConfigError(f"inputs={inputs}: no such file or folder")
+    if not found:
+        raise ConfigError(f"inputs={inputs}: no image files there")
+    return found
+
+
+def output_path(out: str | None, fmt: str) -> Path:
+    if out is None:
+        return free_path(Path({"csv": "predictions.csv", "json": "predictions.json", "kaggle": "submission.csv"}[fmt]))
+    path = Path(out)
+    if path.exists():
+        raise ConfigError(f"out={out} exists already: choose another name (nothing is overwritten)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def kaggle_header(classes: list[str]) -> list[str]:
+    """Dogs vs. Cats: id,label (the probability of dog). Dog breed identification: id and one column per breed."""
+    if [c.lower() for c in classes] == ["cat", "dog"]:
+        return ["id", "label"]
+    if len(classes) > 2:
+        return ["id", *classes]
+    raise ConfigError(f"format=kaggle: a model of classes {classes} fits neither Kaggle's dogs-vs-cats (cat, dog) "
+                      "nor dog-breed-identification")
+
+
+def write(out: Path, fmt: str, results: list, classes: list[str]) -> None:
+    if fmt == "json":
+        rows = [{"path": path, "predictions": [{"class": c, "probability": p} for c, p in top]}
+                for path, top, _ in results]
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+        return
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        if fmt == "csv":
+            writer.writerow(["path", "rank", "class", "probability"])
+            for path, top, _ in results:
+                writer.writerows((path, rank, c, f"{p:.6f}") for rank, (c, p) in enumerate(top, start=1))
+            return
+        header = kaggle_header(classes)
+        writer.writerow(header)
+        rows = sorted(results, key=lambda r: _kaggle_id_key(Path(r[0]).stem))
+        for path, _, p in rows:
+            image_id = Path(path).stem
+            if header == ["id", "label"]:
+                writer.writerow([image_id, f"{p[[c.lower() for c in classes].index('dog')]:.6f}"])
+            else:
+                writer.writerow([image_id, *(f"{x:.6f}" for x in p)])
+
+
+def _kaggle_id_key(stem: str) -> tuple:
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)

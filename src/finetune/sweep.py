@@ -1,0 +1,117 @@
+"""The report of a sweep (-m): one row per job in SWEEP_DIR/summary.csv and summary.md, best first.
+
+A Hydra callback (conf/hydra/default.yaml): at the end of every job it records that job in JOB_DIR/job.json and
+rewrites the summary, so the report is current even if the sweep is stopped; at the end of the sweep it prints
+the table and, last, the best job's overrides, and exits non-zero if any job failed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("job", "overrides", "val_acc_best", "test_acc", "epochs", "wall_time_s", "status", "error")
+
+
+class SweepReport(Callback):
+    def __init__(self) -> None:
+        self._started: float | None = None
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._started = time.time()
+        from finetune import cli
+
+        cli.job_error = None
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        from finetune import cli
+
+        job_dir = Path(config.hydra.runtime.output_dir)
+        error = cli.job_error
+        if job_return.status == JobStatus.FAILED:
+            error = error or _one_line(job_return._return_value)
+        metrics = {}
+        if (job_dir / "metrics.json").is_file():
+            metrics = json.loads((job_dir / "metrics.json").read_text())
+        record = {
+            "job": int(config.hydra.job.num),
+            "overrides": " ".join(config.hydra.overrides.task),
+            "val_acc_best": metrics.get("val/acc_best"),
+            "test_acc": metrics.get("test/acc"),
+            "epochs": metrics.get("epochs"),
+            "wall_time_s": round(time.time() - self._started, 1) if self._started else None,
+            "status": "failed" if error else "completed",
+            "error": error or "",
+        }
+        (job_dir / "job.json").write_text(json.dumps(record, indent=2) + "\n")
+        rows = write_summary(Path(config.hydra.sweep.dir))
+        done = [r for r in rows if r["status"] == "completed"]
+        if done:
+            log.info("Sweep so far: %d jobs (%d failed); best val/acc_best %.4f with %s", len(rows),
+                     len(rows) - len(done), done[0]["val_acc_best"], done[0]["overrides"] or "(defaults)")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = write_summary(sweep_dir)
+        if not rows:
+            return
+        print((sweep_dir / "summary.md").read_text())
+        failed = [r for r in rows if r["status"] != "completed"]
+        best = next((r for r in rows if r["status"] == "completed"), None)
+        print(f"Summary: {sweep_dir / 'summary.csv'} and summary.md; TensorBoard: "
+              f"uv run tensorboard --logdir {sweep_dir}")
+        if best is not None:
+            print(f"Best job ({best['job']}, val/acc_best {best['val_acc_best']:.4f}, test/acc "
+                  f"{best['test_acc']:.4f}): {best['overrides'] or '(defaults)'}")
+        if failed:
+            log.error("%d of %d jobs failed: %s", len(failed), len(rows),
+                      "; ".join(f"job {r['job']}: {r['error']}" for r in failed))
+            sys.exit(1)
+
+
+def write_summary(sweep_dir: Path) -> list[dict]:
+    """Gather SWEEP_DIR/*/job.json into summary.csv and summary.md, best val/acc_best first, failed jobs last."""
+    rows = [json.loads(p.read_text()) for p in sweep_dir.glob("*/job.json")]
+    rows.sort(key=lambda r: (r["status"] != "completed", -(r["val_acc_best"] or 0.0), r["job"]))
+    tmp = sweep_dir / "summary.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k in COLUMNS} for r in rows)
+    tmp.replace(sweep_dir / "summary.csv")
+    lines = ["| job | overrides | val/acc_best | test/acc | epochs | wall time | status |",
+             "|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        status = r["status"] if r["status"] == "completed" else f"failed: {r['error']}"
+        lines.append(f"| {r['job']} | {r['overrides'] or '(defaults)'} | {_number(r['val_acc_best'])} | "
+                     f"{_number(r['test_acc'])} | {r['epochs'] if r['epochs'] is not None else ''} | "
+                     f"{_seconds(r['wall_time_s'])} | {status} |")
+    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def _number(x: float | None) -> str:
+    return f"{x:.4f}" if x is not None else ""
+
+
+def _seconds(x: float | None) -> str:
+    return f"{x:.0f} s" if x is not None else ""
+
+
+def _one_line(error: Any) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

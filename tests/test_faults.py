@@ -1,0 +1,158 @@
+"""Runs that survive faults: atomic checkpoints under SIGKILL, SIGTERM then resume, NaN losses, fp16 overflow,
+and deterministic reruns."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from conftest import FAST, ROOT, compose
+
+from finetune.callbacks.nonfinite import NonFiniteLoss
+from finetune.train import run
+
+LEARN = [*FAST, "schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "dataset.val_fraction=0.2",
+         "dataset.test_fraction=0.2"]
+
+
+def start_training(cwd, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path, process, timeout=300):
+    start = time.time()
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.time() - start < timeout, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_sigkill_during_a_save_never_damages_last_ckpt(tmp_path):
+    """A process saving 60 MB checkpoints back to back is killed at moments spread over its saves; each time
+    last.ckpt is whole and loadable, and nothing else is left in the folder."""
+    writer = tmp_path / "writer.py"
+    writer.write_text(textwrap.dedent(f"""
+        import sys, torch
+        from finetune.checkpoints import AtomicCheckpointIO
+        io = AtomicCheckpointIO()
+        version = 0
+        while True:
+            io.save_checkpoint({{"version": version, "weights": torch.full((15_000_000,), float(version))}},
+                               "{tmp_path}/ckpts/last.ckpt")
+            print(version, flush=True)
+            version += 1
+    """))
+    for delay in (0.05, 0.2, 0.45):
+        process = subprocess.Popen([sys.executable, str(writer)], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "0"  # one whole checkpoint exists
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert os.listdir(tmp_path / "ckpts") == ["last.ckpt"]
+        checkpoint = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=True)
+        assert torch.all(checkpoint["weights"] == checkpoint["version"])
+
+
+def test_sigterm_saves_at_the_next_batch_and_resume_continues_the_step_count(tmp_path, shapes):
+    args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "dataset.batch_size=4", "schedule.epochs=3",
+            "schedule.freeze_epochs=1", "logger=csv"]
+    process = start_training(tmp_path, *args)
+    runs = tmp_path / "outputs" / "runs"
+    wait_for(runs, process)
+    run_dir = next(runs.iterdir())
+    wait_for(run_dir / "checkpoints" / "last.ckpt", process)  # after the first epoch
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 143, output[-3000:]
+    assert f"Continue with resume={run_dir}" in output
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] > first  # saved where it stopped, not only at the epoch end
+
+    resumed = start_training(tmp_path, f"resume={run_dir}")
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 3
+    assert metrics["global_step"] == 3 * first  # the step count went on from where it stopped
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_finishes_close_to_an_uninterrupted_run(tmp_path, shapes):
+    args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "schedule.epochs=6", "schedule.freeze_epochs=3",
+            "logger=none"]
+    (tmp_path / "a").mkdir()
+    process = start_training(tmp_path / "a", *args)
+    runs = tmp_path / "a" / "outputs" / "runs"
+    wait_for(runs, process)
+    run_dir = next(runs.iterdir())
+    wait_for(run_dir / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "metrics.json").exists()
+    resumed = start_training(tmp_path / "a", f"resume={run_dir}")
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    interrupted = json.loads((run_dir / "metrics.json").read_text())
+
+    (tmp_path / "b").mkdir()
+    straight = start_training(tmp_path / "b", *args)
+    assert straight.wait(timeout=600) == 0
+    reference = json.loads(next((tmp_path / "b" / "outputs" / "runs").iterdir()).joinpath("metrics.json").read_text())
+    assert interrupted["epochs"] == reference["epochs"] == 6
+    assert interrupted["global_step"] == reference["global_step"]
+    assert abs(interrupted["test/acc"] - reference["test/acc"]) <= 0.2
+    assert interrupted["test/acc"] >= 0.6 and reference["test/acc"] >= 0.6
+
+
+def test_no_checkpoint_of_a_nan_model_even_with_step_checkpoints(tmp_path, shapes):
+    with pytest.raises(NonFiniteLoss):
+        run(compose(tmp_path / "run", "dataset=image_folder", f"dataset.root={shapes}", *FAST, "schedule.epochs=3",
+                    "logger=none", "checkpoint.every_n_steps=1",
+                    "callbacks.extra=[{_target_: recorders.PoisonHead, epoch: 1}]"), overrides=[])
+    for name in ("last.ckpt", "best.ckpt"):
+        state = torch.load(tmp_path / "run" / "checkpoints" / name, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name
+
+
+def test_skipped_fp16_steps_are_counted():
+    """GradScaler (as Lightning's 16-mixed uses it) skips a step whose gradients overflowed: counted, no sync."""
+    from types import SimpleNamespace
+
+    from finetune.callbacks.mixed_precision import CountSkippedSteps
+
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
+    counter = CountSkippedSteps()
+    for poison in (False, True, False, True, True):
+        counter.on_train_batch_start(trainer, None, None, 0)
+        loss = model(torch.ones(2, 3)).sum() * (float("inf") if poison else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        counter.on_train_batch_end(trainer, None, None, None, 0)
+    assert int(counter.skipped) == 3
+
+
+def test_same_seed_deterministic_runs_give_identical_results(tmp_path, shapes):
+    results = []
+    for name in ("a", "b"):
+        cfg = compose(tmp_path / name, "dataset=image_folder", f"dataset.root={shapes}", *LEARN, "schedule.epochs=3",
+                      "schedule.freeze_epochs=1", "trainer.deterministic=true", "logger=none", "seed=7")
+        results.append(run(cfg, overrides=[]))
+    assert {k: results[0][k] for k in ("test/acc", "test/loss", "val/acc_best")} == \
+           {k: results[1][k] for k in ("test/acc", "test/loss", "val/acc_best")}
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,304 @@
+"""evaluate, predict, export, the TensorBoard dashboards, and refusing checkpoints that would run code."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, ROOT, compose
+from fabricate import add_broken
+from omegaconf import OmegaConf
+from PIL import Image
+
+from finetune.config import FinetuneError
+from finetune.models.classifier import UnsafeCheckpoint
+from finetune.train import run as train
+
+LEARN = ["schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "dataset.val_fraction=0.2", "dataset.test_fraction=0.2"]
+
+
+def tool_cfg(name: str, **values):
+    """The composed conf/NAME.yaml with `values` set, as the script would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(name, overrides=[f"{k}={v}" for k, v in values.items() if not isinstance(v, dict)])
+    for key, value in values.items():
+        if isinstance(value, dict):
+            OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shapes):
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    cfg = compose(run_dir, "dataset=image_folder", f"dataset.root={shapes}", *FAST, *LEARN, "schedule.epochs=6",
+                  "schedule.freeze_epochs=3", "callbacks.dashboards.enabled=true",
+                  "callbacks.dashboards.every_n_epochs=3")
+    metrics = train(cfg, overrides=[])
+    return run_dir, metrics
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def is_png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and min(Image.open(path).size) > 100
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained):
+    from finetune.evaluate import run
+
+    run_dir, _ = trained
+    metrics = run(tool_cfg("evaluate", ckpt=run_dir / "checkpoints" / "best.ckpt", num_workers=0))
+    return run_dir / "eval", metrics
+
+
+def test_evaluate_writes_every_file_and_each_parses(evaluated):
+    out, metrics = evaluated
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "expected_calibration_error"):
+        assert 0 <= saved[key] and (saved[key] <= 1 or key == "log_loss")
+    assert "top5_accuracy" not in saved  # three classes
+    report = (out / "classification_report.txt").read_text()
+    assert "precision" in report and "not red or green" in report
+    rows = read_csv(out / "classification_report.csv")
+    assert [r["class"] for r in rows] == ["green", "not red or green", "red", "macro avg", "weighted avg"]
+    for name in ("confusion_matrix.png", "curves.png"):
+        assert is_png(out / name), name
+    assert (out / "top_losses.png").exists() == (saved["accuracy"] < 1)
+
+
+def test_evaluate_accuracy_is_the_runs_test_accuracy_and_agrees_with_its_own_predictions(trained, evaluated):
+    run_dir, train_metrics = trained
+    out, metrics = evaluated
+    predictions = read_csv(out / "predictions.csv")
+    assert metrics["accuracy"] == pytest.approx(np.mean([int(r["correct"]) for r in predictions]))
+    assert metrics["accuracy"] == pytest.approx(train_metrics["test/acc"], abs=1e-6)  # same checkpoint, split, code
+    test_rows = [r for r in read_csv(run_dir / "split.csv") if r["split"] == "test"]
+    assert sorted(r["path"] for r in predictions) == sorted(r["path"] for r in test_rows)
+    by_class = {r["class"]: r for r in read_csv(out / "classification_report.csv")}
+    for name in ("green", "red"):
+        mine = [r for r in predictions if r["label"] == name]
+        assert float(by_class[name]["recall"]) == pytest.approx(np.mean([r["predicted"] == name for r in mine]))
+
+
+def test_confusion_matrix_sums_to_the_test_set(trained, evaluated):
+    run_dir, _ = trained
+    out, metrics = evaluated
+    rows = list(csv.reader(open(out / "confusion_matrix.csv")))
+    assert rows[0] == ["true \\ predicted", "green", "not red or green", "red"]
+    matrix = np.array([[int(x) for x in row[1:]] for row in rows[1:]])
+    tests = sum(r["split"] == "test" for r in read_csv(run_dir / "split.csv"))
+    assert matrix.sum() == tests == metrics["images"]
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(metrics["accuracy"])
+
+
+def test_evaluate_never_overwrites_and_takes_other_labelled_sets(trained, evaluated, shapes):
+    from finetune.evaluate import run
+
+    run_dir, _ = trained
+    again = run(tool_cfg("evaluate", ckpt=run_dir / "checkpoints" / "best.ckpt", num_workers=0, tta=True))
+    assert (run_dir / "eval-2" / "metrics.json").is_file() and again["tta"] is True
+    assert json.loads((run_dir / "eval" / "metrics.json").read_text())["tta"] is False
+    other = run(tool_cfg("evaluate", ckpt=run_dir / "checkpoints" / "best.ckpt", num_workers=0,
+                         out=run_dir.parent / "other",
+                         dataset={"name": "image_folder", "root": str(shapes), "target": None}))
+    assert other["images"] == 120
+    from finetune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="already holds an evaluation"):
+        run(tool_cfg("evaluate", ckpt=run_dir / "checkpoints" / "best.ckpt", out=run_dir.parent / "other"))
+
+
+def test_metrics_by_hand():
+    from finetune.evaluate import compute_metrics
+
+    probs = np.array([[0.9, 0.1, 0, 0, 0, 0, 0], [0.2, 0.5, 0.3, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0.4, 0.6],
+                      [0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.0]], dtype=np.float32)
+    labels = np.array([0, 2, 6, 6])
+    m = compute_metrics(probs, labels, 7)
+    assert m["accuracy"] == 0.5
+    assert m["top5_accuracy"] == 0.75  # the last row's true class is ranked 7th
+    assert m["log_loss"] == pytest.approx(-np.mean(np.log([0.9, 0.3, 0.6, 1e-15])), rel=1e-3)  # clipped, finite
+    assert m["balanced_accuracy"] == pytest.approx((1 + 0 + 0.5) / 3)  # recall of classes 0, 2 and 6
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, shapes):
+    """The shapes images plus a broken file of each kind, in one folder tree."""
+    folder = tmp_path_factory.mktemp("inputs") / "photos"
+    shutil.copytree(shapes, folder)
+    broken = add_broken(folder / "broken")
+    return folder, broken
+
+
+def test_predict_top1_agrees_with_evaluate(trained, evaluated, shapes, tmp_path):
+    from finetune.predict import run
+
+    run_dir, _ = trained
+    result = run(tool_cfg("predict", ckpt=run_dir / "checkpoints" / "best.ckpt", inputs=shapes, top_k=2,
+                          out=tmp_path / "p.csv", num_workers=0))
+    assert result == {"classified": 120, "failed": 0, "out": str(tmp_path / "p.csv")}
+    rows = read_csv(tmp_path / "p.csv")
+    assert len(rows) == 240 and {r["rank"] for r in rows} == {"1", "2"}
+    top1 = {r["path"]: r["class"] for r in rows if r["rank"] == "1"}
+    for row in read_csv(evaluated[0] / "predictions.csv"):
+        assert top1[row["path"]] == row["predicted"], row["path"]
+
+
+def test_predict_reports_each_broken_file_and_classifies_the_rest(trained, inputs, tmp_path):
+    from finetune.predict import run
+
+    folder, broken = inputs
+    result = run(tool_cfg("predict", ckpt=trained[0] / "checkpoints" / "best.ckpt", inputs=folder,
+                          out=tmp_path / "p.csv", num_workers=0))
+    assert result["classified"] == 120 and result["failed"] == len(broken)
+    paths = {r["path"] for r in read_csv(tmp_path / "p.csv")}
+    assert len(paths) == 120 and not paths & {str(p) for p in broken}
+
+
+def test_predict_formats(trained, inputs, tmp_path):
+    from finetune.predict import run
+
+    run_dir, _ = trained
+    one = next((inputs[0] / "red").glob("*.jpg"))
+    run(tool_cfg("predict", ckpt=run_dir / "checkpoints" / "best.ckpt", inputs=one, format="json",
+                 out=tmp_path / "p.json", num_workers=0))
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data[0]["path"] == str(one) and len(data[0]["predictions"]) == 3
+    assert sum(p["probability"] for p in data[0]["predictions"]) == pytest.approx(1, abs=1e-5)
+    run(tool_cfg("predict", ckpt=run_dir / "checkpoints" / "best.ckpt", inputs=f"{inputs[0]}/red/*.jpg",
+                 format="kaggle", out=tmp_path / "breeds.csv", num_workers=0))
+    rows = list(csv.reader(open(tmp_path / "breeds.csv")))
+    assert rows[0] == ["id", "green", "not red or green", "red"] and len(rows) == 41
+    assert all(sum(float(x) for x in row[1:]) == pytest.approx(1, abs=1e-4) for row in rows[1:])
+
+
+def test_kaggle_dogs_vs_cats_submission(tmp_path, dogs_vs_cats):
+    from finetune.predict import run
+
+    cfg = compose(tmp_path / "run", "dataset=dogs_vs_cats", f"dataset.root={dogs_vs_cats}", *FAST,
+                  "schedule.epochs=1", "logger=none")
+    train(cfg, overrides=[])
+    run(tool_cfg("predict", ckpt=tmp_path / "run" / "checkpoints" / "best.ckpt", inputs=dogs_vs_cats / "test1",
+                 format="kaggle", out=tmp_path / "submission.csv", num_workers=0))
+    rows = list(csv.reader(open(tmp_path / "submission.csv")))
+    assert rows[0] == ["id", "label"]
+    assert [r[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]  # numeric order, as Kaggle's sample
+    assert all(0 <= float(r[1]) <= 1 for r in rows[1:])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch_and_describes_itself(trained, tmp_path, fmt):
+    from finetune.export import load_exported, run
+    from finetune.models.classifier import load_classifier
+
+    run_dir, _ = trained
+    out = tmp_path / f"model.{fmt}"
+    result = run(tool_cfg("export", ckpt=run_dir / "checkpoints" / "best.ckpt", format=fmt, out=out))
+    assert result["max_abs_difference"] < 1e-4 and result["megabytes"] > 1
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["output"]["classes"] == ["green", "not red or green", "red"]
+    assert sidecar["input"]["shape"] == ["batch", 3, 32, 32] and sidecar["input"]["dtype"] == "uint8"
+    model = load_classifier(run_dir / "checkpoints" / "best.ckpt")
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)  # another batch size: the batch is dynamic
+    with torch.no_grad():
+        expected = model(images).softmax(1).numpy()
+    actual = load_exported(out, fmt)(images.numpy())
+    assert np.abs(actual - expected).max() < 1e-4
+
+
+def test_export_refuses_to_hand_over_a_model_that_does_not_match(trained, tmp_path, monkeypatch):
+    from finetune import export
+
+    monkeypatch.setattr(export, "load_exported", lambda path, fmt: lambda images: np.zeros((len(images), 3)))
+    with pytest.raises(FinetuneError, match="does not match PyTorch"):
+        export.run(tool_cfg("export", ckpt=trained[0] / "checkpoints" / "best.ckpt", out=tmp_path / "m.onnx"))
+
+
+def test_default_export_path_is_in_the_run_and_never_overwritten(trained):
+    from finetune.export import output_path
+
+    ckpt = trained[0] / "checkpoints" / "best.ckpt"
+    first = output_path(None, ckpt, "onnx")
+    first.write_bytes(b"x")
+    assert first == trained[0] / "export" / "best.onnx"
+    assert output_path(None, ckpt, "onnx") == trained[0] / "export" / "best-2.onnx"
+
+
+class WritesAFile:
+    """A pickle payload: loading it with plain torch.load would run `touch`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_everywhere(trained, tmp_path):
+    from finetune.evaluate import run as evaluate
+    from finetune.export import run as export
+    from finetune.predict import run as predict
+
+    run_dir, _ = trained
+    marker = tmp_path / "pwned"
+    evil_run = tmp_path / "evil"
+    shutil.copytree(run_dir, evil_run, ignore=shutil.ignore_patterns("eval*", "export"))
+    good = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    good["hyper_parameters"]["payload"] = WritesAFile(marker)
+    for name in ("best.ckpt", "last.ckpt"):
+        torch.save(good, evil_run / "checkpoints" / name)
+    ckpt = evil_run / "checkpoints" / "best.ckpt"
+    attempts = [
+        lambda: evaluate(tool_cfg("evaluate", ckpt=ckpt, num_workers=0)),
+        lambda: predict(tool_cfg("predict", ckpt=ckpt, inputs=run_dir / "split.csv")),
+        lambda: export(tool_cfg("export", ckpt=ckpt, out=tmp_path / "m.onnx")),
+        lambda: train(compose(tmp_path / "x", f"resume={evil_run}"), overrides=[]),
+    ]
+    for attempt in attempts:
+        with pytest.raises(UnsafeCheckpoint, match="holds more than weights and plain data, and was not loaded"):
+            attempt()
+        assert not marker.exists()
+
+
+def test_dashboards_write_their_images_to_tensorboard(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = trained
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    images = set(events.Tags()["images"])
+    assert {"train/augmented_images", "val/predictions", "val/confusion_matrix", "val/per_class"} <= images
+    assert len(events.Images("val/confusion_matrix")) == 2  # epochs 3 and 6 of 6: at most every 3rd, bounded
+    assert events.Tags()["graph"]
+    assert "val_per_class/recall/red" in events.Tags()["scalars"]
+    assert any(tag.startswith("val_pr_curve/") for tag in events.Tags()["tensors"])
+
+
+def script(name, *args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_predict_script_exits_2_when_some_inputs_are_broken_and_keeps_the_rest(trained, inputs, tmp_path):
+    run_dir, _ = trained
+    result = script("predict", f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}", f"inputs={inputs[0]}",
+                    "num_workers=0", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    rows = read_csv(tmp_path / "predictions.csv")
+    assert len({r["path"] for r in rows}) == 120
+    for path, reason in inputs[1].items():
+        assert f"{path}: not classified ({reason}" in result.stdout + result.stderr
+    assert not (tmp_path / "outputs").exists()  # the tools make no Hydra folders
