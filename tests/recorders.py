@@ -61,3 +61,22 @@ class RankWeights(L.Callback):
         path = Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.json"
         history = json.loads(path.read_text()) if path.exists() else []
         path.write_text(json.dumps(history + [record]))
+
+
+class BatchKinds(L.Callback):
+    """Records, per training and validation batch, the epoch and the number of dimensions of the inputs:
+    4 for images, 2 for cached backbone features."""
+
+    instances: list[BatchKinds] = []
+
+    def __init__(self):
+        self.train: list[tuple[int, int]] = []
+        self.val: list[tuple[int, int]] = []
+        BatchKinds.instances.append(self)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.train.append((trainer.current_epoch, batch[0].ndim))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.val.append((trainer.current_epoch, batch[0].ndim))

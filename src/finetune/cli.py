@@ -56,6 +56,11 @@ def _single_console_logging() -> None:
     # ...and an advertisement for its cloud logger at the start of every run
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.msg).startswith("💡 Tip"))
+    # Lightning 2.6's own pytree helper still uses an API that torch 2.10+ deprecates, and says so on every batch
+    # transfer: a message for Lightning's developers, not for ours.
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _in_multirun() -> bool:

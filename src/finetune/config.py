@@ -43,6 +43,10 @@ class DatasetConfig:
     balance: str = "none"  # none | weights (class-weighted loss) | sampler (class-balanced batches)
     max_bad_fraction: float = 0.05  # stop before training if more of the files than this cannot be used
     max_pixels: int = 100_000_000  # larger images are skipped, unread (decompression bombs)
+    cache: bool = False  # decode every image once into a memory-mapped file next to the data; train from it
+    cache_size: Optional[int] = None  # short side of the cached images; null: image_size / crop_pct (256 for 224)
+    cache_dir: Optional[str] = None  # null: DATASET_ROOT/.finetune-cache (~/.cache/finetune if root is read-only)
+    decode: str = "cpu"  # cpu: workers decode and augment; device: workers read bytes, the GPU decodes and augments
 
 
 @dataclass
@@ -76,6 +80,8 @@ class ScheduleConfig:
     unfreeze: Any = "all"  # all, or N: only the last N blocks of the backbone train afterwards
     backbone_lr_ratio: float = 0.1  # backbone lr = backbone_lr_ratio * lr once it trains
     label_smoothing: float = 0.0
+    cache_features: bool = False  # frozen epochs train the head on the backbone's features, computed once
+    cache_views: int = 0  # 0: features of the un-augmented images; K: of K augmented views, one per epoch in turn
 
 
 @dataclass
@@ -163,7 +169,7 @@ CROPS = ("random_resized", "center")
 POLICIES = ("randaugment", "trivialaugment")
 BALANCE = ("none", "weights", "sampler")
 # Keys of conf/trainer that finetune resolves itself instead of handing them to lightning.Trainer as they are.
-OWN_TRAINER_KEYS = ("precision",)
+OWN_TRAINER_KEYS = ("precision", "compile")
 
 
 def suggest(word: str, options: list[str], n: int = 3) -> str:
@@ -205,6 +211,10 @@ def validate(cfg: DictConfig) -> DictConfig:
            f"dataset.limit_per_class must be >= 1 or null (got {d.limit_per_class})")
     _check(d.split_file is None or Path(d.split_file).is_file(), f"dataset.split_file={d.split_file}: no such file")
     _check(not d.download or d.root is not None, "dataset.download=true needs dataset.root: where to put it")
+    _check(d.cache_size is None or d.cache_size >= 8, f"dataset.cache_size must be >= 8 or null (got {d.cache_size})")
+    _check(d.decode in ("cpu", "device"), f"dataset.decode must be cpu or device (got {d.decode})")
+    _check(not (d.cache and d.decode == "device"), "dataset.cache=true holds images already decoded, and "
+           "dataset.decode=device decodes JPEG files on the GPU: choose one")
 
     _check(s.optimizer in OPTIMIZERS, f"schedule.optimizer must be one of {', '.join(OPTIMIZERS)} (got {s.optimizer})")
     _check(s.scheduler in SCHEDULERS, f"schedule.scheduler must be one of {', '.join(SCHEDULERS)} (got {s.scheduler})")
@@ -216,6 +226,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(s.backbone_lr_ratio > 0, f"schedule.backbone_lr_ratio must be > 0 (got {s.backbone_lr_ratio})")
     _check(s.step_size >= 1, f"schedule.step_size must be >= 1 (got {s.step_size})")
     _check(0 <= s.label_smoothing < 1, f"schedule.label_smoothing must be in [0, 1) (got {s.label_smoothing})")
+    _check(s.cache_views >= 0, f"schedule.cache_views must be >= 0 (got {s.cache_views})")
+    _check(not s.cache_features or not (cfg.augment.mixup or cfg.augment.cutmix),
+           "schedule.cache_features=true trains the frozen phase on features, which MixUp and CutMix cannot mix: "
+           "set augment.mixup=0 and augment.cutmix=0, or schedule.cache_features=false")
     unfreeze_ok = s.unfreeze == "all" or (isinstance(s.unfreeze, int) and not isinstance(s.unfreeze, bool))
     _check(unfreeze_ok and (s.unfreeze == "all" or s.unfreeze >= 1),
            f"schedule.unfreeze must be 'all' or a number of blocks >= 1 (got {s.unfreeze})")

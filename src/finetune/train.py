@@ -63,7 +63,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     backbone = create_backbone(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.weights, cfg.head.pool)
     preprocessing = resolve_preprocessing(backbone, cfg.dataset.image_size, cfg.dataset.crop_pct)
     split_file = run_dir / "split.csv" if resuming else None
-    data = ImageDataModule(cfg.dataset, cfg.augment, preprocessing, cfg.seed, run_dir, split_file=split_file)
+    frozen_features = {"freeze_epochs": cfg.schedule.freeze_epochs, "views": cfg.schedule.cache_views} \
+        if cfg.schedule.cache_features else None
+    data = ImageDataModule(cfg.dataset, cfg.augment, preprocessing, cfg.seed, run_dir, split_file=split_file,
+                           frozen_features=frozen_features)
     data.prepare_data()
     data.setup("fit")
     model = Classifier(
@@ -76,6 +79,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         class_weights=data.class_weights() if cfg.dataset.balance == "weights" else None,
         mix={"mixup": cfg.augment.mixup, "cutmix": cfg.augment.cutmix},
     )
+    if cfg.trainer.get("compile"):
+        compile_model(model)
 
     trainer = build_trainer(cfg, run_dir)
     ckpt_path = None
@@ -102,6 +107,15 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return metrics
+
+
+def compile_model(model: Classifier) -> None:
+    """torch.compile the backbone and the head in place (nn.Module.compile): parameter names, and so checkpoints,
+    stay exactly as without it. The training step around them (metrics, logging) stays eager, so the compiled
+    graphs are the network alone; they are recompiled once when the backbone unfreezes."""
+    model.backbone.compile()
+    model.head.compile()
+    log.info("torch.compile: backbone and head compile on their first batch (this takes a while once)")
 
 
 def refuse_multirun_with_ddp(trainer: DictConfig) -> None:
@@ -228,11 +242,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's progress bar without the logger version number, which names nothing here."""
+    """Lightning's progress bar with the latest training loss, read only when it redraws (every `refresh_rate`
+    steps), and without the logger version number, which names nothing here."""
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        loss = getattr(pl_module, "last_loss", None)
+        if trainer.training and loss is not None:
+            metrics = {"loss": f"{loss.item():.3g}", **metrics}
         return metrics
 
 

@@ -54,7 +54,7 @@ class Dashboards(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         writer = self._writer(trainer)
-        if self._shown_training_batch or writer is None:
+        if self._shown_training_batch or writer is None or batch[0].ndim != 4:  # not while on cached features
             return
         self._shown_training_batch = True
         images, labels = batch
@@ -74,7 +74,7 @@ class Dashboards(L.Callback):
             return
         self._logits.append(outputs["logits"].float())
         self._labels.append(outputs["labels"])
-        if self._samples is None:
+        if self._samples is None and batch[0].ndim == 4:  # images, not cached features
             self._samples = batch[0][: self.images].cpu()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -90,13 +90,14 @@ class Dashboards(L.Callback):
         labels_np = labels.cpu().numpy()
         predicted = probs.argmax(1)
 
-        n = len(self._samples)
-        sample_pred = predicted[:n]
-        titles = [f"predicted {classes[p]} ({probs[i, p]:.2f})\ntrue {classes[labels_np[i]]}"
-                  for i, p in enumerate(sample_pred)]
-        colours = ["darkgreen" if p == labels_np[i] else "firebrick" for i, p in enumerate(sample_pred)]
-        grid = image_grid_figure([_hwc(x) for x in self._samples], titles, colours, title="Validation predictions")
-        writer.add_image("val/predictions", figure_to_array(grid), step, dataformats="HWC")
+        if self._samples is not None:
+            n = len(self._samples)
+            sample_pred = predicted[:n]
+            titles = [f"predicted {classes[p]} ({probs[i, p]:.2f})\ntrue {classes[labels_np[i]]}"
+                      for i, p in enumerate(sample_pred)]
+            colours = ["darkgreen" if p == labels_np[i] else "firebrick" for i, p in enumerate(sample_pred)]
+            grid = image_grid_figure([_hwc(x) for x in self._samples], titles, colours, title="Validation predictions")
+            writer.add_image("val/predictions", figure_to_array(grid), step, dataformats="HWC")
 
         k = len(classes)
         if k > self.max_classes:

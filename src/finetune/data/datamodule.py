@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset, WeightedRandomSampler
+from torchvision.transforms import v2
 
 from finetune.data import download as downloads
+from finetune.data.cache import ImageCache, default_cache_dir, open_or_build
 from finetune.data.images import open_rgb
 from finetune.data.integrity import scan
 from finetune.data.sources import DataError, Source, read_source
@@ -34,18 +36,22 @@ def load_image(source: Source, j: int, max_pixels: int, draft: int | None = None
 
 
 class ImageDataset(Dataset):
-    """Samples `indices` of `source`, decoded to RGB and transformed to uint8 CHW tensors."""
+    """Samples `indices` of `source`, decoded to RGB (or read from the decoded-image cache) and transformed to uint8
+    CHW tensors. With `raw`, JPEG files come as their bytes (1-D uint8), to be decoded on the device, and other
+    images as uint8 CHW tensors of their own size; the transform is then applied on the device."""
 
     def __init__(self, source: Source, indices: np.ndarray, transform, draft: int | None = None,
-                 max_pixels: int = 100_000_000):
+                 max_pixels: int = 100_000_000, cache: ImageCache | None = None, raw: bool = False):
         self.source, self.indices, self.transform = source, indices, transform
-        self.draft, self.max_pixels = draft, max_pixels
+        self.draft, self.max_pixels, self.cache, self.raw = draft, max_pixels, cache, raw
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def load(self, i: int) -> Image.Image:
-        return load_image(self.source, self.indices[i], self.max_pixels, self.draft)
+        j = self.indices[i]
+        image = self.cache.image(j) if self.cache is not None else None
+        return image if image is not None else load_image(self.source, j, self.max_pixels, self.draft)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         # A file the integrity scan passed can still fail later (replaced or deleted during training): the
@@ -53,6 +59,8 @@ class ImageDataset(Dataset):
         for attempt in range(10):
             k = (i + attempt) % len(self)
             try:
+                if self.raw:
+                    return self.read(k), int(self.source.labels[self.indices[k]])
                 return self.transform(self.load(k)), int(self.source.labels[self.indices[k]])
             except Exception as e:
                 log.warning("Could not load %s (%s); using another image in its place",
@@ -60,11 +68,80 @@ class ImageDataset(Dataset):
         raise DataError(f"10 images in a row around {self.source.paths[self.indices[i]]} could not be loaded")
 
 
+    def read(self, i: int) -> torch.Tensor:
+        """A JPEG's bytes as they are in its file; any other image decoded here, untransformed."""
+        path = self.source.paths[self.indices[i]]
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:3] == b"\xff\xd8\xff":
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return torch.from_numpy(np.asarray(self.load(i), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def collate_raw(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """JPEG bytes and images of different sizes cannot be stacked: a list of them, and the labels."""
+    return [item for item, _ in batch], torch.tensor([label for _, label in batch], dtype=torch.long)
+
+
+def decode_on_device(items: list[torch.Tensor], transform, device: torch.device) -> torch.Tensor:
+    """Decode the JPEG bytes among `items` in one batch on `device` (nvJPEG on a GPU), move the already decoded
+    ones there, apply `transform` to each on the device, and stack them: a uint8 batch (N, 3, H, W)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    jpegs = [i for i, item in enumerate(items) if item.ndim == 1]
+    images: list[torch.Tensor | None] = [None if item.ndim == 1 else item.to(device, non_blocking=True)
+                                         for item in items]
+    if jpegs:
+        try:
+            decoded = decode_jpeg([items[i] for i in jpegs], mode=ImageReadMode.RGB, device=device,
+                                  apply_exif_orientation=True)
+        except RuntimeError:  # one bad file fails the whole batch: decode them one by one
+            decoded = []
+            for i in jpegs:
+                try:
+                    decoded.append(decode_jpeg(items[i], mode=ImageReadMode.RGB, device=device,
+                                               apply_exif_orientation=True))
+                except RuntimeError as e:
+                    log.warning("A JPEG of this batch could not be decoded (%s); another image takes its place", e)
+                    decoded.append(None)
+        for i, image in zip(jpegs, decoded):
+            images[i] = image
+    good = [image for image in images if image is not None]
+    if not good:
+        raise DataError("no image of this batch could be decoded")
+    return torch.stack([transform(image if image is not None else good[i % len(good)])
+                        for i, image in enumerate(images)])
+
+
+class EpochShuffle(RandomSampler):
+    """A random order that is a function of (seed, epoch) alone, like DistributedSampler's: a resumed run sees the
+    same order in each epoch as an uninterrupted one, and so does a frozen phase trained on cached features.
+    Lightning calls set_epoch before every epoch (and under DDP puts a DistributedSampler in its place)."""
+
+    def __init__(self, data_source, seed: int):
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return super().__iter__()
+
+
 class ImageDataModule(L.LightningDataModule):
-    """Everything between a dataset folder and batches of uint8 images with their labels."""
+    """Everything between a dataset folder and batches of uint8 images with their labels.
+
+    With `frozen_features` ({"freeze_epochs": F, "views": K}) the first F epochs, while the backbone is frozen,
+    train on its features instead of images: computed once (K=0: un-augmented, as validation sees them; K>0: K
+    augmented views, epoch e using view e mod K) with the model's own backbone, in eval mode, as the frozen
+    phase would compute them anyway. Batches are then (features, labels) with features of shape (N, C); the
+    Classifier sends them through the head alone. From epoch F on, the loaders are the image loaders.
+    """
 
     def __init__(self, dataset, augment, preprocessing: Preprocessing, seed: int, run_dir: str | Path,
-                 split_file: str | Path | None = None):
+                 split_file: str | Path | None = None, frozen_features: dict | None = None):
         super().__init__()
         self.cfg, self.augment, self.preprocessing, self.seed = dataset, augment, preprocessing, seed
         self.run_dir = Path(run_dir)
@@ -72,6 +149,13 @@ class ImageDataModule(L.LightningDataModule):
         self.split_file = Path(split_file) if split_file else None
         self.source: Source | None = None
         self.splits: np.ndarray | None = None
+        self.cache: ImageCache | None = None
+        self.decode_on_device = False  # dataset.decode=device, for datasets of files
+        self.frozen_features = frozen_features if frozen_features and frozen_features["freeze_epochs"] > 0 else None
+        self._features: dict[tuple[str, int], torch.Tensor] = {}
+        self._device_transforms: dict[bool, v2.Compose] = {}
+        self._loaders: dict[str, DataLoader] = {}
+        self._reload_every: int | None = None
         self._prepared = False
 
     @property
@@ -120,6 +204,28 @@ class ImageDataModule(L.LightningDataModule):
         _record_split(self.run_dir / "split.csv", source, splits)
         log.info("Dataset %s: %s images, %d classes\n%s", d.name, f"{len(source):,}", len(source.classes),
                  self.class_count_table())
+        if d.get("cache"):
+            self.cache = self._open_cache()
+        if d.get("decode") == "device":
+            self.decode_on_device = source.images is None
+            if not self.decode_on_device:
+                log.info("dataset.decode=device: %s is already decoded in memory; nothing to decode", d.name)
+
+    @property
+    def cache_size(self) -> int:
+        """The short side of the cached images: dataset.cache_size, or the evaluation resize (image_size / crop_pct),
+        so that evaluation from the cache is exactly evaluation from the files."""
+        pre = self.preprocessing
+        return int(self.cfg.get("cache_size") or math.floor(pre.image_size / pre.crop_pct))
+
+    def _open_cache(self) -> ImageCache | None:
+        if self.source.images is not None:
+            log.info("dataset.cache=true: %s is already decoded in memory; nothing to cache", self.cfg.name)
+            return None
+        directory = Path(self.cfg.cache_dir).expanduser() if self.cfg.get("cache_dir") else \
+            default_cache_dir(self.cfg.root)
+        return open_or_build(self.source.paths, directory, self.cfg.name, self.cache_size,
+                             self.preprocessing.interpolation, self.cfg.max_pixels, workers=self.cfg.num_workers)
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == split)
@@ -153,33 +259,131 @@ class ImageDataModule(L.LightningDataModule):
             draft = math.ceil(pre.image_size / math.sqrt(self.augment.crop_scale[0]))
         else:
             draft = math.floor(pre.image_size / pre.crop_pct)
-        return ImageDataset(self.source, self.indices(split), transform, draft=draft, max_pixels=self.cfg.max_pixels)
+        return ImageDataset(self.source, self.indices(split), transform, draft=draft, max_pixels=self.cfg.max_pixels,
+                            cache=self.cache, raw=self.decode_on_device)
+
+    def device_transform(self, train: bool) -> v2.Compose:
+        """What the workers would do after decoding, on uint8 tensors on the device (dataset.decode=device)."""
+        if train not in self._device_transforms:
+            pre = self.preprocessing
+            self._device_transforms[train] = \
+                train_transform(pre, self.augment, tensors=True) if train else eval_transform(pre, tensors=True)
+        return self._device_transforms[train]
+
+    def decode(self, batch, train: bool, device: torch.device):
+        """A batch of the raw loaders as uint8 images on `device`; other batches as they are."""
+        items, labels = batch
+        if not isinstance(items, list):
+            return batch
+        return decode_on_device(items, self.device_transform(train), device), labels
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if not self.decode_on_device or self.trainer is None:
+            return batch
+        return self.decode(batch, self.trainer.training, self.trainer.strategy.root_device)
+
+    def _sampler(self, labels: np.ndarray, train: bool):
+        if not train:
+            return None
+        if self.cfg.get("balance") == "sampler":
+            per_sample = 1.0 / np.bincount(labels)[labels]
+            return WeightedRandomSampler(torch.as_tensor(per_sample, dtype=torch.double), len(labels),
+                                         generator=torch.Generator().manual_seed(self.seed))
+        return EpochShuffle(range(len(labels)), self.seed)
+
+    def _pin(self) -> bool:
+        return self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
 
     def _loader(self, split: str) -> DataLoader:
+        """The image loader of `split`: made once, so that its persistent workers live for the whole run."""
+        if split in self._loaders:
+            return self._loaders[split]
         dataset = self.dataset(split)
         train = split == "train"
         workers = self.cfg.num_workers
-        sampler = None
-        if train and self.cfg.get("balance") == "sampler":
-            labels = self.source.labels[dataset.indices]
-            per_sample = 1.0 / np.bincount(labels)[labels]
-            sampler = WeightedRandomSampler(torch.as_tensor(per_sample, dtype=torch.double), len(dataset),
-                                            generator=torch.Generator().manual_seed(self.seed))
-        return DataLoader(
+        loader = DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
+            sampler=self._sampler(self.source.labels[dataset.indices], train),
             drop_last=train and len(dataset) > self.cfg.batch_size,  # no batch of one for BatchNorm
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
+            pin_memory=self._pin(),
+            collate_fn=collate_raw if dataset.raw else None,
+        )
+        self._loaders[split] = loader
+        return loader
+
+    # The frozen phase on cached features -----------------------------------------------------------------------
+
+    def _feature_phase(self) -> bool:
+        if self.frozen_features is None or self.trainer is None:
+            return False
+        if self.trainer.current_epoch < self.frozen_features["freeze_epochs"]:
+            # Lightning asks for the loaders again at every epoch while this is set: the phase can end.
+            if self._reload_every is None:
+                self._reload_every = self.trainer.reload_dataloaders_every_n_epochs
+                self.trainer.reload_dataloaders_every_n_epochs = 1
+            return True
+        self._features.clear()  # the backbone trains from now on: these features are out of date
+        return False
+
+    def _feature_loader(self, split: str) -> DataLoader:
+        train = split == "train"
+        views = self.frozen_features["views"] if train else 0
+        view = self.trainer.current_epoch % views if views else 0
+        features = self._features.get((split, view))
+        if features is None:
+            features = self._extract(split, augmented=views > 0)
+            self._features[(split, view)] = features
+        labels = torch.as_tensor(self.source.labels[self.indices(split)], dtype=torch.long)
+        return DataLoader(
+            TensorDataset(features, labels),
+            batch_size=self.cfg.batch_size,
+            sampler=self._sampler(labels.numpy(), train),
+            drop_last=train and len(labels) > self.cfg.batch_size,  # the same steps per epoch as the images give
+            pin_memory=self._pin(),
         )
 
+    @torch.no_grad()
+    def _extract(self, split: str, augmented: bool) -> torch.Tensor:
+        """The backbone's pooled features of every image of `split`, in order, in eval mode, as float32 on the host."""
+        model = self.trainer.lightning_module
+        dataset = self.dataset(split, train_transforms=augmented)
+        loader = DataLoader(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
+                            pin_memory=self._pin(), generator=torch.Generator(),  # leaves the global RNG alone
+                            collate_fn=collate_raw if dataset.raw else None)
+        backbone = model.backbone
+        mode = backbone.training
+        backbone.eval()
+        chunks = []
+        try:
+            with self.trainer.precision_plugin.forward_context():
+                for batch in loader:
+                    images, _ = self.decode(batch, augmented, model.device)
+                    x = model.normalize(images.to(model.device, non_blocking=True))
+                    chunks.append(backbone(x).float().cpu())
+        finally:
+            backbone.train(mode)
+        log.info("Frozen phase: %s features of %s %s images cached", "augmented" if augmented else "the",
+                 f"{len(dataset):,}", split)
+        return torch.cat(chunks)
+
+    def _end_feature_phase(self) -> None:
+        if self._reload_every is not None and self.trainer is not None:
+            self.trainer.reload_dataloaders_every_n_epochs = self._reload_every
+            self._reload_every = None
+
     def train_dataloader(self) -> DataLoader:
+        if self._feature_phase():
+            return self._feature_loader("train")
         return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
+        if self._feature_phase():
+            return self._feature_loader("val")
+        if self.trainer is not None and not self.trainer.sanity_checking:
+            self._end_feature_phase()  # both loaders are image loaders again: no more reloading
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:

@@ -45,19 +45,21 @@ def _interpolation(name: str) -> InterpolationMode:
     return InterpolationMode.BICUBIC if name == "bicubic" else InterpolationMode.BILINEAR
 
 
-def eval_transform(pre: Preprocessing) -> v2.Compose:
-    """Resize the short side to image_size / crop_pct, centre-crop image_size (timm's and torchvision's eval)."""
+def eval_transform(pre: Preprocessing, tensors: bool = False) -> v2.Compose:
+    """Resize the short side to image_size / crop_pct, centre-crop image_size (timm's and torchvision's eval).
+    On PIL images, ending in a uint8 tensor; with `tensors`, on uint8 CHW tensors (on any device)."""
     resize = math.floor(pre.image_size / pre.crop_pct)
     return v2.Compose([
         v2.Resize(resize, interpolation=_interpolation(pre.interpolation), antialias=True),
         v2.CenterCrop(pre.image_size),
-        v2.PILToTensor(),
+        *([] if tensors else [v2.PILToTensor()]),
     ])
 
 
-def train_transform(pre: Preprocessing, augment) -> v2.Compose:
-    """The augmentation preset `augment` (conf/augment) at the model's input size. MixUp and CutMix work on whole
-    batches, on the device: the Classifier applies them."""
+def train_transform(pre: Preprocessing, augment, tensors: bool = False) -> v2.Compose:
+    """The augmentation preset `augment` (conf/augment) at the model's input size, on PIL images or, with
+    `tensors`, on uint8 CHW tensors on any device. MixUp and CutMix work on whole batches, on the device: the
+    Classifier applies them."""
     interpolation = _interpolation(pre.interpolation)
     if augment.crop == "random_resized":
         steps = [v2.RandomResizedCrop(pre.image_size, scale=tuple(augment.crop_scale),
@@ -78,5 +80,6 @@ def train_transform(pre: Preprocessing, augment) -> v2.Compose:
         steps.append(v2.RandAugment(num_ops=augment.num_ops, magnitude=augment.magnitude, interpolation=interpolation))
     elif augment.policy == "trivialaugment":
         steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
-    steps.append(v2.PILToTensor())
+    if not tensors:
+        steps.append(v2.PILToTensor())
     return v2.Compose(steps)

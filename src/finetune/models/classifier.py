@@ -80,20 +80,23 @@ class Classifier(L.LightningModule):
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=schedule.get("label_smoothing", 0.0))
 
         k = len(classes)
+        # validate_args=False: the input checks read values on the host, a GPU sync on every update
+        metric = {"num_classes": k, "validate_args": False}
         mixers = [cls(alpha=alpha, num_classes=k) for cls, alpha in
                   ((v2.MixUp, (mix or {}).get("mixup", 0)), (v2.CutMix, (mix or {}).get("cutmix", 0))) if alpha]
         self.mix = v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
-        self.train_acc = MulticlassAccuracy(k, average="micro")
-        self.val_acc = MulticlassAccuracy(k, average="micro")
-        self.test_acc = MulticlassAccuracy(k, average="micro")
+        self.train_acc = MulticlassAccuracy(**metric, average="micro")
+        self.val_acc = MulticlassAccuracy(**metric, average="micro")
+        self.test_acc = MulticlassAccuracy(**metric, average="micro")
         # mean recall over classes: what accuracy hides on imbalanced data
-        self.val_balanced_acc = MulticlassAccuracy(k, average="macro")
-        self.test_balanced_acc = MulticlassAccuracy(k, average="macro")
+        self.val_balanced_acc = MulticlassAccuracy(**metric, average="macro")
+        self.test_balanced_acc = MulticlassAccuracy(**metric, average="macro")
         self.val_acc_best = MaxMetric()
+        self.last_loss: torch.Tensor | None = None  # the latest training loss, on the device
         self.top5 = k > 5
         if self.top5:
-            self.val_acc_top5 = MulticlassAccuracy(k, top_k=5, average="micro")
-            self.test_acc_top5 = MulticlassAccuracy(k, top_k=5, average="micro")
+            self.val_acc_top5 = MulticlassAccuracy(**metric, top_k=5, average="micro")
+            self.test_acc_top5 = MulticlassAccuracy(**metric, top_k=5, average="micro")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for RGB images, NCHW, uint8 (or float) in 0..255."""
@@ -104,25 +107,39 @@ class Classifier(L.LightningModule):
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for normalised images."""
-        return two_class_logits(self.head(self.backbone(x))) if self.binary else self.head(self.backbone(x))
+        return self.classify_features(self.backbone(x))
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits for the backbone's pooled features."""
+        return two_class_logits(self.head(features)) if self.binary else self.head(features)
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of uint8 images (N, 3, H, W), or of cached backbone features (N, C) while the
+        backbone is frozen (schedule.cache_features)."""
+        return self.classify_features(inputs) if inputs.ndim == 2 else self(inputs)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        x, targets = self.normalize(images), labels
-        if self.mix is not None:
-            x, targets = self.mix(x, labels)  # soft targets; accuracy is still counted against the true labels
-        logits = self.classify(x)
+        if images.ndim == 2:  # cached features of the frozen backbone
+            logits, targets = self.classify_features(images), labels
+        else:
+            x, targets = self.normalize(images), labels
+            if self.mix is not None:
+                x, targets = self.mix(x, labels)  # soft targets; accuracy is still counted against the true labels
+            logits = self.classify(x)
         loss = self.criterion(logits, targets)
         self.train_acc.update(logits, labels)
         n = len(labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
-        self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=n)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
+        # for the progress bar, which reads it when it redraws: logging it per step would read it every step, a
+        # host sync that stalls a GPU
+        self.last_loss = loss.detach()
         return loss
 
     def _evaluate(self, batch, stage: str) -> dict[str, torch.Tensor]:
-        images, labels = batch
-        logits = self(images)
+        inputs, labels = batch
+        logits = self.logits(inputs)
         loss = self.criterion(logits, labels)
         n = len(labels)
         acc, balanced = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_balanced_acc")

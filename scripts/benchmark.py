@@ -1,0 +1,18 @@
+"""finetune against plain PyTorch, side by side: uv run scripts/benchmark.py [device=cpu|cuda] [out=benchmark.json]"""
+
+import hydra
+from omegaconf import DictConfig
+
+from finetune.cli import script
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+def main(cfg: DictConfig) -> None:
+    from finetune.benchmark import run
+
+    with script():
+        run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""dataset.cache=true: every image decoded once, resized to a fixed short side, into one memory-mapped uint8 file.
+
+Decoding a JPEG costs far more than cropping and flipping it; a cache at a little above the training size does the
+expensive part once for every later epoch, run and sweep job (FFCV's idea, without a new file format). The cache
+lives next to the data, in DATASET_ROOT/.finetune-cache/ (or dataset.cache_dir), as two files:
+
+    <name>.u8          the pixels of every image, HWC RGB uint8, one after another
+    <name>.index.npy   (offset, height, width) per image; height 0 marks a file that could not be decoded
+
+<name> holds a hash of the file list (path, size and modification time of every file) and the size, so a changed
+dataset gets a new cache and an unchanged one is found again. The index is written last, so a cache whose index
+exists is complete. Builders take a file lock: concurrent runs (the ranks of a DDP run, the jobs of a sweep)
+build it once and the others wait for it. Readers map the file: the pages are the operating system's page cache,
+shared by every DataLoader worker, so host memory per worker does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from finetune.data.images import open_rgb
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+
+
+def cache_key(paths: list[str], short_side: int, interpolation: str) -> str:
+    """A hash of what the cache depends on: the files (path, size, modification time) and how they are resized."""
+    h = hashlib.sha256(f"v{VERSION}|{short_side}|{interpolation}|{len(paths)}".encode())
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"\n{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def resize_short_side(image: Image.Image, short_side: int, interpolation: str) -> Image.Image:
+    mode = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
+    return F.resize(image, short_side, interpolation=mode, antialias=True)
+
+
+def _decode(args: tuple[str, int, str, int]) -> tuple[int, int, bytes]:
+    path, short_side, interpolation, max_pixels = args
+    try:
+        image = resize_short_side(open_rgb(path, max_pixels=max_pixels, draft=short_side), short_side, interpolation)
+    except Exception as e:  # it passed the integrity scan; whatever changed since, training reads the file itself
+        log.warning("Could not cache %s (%s): it will be read from its file", path, e)
+        return 0, 0, b""
+    array = np.asarray(image, dtype=np.uint8)
+    return array.shape[0], array.shape[1], array.tobytes()
+
+
+class ImageCache:
+    """The cached images of one file list at one size; `image(j)` is sample j, resized to the short side."""
+
+    def __init__(self, pixels: Path, index: Path):
+        self.pixels_path, self.index_path = pixels, index
+        self.index = np.load(index)
+        self._map: np.memmap | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self) -> dict:  # DataLoader workers map the file themselves: no pixels travel in the pickle
+        return {**self.__dict__, "_map": None}
+
+    def image(self, j: int) -> Image.Image | None:
+        """Sample j as an RGB image, or None when it could not be cached (read it from its file instead)."""
+        offset, height, width = (int(v) for v in self.index[j])
+        if height == 0:
+            return None
+        if self._map is None:
+            self._map = np.memmap(self.pixels_path, dtype=np.uint8, mode="r")
+        return Image.fromarray(np.array(self._map[offset:offset + height * width * 3]).reshape(height, width, 3))
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixels_path.stat().st_size
+
+
+def default_cache_dir(root: str | None) -> Path:
+    """DATASET_ROOT/.finetune-cache when the dataset's folder is writable, else ~/.cache/finetune/images."""
+    if root:
+        folder = Path(root).expanduser()
+        if folder.is_dir() and os.access(folder, os.W_OK):
+            return folder / ".finetune-cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune" / "images"
+
+
+def open_or_build(paths: list[str], directory: Path, name: str, short_side: int, interpolation: str,
+                  max_pixels: int, workers: int = 0) -> ImageCache:
+    """The cache of `paths` at `short_side` in `directory`: found, or built now (decoding with `workers`
+    processes) while holding a lock, so that concurrent runs build it once."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{short_side}px-{cache_key(paths, short_side, interpolation)}"
+    pixels, index = directory / f"{stem}.u8", directory / f"{stem}.index.npy"
+    with open(directory / f"{stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if index.is_file() and pixels.is_file():
+            cache = ImageCache(pixels, index)
+            if len(cache) == len(paths):
+                log.info("Image cache: %s (%s images, %.1f MB)", pixels, f"{len(paths):,}", cache.nbytes / 1e6)
+                return cache
+        _build(paths, pixels, index, short_side, interpolation, max_pixels, workers)
+    return ImageCache(pixels, index)
+
+
+def _build(paths: list[str], pixels: Path, index: Path, short_side: int, interpolation: str, max_pixels: int,
+           workers: int) -> None:
+    start = time.perf_counter()
+    log.info("Image cache: decoding %s images once, to a %d px short side, into %s", f"{len(paths):,}",
+             short_side, pixels)
+    tmp = pixels.with_name(f"{pixels.name}.tmp-{os.getpid()}")
+    rows = np.zeros((len(paths), 3), dtype=np.int64)
+    offset = 0
+    jobs = [(p, short_side, interpolation, max_pixels) for p in paths]
+    pool = get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        decoded = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
+        with open(tmp, "wb") as f:
+            for j, (height, width, data) in enumerate(decoded):
+                rows[j] = (offset, height, width)
+                f.write(data)
+                offset += len(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(pixels)
+        tmp_index = index.with_name(f"{index.stem}.tmp-{os.getpid()}.npy")
+        np.save(tmp_index, rows)
+        tmp_index.replace(index)  # last: a cache whose index exists is complete
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        tmp.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    log.info("Image cache: %.1f MB written in %.1f s (%.0f images/s)", offset / 1e6, seconds,
+             len(paths) / max(seconds, 1e-9))
