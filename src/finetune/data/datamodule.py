@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -156,6 +157,7 @@ class ImageDataModule(L.LightningDataModule):
         self._device_transforms: dict[bool, v2.Compose] = {}
         self._loaders: dict[str, DataLoader] = {}
         self._reload_every: int | None = None
+        self.extraction_seconds = 0.0  # spent computing cached features
         self._prepared = False
 
     @property
@@ -357,6 +359,7 @@ class ImageDataModule(L.LightningDataModule):
         mode = backbone.training
         backbone.eval()
         chunks = []
+        start = time.perf_counter()
         try:
             with self.trainer.precision_plugin.forward_context():
                 for batch in loader:
@@ -365,6 +368,7 @@ class ImageDataModule(L.LightningDataModule):
                     chunks.append(backbone(x).float().cpu())
         finally:
             backbone.train(mode)
+        self.extraction_seconds += time.perf_counter() - start
         log.info("Frozen phase: %s features of %s %s images cached", "augmented" if augmented else "the",
                  f"{len(dataset):,}", split)
         return torch.cat(chunks)

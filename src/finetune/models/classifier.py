@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn as nn
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
@@ -53,6 +53,25 @@ def two_class_logits(logit: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(logit), logit], dim=1)
 
 
+class BatchMean(Metric):
+    """The mean of per-batch values weighted by batch size, accumulated on the device without reading anything
+    back (torchmetrics' MeanMetric checks every value for NaN on the host, or, told not to, drops the weights)."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: int) -> None:
+        self.total += value.detach().float() * weight
+        self.count += weight
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+
 class Classifier(L.LightningModule):
     """timm backbone (pooled features) -> head -> logits, fed uint8 images that it normalises on its own device.
 
@@ -92,6 +111,7 @@ class Classifier(L.LightningModule):
         self.val_balanced_acc = MulticlassAccuracy(**metric, average="macro")
         self.test_balanced_acc = MulticlassAccuracy(**metric, average="macro")
         self.val_acc_best = MaxMetric()
+        self.train_loss, self.val_loss, self.test_loss = BatchMean(), BatchMean(), BatchMean()
         self.last_loss: torch.Tensor | None = None  # the latest training loss, on the device
         self.top5 = k > 5
         if self.top5:
@@ -128,31 +148,42 @@ class Classifier(L.LightningModule):
                 x, targets = self.mix(x, labels)  # soft targets; accuracy is still counted against the true labels
             logits = self.classify(x)
         loss = self.criterion(logits, targets)
+        # Metrics accumulate on the device and are computed and logged once per epoch (on_train_epoch_end): no
+        # host sync, and none of self.log's per-call bookkeeping, in the step.
+        self.train_loss.update(loss.detach(), weight=len(labels))
         self.train_acc.update(logits, labels)
-        n = len(labels)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
-        # for the progress bar, which reads it when it redraws: logging it per step would read it every step, a
-        # host sync that stalls a GPU
-        self.last_loss = loss.detach()
+        self.last_loss = loss.detach()  # for the progress bar, which reads it only when it redraws
         return loss
 
     def _evaluate(self, batch, stage: str) -> dict[str, torch.Tensor]:
         inputs, labels = batch
         logits = self.logits(inputs)
         loss = self.criterion(logits, labels)
-        n = len(labels)
-        acc, balanced = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_balanced_acc")
-        acc.update(logits, labels)
-        balanced.update(logits, labels)
-        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=n)
-        self.log(f"{stage}/acc", acc, on_epoch=True, prog_bar=stage == "val", batch_size=n)
-        self.log(f"{stage}/balanced_acc", balanced, on_epoch=True, batch_size=n)
-        if self.top5:
-            top5 = getattr(self, f"{stage}_acc_top5")
-            top5.update(logits, labels)
-            self.log(f"{stage}/acc_top5", top5, on_epoch=True, batch_size=n)
+        for name in self._stage_metrics(stage):
+            metric = getattr(self, name)
+            metric.update(loss, weight=len(labels)) if name.endswith("_loss") else metric.update(logits, labels)
         return {"logits": logits.detach(), "labels": labels}  # for the dashboards; Lightning keeps none of it
+
+    def _stage_metrics(self, stage: str) -> list[str]:
+        names = [f"{stage}_loss", f"{stage}_acc"]
+        if stage != "train":
+            names.append(f"{stage}_balanced_acc")
+            if self.top5:
+                names.append(f"{stage}_acc_top5")
+        return names
+
+    def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
+        """Compute (across all ranks), log and reset `stage`'s metrics; return the values."""
+        values = {}
+        for name in self._stage_metrics(stage):
+            metric = getattr(self, name)
+            if metric.update_count == 0:
+                continue
+            key = f"{stage}/{name[len(stage) + 1:]}"
+            values[key] = metric.compute()
+            self.log(key, values[key], prog_bar=key == "val/acc")
+            metric.reset()
+        return values
 
     def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._evaluate(batch, "val")
@@ -177,10 +208,17 @@ class Classifier(L.LightningModule):
             for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                 group["lr"] = base * factor(scheduler.last_epoch)
 
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
     def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self.val_acc_best.update(self.val_acc.compute())
-            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+        values = self._log_epoch("val")
+        if not self.trainer.sanity_checking and "val/acc" in values:
+            self.val_acc_best.update(values["val/acc"])
+            self.log("val/acc_best", self.val_acc_best.compute())
 
     def configure_optimizers(self):
         s = self.hparams.schedule
