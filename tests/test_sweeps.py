@@ -95,9 +95,9 @@ def test_multirun_with_ddp_is_refused_up_front(tmp_path, shapes):
 def test_slurm_launcher_config_generates_the_job_parameters(tmp_path, monkeypatch):
     """hydra/launcher=submitit_slurm composes, and submitit turns it into the sbatch file a cluster would get."""
     import submitit
-    from submitit.slurm.slurm import SlurmExecutor
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from submitit.slurm.slurm import SlurmExecutor
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose("train", return_hydra_config=True, overrides=[

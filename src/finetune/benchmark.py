@@ -118,23 +118,33 @@ def _quiet():
 
 
 def _model_and_data(cfg: DictConfig, run_dir: Path):
+    """The validated config, the Classifier and the set-up ImageDataModule a run of `cfg` would train."""
     from finetune.config import validate
-    from finetune.data.datamodule import ImageDataModule
     from finetune.data.transforms import resolve_preprocessing
     from finetune.models.backbone import create_backbone
-    from finetune.models.classifier import Classifier
+    from finetune.train import build_data, build_model
 
     cfg = validate(cfg)
-    backbone = create_backbone(cfg.backbone.name, False, None, cfg.head.pool)
+    backbone = create_backbone(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.weights, cfg.head.pool)
     pre = resolve_preprocessing(backbone, cfg.dataset.image_size, cfg.dataset.crop_pct)
-    frozen = {"freeze_epochs": cfg.schedule.freeze_epochs, "views": cfg.schedule.cache_views} \
-        if cfg.schedule.cache_features else None
-    data = ImageDataModule(cfg.dataset, cfg.augment, pre, cfg.seed, run_dir, frozen_features=frozen)
+    data = build_data(cfg, pre, run_dir)
     data.setup("fit")
-    model = Classifier(backbone, classes=data.classes, backbone_config=OmegaConf.to_container(cfg.backbone),
-                       head_config=OmegaConf.to_container(cfg.head), schedule=OmegaConf.to_container(cfg.schedule),
-                       preprocessing=pre.as_dict())
-    return cfg, model, data
+    return cfg, build_model(cfg, backbone, data, pre), data
+
+
+def timed_fit(cfg: DictConfig, model, run_dir: Path, clock: Clock, skip: int, one_epoch: bool = False,
+              **fit_kwargs) -> StepTimer:
+    """trainer.fit as a run does it (finetune's trainer, its event file open before training), timed."""
+    from finetune.train import build_trainer, log_hparams
+
+    trainer = build_trainer(cfg, run_dir)
+    timer = StepTimer(clock, skip=skip)
+    trainer.callbacks.append(timer)
+    if one_epoch:
+        trainer.fit_loop.max_epochs = 1
+    log_hparams(trainer, cfg, cfg.dataset.image_size)
+    trainer.fit(model, **fit_kwargs)
+    return timer
 
 
 class InMemoryData(L.LightningDataModule):
@@ -157,7 +167,7 @@ def framework_vs_plain(cfg: DictConfig, device: torch.device, clock: Clock, step
                        work: Path) -> dict:
     """Images/s of finetune's Trainer + Classifier (its callbacks, metrics, logging) against a plain loop: the same
     timm model, optimizer, schedule, precision and uint8 batches, already in memory, on the device."""
-    from finetune.train import build_trainer, log_hparams, resolve_precision
+    from finetune.train import resolve_precision
 
     batch = cfg.dataset.batch_size
     size = cfg.dataset.image_size
@@ -172,12 +182,8 @@ def framework_vs_plain(cfg: DictConfig, device: torch.device, clock: Clock, step
             run_dir = work / f"fw-{side}-{r}"
             cfg_r, model, _ = _model_and_data(cfg, run_dir)
             if side == "framework":
-                trainer = build_trainer(cfg_r, run_dir)
-                timer = StepTimer(clock, skip=5)
-                trainer.callbacks.append(timer)
-                trainer.fit_loop.max_epochs = 1
-                log_hparams(trainer, cfg_r, size)  # as a run does: the event file is open before training
-                trainer.fit(model, datamodule=InMemoryData(images, labels, batch))
+                timer = timed_fit(cfg_r, model, run_dir, clock, skip=5, one_epoch=True,
+                                  datamodule=InMemoryData(images, labels, batch))
                 results[side].append(timer.steps * batch / (timer.end - timer.start))
             else:
                 results[side].append(plain_loop(model, images, labels, batch, precision, device, clock, skip=5))
@@ -271,15 +277,10 @@ def loader_vs_baseline(cfg: DictConfig, root: Path, work: Path, repeats: int) ->
 
 def frozen_epochs(cfg: DictConfig, clock: Clock, work: Path, name: str, cache_features: bool, epochs: int = 2):
     """Per-epoch wall times (training and validation) of `epochs` frozen epochs, images read from the cache."""
-    from finetune.train import build_trainer
-
     cfg = OmegaConf.merge(cfg, {"schedule": {"epochs": epochs, "freeze_epochs": epochs,
                                              "cache_features": cache_features}, "dataset": {"cache": True}})
     cfg, model, data = _model_and_data(cfg, work / name)
-    trainer = build_trainer(cfg, work / name)
-    timer = StepTimer(clock, skip=0)
-    trainer.callbacks.append(timer)
-    trainer.fit(model, datamodule=data)
+    timer = timed_fit(cfg, model, work / name, clock, skip=0, datamodule=data)
     return timer.epoch_times, data.extraction_seconds
 
 
@@ -295,19 +296,14 @@ def frozen_epoch_speedup(cfg: DictConfig, clock: Clock, work: Path) -> dict:
 def cuda_figures(cfg: DictConfig, clock: Clock, work: Path, steps: int) -> dict:
     """On CUDA: images/s end to end from the JPEGs and from the cache, against the synthetic ceiling (the same
     training on batches already on the GPU); peak memory; the share of step time spent waiting for data."""
-    from finetune.train import build_trainer
-
     figures = {}
     variants = (("jpeg", {"cache": False}), ("jpeg_nvjpeg", {"cache": False, "decode": "device"}),
                 ("cache", {"cache": True}))
     for name, dataset in variants:
         c = OmegaConf.merge(cfg, {"dataset": dataset, "schedule": {"freeze_epochs": 0, "epochs": 1}})
         c, model, data = _model_and_data(c, work / f"cuda-{name}")
-        trainer = build_trainer(c, work / f"cuda-{name}")
-        timer = StepTimer(clock, skip=5)
-        trainer.callbacks.append(timer)
         torch.cuda.reset_peak_memory_stats()
-        trainer.fit(model, datamodule=data)
+        timer = timed_fit(c, model, work / f"cuda-{name}", clock, skip=5, datamodule=data)
         elapsed = timer.end - timer.start
         figures[f"end_to_end_{name}_images_per_s"] = timer.steps * c.dataset.batch_size / elapsed
         figures[f"data_wait_fraction_{name}"] = timer.wait / elapsed
@@ -318,12 +314,9 @@ def cuda_figures(cfg: DictConfig, clock: Clock, work: Path, steps: int) -> dict:
     c, model, _ = _model_and_data(c, work / "cuda-synthetic")
     images = torch.randint(0, 256, (batch * (steps + 5), 3, size, size), dtype=torch.uint8)
     labels = torch.randint(0, 4, (len(images),))
-    trainer = build_trainer(c, work / "cuda-synthetic")
-    timer = StepTimer(clock, skip=5)
-    trainer.callbacks.append(timer)
-    trainer.fit_loop.max_epochs = 1
-    trainer.fit(model, train_dataloaders=DataLoader(_OnDevice(images.cuda(), labels.cuda(), batch), batch_size=None),
-                val_dataloaders=[])
+    timer = timed_fit(c, model, work / "cuda-synthetic", clock, skip=5, one_epoch=True,
+                      train_dataloaders=DataLoader(_OnDevice(images.cuda(), labels.cuda(), batch), batch_size=None),
+                      val_dataloaders=[])
     figures["synthetic_images_per_s"] = timer.steps * batch / (timer.end - timer.start)
     for name, _ in variants:
         figures[f"end_to_end_{name}_vs_synthetic"] = \

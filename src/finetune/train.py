@@ -26,7 +26,7 @@ from finetune.callbacks.unfreeze import BackboneFreeze
 from finetune.checkpoints import AtomicCheckpointIO, remove_leftovers
 from finetune.config import OWN_TRAINER_KEYS, ConfigError, TrainConfig, validate
 from finetune.data.datamodule import ImageDataModule
-from finetune.data.transforms import resolve_preprocessing
+from finetune.data.transforms import Preprocessing, resolve_preprocessing
 from finetune.models.backbone import create_backbone
 from finetune.models.classifier import Classifier, load_checkpoint
 
@@ -62,23 +62,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     # Model first: missing pretrained weights or a bad backbone name fail before the dataset is read.
     backbone = create_backbone(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.weights, cfg.head.pool)
     preprocessing = resolve_preprocessing(backbone, cfg.dataset.image_size, cfg.dataset.crop_pct)
-    split_file = run_dir / "split.csv" if resuming else None
-    frozen_features = {"freeze_epochs": cfg.schedule.freeze_epochs, "views": cfg.schedule.cache_views} \
-        if cfg.schedule.cache_features else None
-    data = ImageDataModule(cfg.dataset, cfg.augment, preprocessing, cfg.seed, run_dir, split_file=split_file,
-                           frozen_features=frozen_features)
+    data = build_data(cfg, preprocessing, run_dir, split_file=run_dir / "split.csv" if resuming else None)
     data.prepare_data()
     data.setup("fit")
-    model = Classifier(
-        backbone,
-        classes=data.classes,
-        backbone_config=_plain(cfg.backbone),
-        head_config=_plain(cfg.head),
-        schedule=_plain(cfg.schedule),
-        preprocessing=preprocessing.as_dict(),
-        class_weights=data.class_weights() if cfg.dataset.balance == "weights" else None,
-        mix={"mixup": cfg.augment.mixup, "cutmix": cfg.augment.cutmix},
-    )
+    model = build_model(cfg, backbone, data, preprocessing)
     if cfg.trainer.get("compile"):
         compile_model(model)
 
@@ -107,6 +94,30 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return metrics
+
+
+def build_data(cfg: DictConfig, preprocessing: Preprocessing, run_dir: Path,
+               split_file: Path | None = None) -> ImageDataModule:
+    """The run's ImageDataModule (not yet set up), with the frozen-phase feature cache if the schedule asks."""
+    frozen_features = {"freeze_epochs": cfg.schedule.freeze_epochs, "views": cfg.schedule.cache_views} \
+        if cfg.schedule.cache_features else None
+    return ImageDataModule(cfg.dataset, cfg.augment, preprocessing, cfg.seed, run_dir, split_file=split_file,
+                           frozen_features=frozen_features)
+
+
+def build_model(cfg: DictConfig, backbone: torch.nn.Module, data: ImageDataModule,
+                preprocessing: Preprocessing) -> Classifier:
+    """The Classifier for `backbone` on the classes of `data` (set up), as `cfg` describes it."""
+    return Classifier(
+        backbone,
+        classes=data.classes,
+        backbone_config=_plain(cfg.backbone),
+        head_config=_plain(cfg.head),
+        schedule=_plain(cfg.schedule),
+        preprocessing=preprocessing.as_dict(),
+        class_weights=data.class_weights() if cfg.dataset.balance == "weights" else None,
+        mix={"mixup": cfg.augment.mixup, "cutmix": cfg.augment.cutmix},
+    )
 
 
 def compile_model(model: Classifier) -> None:

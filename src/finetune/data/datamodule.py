@@ -68,7 +68,6 @@ class ImageDataset(Dataset):
                             self.source.paths[self.indices[k]], e)
         raise DataError(f"10 images in a row around {self.source.paths[self.indices[i]]} could not be loaded")
 
-
     def read(self, i: int) -> torch.Tensor:
         """A JPEG's bytes as they are in its file; any other image decoded here, untransformed."""
         path = self.source.paths[self.indices[i]]
