@@ -12,6 +12,7 @@ CONF = ROOT / "conf"
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fabricate import make_dogs_vs_cats, make_image_folder  # noqa: E402
+from recorders import BatchKinds, FreezeRecorder  # noqa: E402
 
 # Small, fast and quiet: every training test runs at 32 px on the CPU without a progress bar.
 FAST = [
@@ -30,6 +31,17 @@ def compose(run_dir: Path, *overrides: str):
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return hydra_compose("train", overrides=[f"run_dir={run_dir}", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def forget_recorders():
+    """Tests find the recorders they plug in through their class. Lightning hands every callback the model's log
+    method, so a recorder kept past its test would keep that model alive: each test starts and ends without any."""
+    for recorder in (FreezeRecorder, BatchKinds):
+        recorder.instances.clear()
+    yield
+    for recorder in (FreezeRecorder, BatchKinds):
+        recorder.instances.clear()
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,6 @@ def train(tmp_path, data, *overrides, name="run"):
 def trained(tmp_path_factory, shapes):
     """One run with a frozen phase and an unfreeze, watched by FreezeRecorder."""
     tmp = tmp_path_factory.mktemp("trained")
-    FreezeRecorder.instances.clear()
     metrics, run_dir = train(tmp, shapes, *LEARN, "schedule.epochs=6", "schedule.freeze_epochs=3", RECORD)
     return metrics, run_dir, FreezeRecorder.instances[-1]
 
@@ -125,7 +124,6 @@ def test_checkpoint_alone_rebuilds_the_model(trained, shapes):
 
 
 def test_unfreezing_only_the_last_blocks(tmp_path, shapes):
-    FreezeRecorder.instances.clear()
     train(tmp_path, shapes, "schedule.epochs=2", "schedule.freeze_epochs=1", "schedule.unfreeze=2", RECORD,
           "logger=none")
     steps = [s for s in FreezeRecorder.instances[-1].steps if s["epoch"] == 1]
@@ -140,7 +138,6 @@ def test_unfreezing_only_the_last_blocks(tmp_path, shapes):
 def test_resume_from_a_frozen_checkpoint_unfreezes_at_the_right_epoch(tmp_path, shapes):
     first, run_dir = train(tmp_path, shapes, "schedule.epochs=1", "schedule.freeze_epochs=2", "logger=csv")
     assert first["epochs"] == 1
-    FreezeRecorder.instances.clear()
     cfg = compose(tmp_path / "ignored", f"resume={run_dir}")
     metrics = run(cfg, overrides=["schedule.epochs=4", RECORD])
     steps = FreezeRecorder.instances[-1].steps
@@ -156,7 +153,6 @@ def test_resume_from_a_frozen_checkpoint_unfreezes_at_the_right_epoch(tmp_path, 
 
 def test_resume_from_an_unfrozen_checkpoint_stays_unfrozen(tmp_path, shapes):
     _, run_dir = train(tmp_path, shapes, "schedule.epochs=2", "schedule.freeze_epochs=1", "logger=none")
-    FreezeRecorder.instances.clear()
     run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=["schedule.epochs=3", RECORD])
     steps = FreezeRecorder.instances[-1].steps
     assert {s["epoch"] for s in steps} == {2}
@@ -191,7 +187,6 @@ def test_local_weights_file_starts_the_backbone(tmp_path, shapes):
 
     source = timm.create_model("mobilenetv2_100")
     torch.save(source.state_dict(), tmp_path / "w.pth")
-    FreezeRecorder.instances.clear()
     train(tmp_path, shapes, f"backbone.weights={tmp_path / 'w.pth'}", "schedule.epochs=1", RECORD, "logger=none")
     assert torch.equal(FreezeRecorder.instances[-1].initial["conv_stem.weight"], source.conv_stem.weight)
 
