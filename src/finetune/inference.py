@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -33,7 +31,7 @@ class TenCropViews:
     (torchvision's ten_crop), after the evaluation resize; a (10, 3, H, W) uint8 tensor."""
 
     def __init__(self, pre: Preprocessing):
-        self.resize = v2.Resize(math.floor(pre.image_size / pre.crop_pct),
+        self.resize = v2.Resize(pre.resize_size,
                                 interpolation=_interpolation(pre.interpolation), antialias=True)
         self.size = pre.image_size
 
@@ -76,9 +74,9 @@ def probabilities(model: Classifier, source: Source, indices: np.ndarray, *, bat
     device = device or resolve_device()
     pre = preprocessing_of(model)
     transform = TenCropViews(pre) if tta else eval_transform(pre)
-    draft = math.floor(pre.image_size / pre.crop_pct)
-    loader = DataLoader(InferenceImages(source, indices, transform, max_pixels, draft), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+    images = InferenceImages(source, indices, transform, max_pixels, draft=pre.resize_size)
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda")
     model = model.to(device).eval()
     out = np.full((len(indices), len(model.classes)), np.nan, dtype=np.float32)
     failed: dict[int, str] = {}

@@ -217,7 +217,7 @@ class ImageDataModule(L.LightningDataModule):
         """The short side of the cached images: dataset.cache_size, or the evaluation resize (image_size / crop_pct),
         so that evaluation from the cache is exactly evaluation from the files."""
         pre = self.preprocessing
-        return int(self.cfg.get("cache_size") or math.floor(pre.image_size / pre.crop_pct))
+        return int(self.cfg.get("cache_size") or pre.resize_size)
 
     def _open_cache(self) -> ImageCache | None:
         if self.source.images is not None:
@@ -259,7 +259,7 @@ class ImageDataModule(L.LightningDataModule):
         if train and self.augment.crop == "random_resized":
             draft = math.ceil(pre.image_size / math.sqrt(self.augment.crop_scale[0]))
         else:
-            draft = math.floor(pre.image_size / pre.crop_pct)
+            draft = pre.resize_size
         return ImageDataset(self.source, self.indices(split), transform, draft=draft, max_pixels=self.cfg.max_pixels,
                             cache=self.cache, raw=self.decode_on_device)
 

@@ -22,6 +22,11 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    @property
+    def resize_size(self) -> int:
+        """The short side evaluation resizes to before its centre crop: image_size / crop_pct (256 for 224)."""
+        return math.floor(self.image_size / self.crop_pct)
+
     def as_dict(self) -> dict:
         return {"image_size": self.image_size, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
                 "mean": list(self.mean), "std": list(self.std)}
@@ -48,9 +53,8 @@ def _interpolation(name: str) -> InterpolationMode:
 def eval_transform(pre: Preprocessing, tensors: bool = False) -> v2.Compose:
     """Resize the short side to image_size / crop_pct, centre-crop image_size (timm's and torchvision's eval).
     On PIL images, ending in a uint8 tensor; with `tensors`, on uint8 CHW tensors (on any device)."""
-    resize = math.floor(pre.image_size / pre.crop_pct)
     return v2.Compose([
-        v2.Resize(resize, interpolation=_interpolation(pre.interpolation), antialias=True),
+        v2.Resize(pre.resize_size, interpolation=_interpolation(pre.interpolation), antialias=True),
         v2.CenterCrop(pre.image_size),
         *([] if tensors else [v2.PILToTensor()]),
     ])
@@ -65,7 +69,7 @@ def train_transform(pre: Preprocessing, augment, tensors: bool = False) -> v2.Co
         steps = [v2.RandomResizedCrop(pre.image_size, scale=tuple(augment.crop_scale),
                                       ratio=tuple(augment.crop_ratio), interpolation=interpolation, antialias=True)]
     else:
-        steps = [v2.Resize(math.floor(pre.image_size / pre.crop_pct), interpolation=interpolation, antialias=True),
+        steps = [v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True),
                  v2.CenterCrop(pre.image_size)]
     if augment.rotation or augment.zoom or augment.translate:
         steps.append(v2.RandomAffine(
