@@ -12,7 +12,7 @@ CONF = ROOT / "conf"
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fabricate import make_dogs_vs_cats, make_image_folder  # noqa: E402
-from recorders import BatchKinds, FreezeRecorder  # noqa: E402
+from recorders import BatchKinds, FreezeRecorder, HeadRecorder  # noqa: E402
 
 # Small, fast and quiet: every training test runs at 32 px on the CPU without a progress bar.
 FAST = [
@@ -20,6 +20,9 @@ FAST = [
     "trainer.devices=1", "callbacks.progress_bar=false", "+trainer.enable_model_summary=false",
     "backbone.pretrained=false", "trainer.log_every_n_steps=2", "callbacks.dashboards.enabled=false",
 ]
+
+
+_COMPOSED: list = []
 
 
 def compose(run_dir: Path, *overrides: str):
@@ -30,18 +33,26 @@ def compose(run_dir: Path, *overrides: str):
     import finetune.config  # noqa: F401  (the schema conf/train.yaml builds on)
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return hydra_compose("train", overrides=[f"run_dir={run_dir}", *overrides])
+        cfg = hydra_compose("train", overrides=[f"run_dir={run_dir}", *overrides])
+    _COMPOSED.append((cfg, list(overrides)))
+    return cfg
+
+
+def given(cfg) -> list[str]:
+    """The overrides `cfg` was composed with: what finetune.train.run gets as the command line, as the script does."""
+    return next(overrides for composed, overrides in reversed(_COMPOSED) if composed is cfg)
 
 
 @pytest.fixture(autouse=True)
 def forget_recorders():
     """Tests find the recorders they plug in through their class. Lightning hands every callback the model's log
     method, so a recorder kept past its test would keep that model alive: each test starts and ends without any."""
-    for recorder in (FreezeRecorder, BatchKinds):
+    for recorder in (FreezeRecorder, BatchKinds, HeadRecorder):
         recorder.instances.clear()
     yield
-    for recorder in (FreezeRecorder, BatchKinds):
+    for recorder in (FreezeRecorder, BatchKinds, HeadRecorder):
         recorder.instances.clear()
+    _COMPOSED.clear()
 
 
 @pytest.fixture(scope="session")

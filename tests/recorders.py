@@ -80,3 +80,32 @@ class BatchKinds(L.Callback):
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if not trainer.sanity_checking:
             self.val.append((trainer.current_epoch, batch[0].ndim))
+
+
+class HeadRecorder(L.Callback):
+    """Records the head's last linear weights: after every optimizer step, at the end of every validation (before the
+    schedule may restore other weights) and at the start of every training epoch."""
+
+    instances: list[HeadRecorder] = []
+
+    def __init__(self):
+        self.after_step: list[torch.Tensor] = []
+        self.validated: dict[int, torch.Tensor] = {}
+        self.val_acc: dict[int, float] = {}
+        self.epoch_start: dict[int, torch.Tensor] = {}
+        HeadRecorder.instances.append(self)
+
+    @staticmethod
+    def _weights(pl_module) -> torch.Tensor:
+        return pl_module.head[-1].weight.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after_step.append(self._weights(pl_module))
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validated[trainer.current_epoch] = self._weights(pl_module)
+            self.val_acc[trainer.current_epoch] = float(trainer.callback_metrics["val/acc"])
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_start[trainer.current_epoch] = self._weights(pl_module)

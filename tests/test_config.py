@@ -10,11 +10,15 @@ from finetune.config import ConfigError, validate
 
 
 def test_default_run_is_digits_from_scratch(tmp_path):
-    cfg = validate(compose(tmp_path))
+    from finetune.schedule import use_scratch_when_nothing_to_protect
+
+    cfg = compose(tmp_path)
+    assert use_scratch_when_nothing_to_protect(cfg, [])
+    cfg = validate(cfg)
     assert cfg.dataset.name == "digits"
     assert cfg.backbone.name == "mobilenetv2_100"
     assert cfg.backbone.pretrained is False  # nothing can be downloaded offline
-    assert cfg.schedule.freeze_epochs == 0
+    assert cfg.schedule.name == "scratch" and cfg.schedule.phases[0].train == "all"
     assert cfg.augment.hflip == 0.0  # digits must not be mirrored
     assert cfg.run_dir == str(tmp_path)
 

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import FAST, compose
+from conftest import FAST, compose, given
 from fabricate import (
     CIFAR10_CLASSES,
     add_broken,
@@ -240,7 +240,7 @@ def test_one_training_epoch_runs_on_each_dataset(tmp_path, name, pet_images, bre
             "oxford_pets": oxford}[name]
     cfg = compose(tmp_path / "run", f"dataset={name}", f"dataset.root={root}", *FAST, "schedule.epochs=1",
                   "logger=none", "dataset.max_bad_fraction=0.2")
-    metrics = run(cfg, overrides=[])
+    metrics = run(cfg, overrides=given(cfg))
     assert metrics["epochs"] == 1 and 0 <= metrics["test/acc"] <= 1
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
@@ -272,7 +272,7 @@ def test_class_weights_or_a_balanced_sampler_beat_plain_training_on_a_9_to_1_set
         cfg = compose(tmp_path / balance, "dataset=image_folder", f"dataset.root={root}", *FAST, "logger=none",
                       f"dataset.balance={balance}", "dataset.test_fraction=0.3", "schedule.epochs=8",
                       "schedule.freeze_epochs=8", "schedule.lr=1e-2", "seed=0")
-        metrics = run(cfg, overrides=[])
+        metrics = run(cfg, overrides=given(cfg))
         scores[balance] = _balanced_accuracy(tmp_path / balance)
         assert "test/balanced_acc" in metrics
     assert scores["weights"] > scores["none"] + 0.1, scores

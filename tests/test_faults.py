@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, ROOT, compose
+from conftest import FAST, ROOT, compose, given
 
 from finetune.callbacks.nonfinite import NonFiniteLoss
 from finetune.train import run
@@ -85,10 +85,14 @@ def test_sigterm_saves_at_the_next_batch_and_resume_continues_the_step_count(tmp
     assert metrics["global_step"] == 3 * first  # the step count went on from where it stopped
 
 
+GRADUAL = ["schedule=gradual", "schedule.layer_decay=0.8",
+           "schedule.phases=[{train: head, epochs: 2}, {train: 2, epochs: 1}, {train: 6, epochs: 1}, {train: all}]"]
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_finishes_close_to_an_uninterrupted_run(tmp_path, shapes):
-    args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "schedule.epochs=6", "schedule.freeze_epochs=3",
-            "logger=none"]
+@pytest.mark.parametrize("schedule", [["schedule.freeze_epochs=3"], GRADUAL], ids=["two_phases", "gradual"])
+def test_sigkill_then_resume_finishes_close_to_an_uninterrupted_run(tmp_path, shapes, schedule):
+    args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "schedule.epochs=6", *schedule, "logger=none"]
     (tmp_path / "a").mkdir()
     process = start_training(tmp_path / "a", *args)
     runs = tmp_path / "a" / "outputs" / "runs"
@@ -150,7 +154,7 @@ def test_same_seed_deterministic_runs_give_identical_results(tmp_path, shapes):
     for name in ("a", "b"):
         cfg = compose(tmp_path / name, "dataset=image_folder", f"dataset.root={shapes}", *LEARN, "schedule.epochs=3",
                       "schedule.freeze_epochs=1", "trainer.deterministic=true", "logger=none", "seed=7")
-        results.append(run(cfg, overrides=[]))
+        results.append(run(cfg, overrides=given(cfg)))
     assert {k: results[0][k] for k in ("test/acc", "test/loss", "val/acc_best")} == \
            {k: results[1][k] for k in ("test/acc", "test/loss", "val/acc_best")}
     a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

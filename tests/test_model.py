@@ -9,28 +9,30 @@ from safetensors.torch import save_file
 
 from finetune.config import ConfigError
 from finetune.models.backbone import WeightsUnavailable, backbone_blocks, create_backbone
-from finetune.models.classifier import Classifier, lr_factor
+from finetune.models.classifier import Classifier
 from finetune.models.heads import LinearHead, MLPHead
+from finetune.schedule import Schedule
 
-SCHEDULE = {"epochs": 10, "warmup_epochs": 1, "scheduler": "cosine", "step_size": 3, "gamma": 0.1}
+SCHEDULE = {"epochs": 10, "warmup_epochs": 1, "scheduler": "cosine", "step_size": 3, "gamma": 0.1, "lr": 1.0,
+            "backbone_lr_ratio": 1.0, "freeze_epochs": 2, "unfreeze": "all"}
 
 
 def test_backbone_lr_is_zero_while_frozen_then_warms_up():
-    spe = 5
-    assert all(lr_factor(s, spe, SCHEDULE, start_epoch=2) == 0.0 for s in range(2 * spe))
-    ramp = [lr_factor(s, spe, SCHEDULE, start_epoch=2) for s in range(2 * spe, 3 * spe + 1)]
+    spe, schedule = 5, Schedule(SCHEDULE, blocks=18)
+    assert all(schedule.rate(17, s, spe) == 0.0 for s in range(2 * spe))
+    ramp = [schedule.rate(17, s, spe) for s in range(2 * spe, 3 * spe + 1)]
     assert all(b > a for a, b in zip(ramp[:spe], ramp[1:spe]))  # linear warm-up from the unfreeze
     assert ramp[0] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 10 / 50)))
-    head = [lr_factor(s, spe, SCHEDULE) for s in range(50)]
+    head = [schedule.rate(None, s, spe) for s in range(50)]
     assert head[0] > 0 and head[4] == pytest.approx(max(head), rel=0.01)
     assert head[-1] < 0.01  # cosine to zero at the end
 
 
 def test_step_and_constant_schedules():
-    step = {**SCHEDULE, "scheduler": "step", "warmup_epochs": 0}
-    assert lr_factor(0, 10, step) == 1.0 and lr_factor(30, 10, step) == pytest.approx(0.1)
-    const = {**SCHEDULE, "scheduler": "constant", "warmup_epochs": 0}
-    assert lr_factor(0, 10, const) == lr_factor(99, 10, const) == 1.0
+    step = Schedule({**SCHEDULE, "scheduler": "step", "warmup_epochs": 0}, blocks=18)
+    assert step.rate(None, 0, 10) == 1.0 and step.rate(None, 30, 10) == pytest.approx(0.1)
+    const = Schedule({**SCHEDULE, "scheduler": "constant", "warmup_epochs": 0}, blocks=18)
+    assert const.rate(None, 0, 10) == const.rate(None, 99, 10) == 1.0
 
 
 def test_mobilenetv2_has_18_blocks_in_timms_grouping():
@@ -70,7 +72,7 @@ def test_unavailable_pretrained_weights_name_the_three_ways_on():
 
 def _classifier(head="linear", k=3):
     pre = {"image_size": 32, "crop_pct": 1.0, "interpolation": "bicubic", "mean": [0.4, 0.5, 0.6], "std": [0.2] * 3}
-    schedule = {**SCHEDULE, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9,
+    schedule = {**SCHEDULE, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "momentum": 0.9,
                 "freeze_epochs": 1, "unfreeze": "all", "backbone_lr_ratio": 0.1}
     return Classifier(create_backbone("mobilenetv2_100"), [str(i) for i in range(k)],
                       {"name": "mobilenetv2_100"}, {"name": head, "hidden": 16, "dropout": 0.1}, schedule, pre)
@@ -98,12 +100,18 @@ def test_optimizer_has_named_backbone_and_head_groups_with_their_rates():
     model = _classifier()
     model._steps_per_epoch = lambda: 10  # what the Trainer would estimate from the train loader
     config = model.configure_optimizers()
-    groups = config["optimizer"].param_groups
-    assert [g["name"] for g in groups] == ["backbone", "head"]
-    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.backbone.parameters()}
-    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.head.parameters()}
-    assert groups[0]["lr"] == 0.0  # frozen at step 0: LambdaLR has applied the backbone's factor
-    assert groups[1]["lr"] == pytest.approx(1e-3 * lr_factor(0, 10, SCHEDULE))
+    groups = {g["name"]: g for g in config["optimizer"].param_groups}
+    assert list(groups) == ["backbone", "backbone.no_decay", "head", "head.no_decay"]
+    ids = lambda *names: {id(p) for n in names for p in groups[n]["params"]}  # noqa: E731
+    assert ids("backbone", "backbone.no_decay") == {id(p) for p in model.backbone.parameters()}
+    assert ids("head", "head.no_decay") == {id(p) for p in model.head.parameters()}
+    # no weight decay on biases and normalisation parameters (timm's and torchvision's convention)
+    assert all(p.ndim <= 1 for n in ("backbone.no_decay", "head.no_decay") for p in groups[n]["params"])
+    assert all(p.ndim > 1 for n in ("backbone", "head") for p in groups[n]["params"])
+    assert groups["backbone.no_decay"]["weight_decay"] == 0.0 and groups["backbone"]["weight_decay"] == 0.01
+    assert groups["backbone"]["lr"] == groups["backbone.no_decay"]["lr"] == 0.0  # frozen at step 0
+    head_rate = model.schedule.rate(None, 0, 10)
+    assert groups["head"]["lr"] == groups["head.no_decay"]["lr"] == pytest.approx(head_rate) and head_rate > 0
     assert config["lr_scheduler"]["interval"] == "step" and config["lr_scheduler"]["name"] == "lr"
 
 

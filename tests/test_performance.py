@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, compose
+from conftest import FAST, compose, given
 from fabricate import make_image_folder
 from PIL import Image
 from recorders import BatchKinds
@@ -108,7 +108,7 @@ def frozen_run(tmp_path, shapes, name, *extra):
                   "head.dropout=0", "schedule.epochs=3", "schedule.freeze_epochs=2", "schedule.lr=3e-3",
                   "logger=none", "dataset.val_fraction=0.2", "dataset.test_fraction=0.2",
                   "callbacks.extra=[{_target_: recorders.BatchKinds}]", *extra)
-    metrics = run(cfg, overrides=[])
+    metrics = run(cfg, overrides=given(cfg))
     state = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     return metrics, state, BatchKinds.instances[-1]
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, compose
+from conftest import FAST, ROOT, compose, given
 from fabricate import add_broken
 from omegaconf import OmegaConf
 from PIL import Image
@@ -41,7 +41,7 @@ def trained(tmp_path_factory, shapes):
     cfg = compose(run_dir, "dataset=image_folder", f"dataset.root={shapes}", *FAST, *LEARN, "schedule.epochs=6",
                   "schedule.freeze_epochs=3", "callbacks.dashboards.enabled=true",
                   "callbacks.dashboards.every_n_epochs=3")
-    metrics = train(cfg, overrides=[])
+    metrics = train(cfg, overrides=given(cfg))
     return run_dir, metrics
 
 
@@ -189,7 +189,7 @@ def test_kaggle_dogs_vs_cats_submission(tmp_path, dogs_vs_cats):
 
     cfg = compose(tmp_path / "run", "dataset=dogs_vs_cats", f"dataset.root={dogs_vs_cats}", *FAST,
                   "schedule.epochs=1", "logger=none")
-    train(cfg, overrides=[])
+    train(cfg, overrides=given(cfg))
     run(tool_cfg("predict", ckpt=tmp_path / "run" / "checkpoints" / "best.ckpt", inputs=dogs_vs_cats / "test1",
                  format="kaggle", out=tmp_path / "submission.csv", num_workers=0))
     rows = list(csv.reader(open(tmp_path / "submission.csv")))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAST, compose
+from conftest import FAST, compose, given
 from recorders import FreezeRecorder
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -22,7 +22,7 @@ LEARN = ["schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "dataset.val_fra
 
 def train(tmp_path, data, *overrides, name="run"):
     cfg = compose(tmp_path / name, "dataset=image_folder", f"dataset.root={data}", *FAST, *overrides)
-    return run(cfg, overrides=[]), tmp_path / name
+    return run(cfg, overrides=given(cfg)), tmp_path / name
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_debug_fast_runs_one_batch_of_each_loop(tmp_path, shapes):
 def test_dogs_vs_cats_trains_from_its_kaggle_layout(tmp_path, dogs_vs_cats):
     cfg = compose(tmp_path / "run", "dataset=dogs_vs_cats", f"dataset.root={dogs_vs_cats}", *FAST, *LEARN,
                   "schedule.epochs=2", "schedule.freeze_epochs=2", "logger=none")
-    metrics = run(cfg, overrides=[])
+    metrics = run(cfg, overrides=given(cfg))
     with open(tmp_path / "run" / "split.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 80 and not any("test1" in r["path"] for r in rows)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -137,7 +136,8 @@ def timed_fit(cfg: DictConfig, model, run_dir: Path, clock: Clock, skip: int, on
     """trainer.fit as a run does it (finetune's trainer, its event file open before training), timed."""
     from finetune.train import build_trainer, log_hparams
 
-    trainer = build_trainer(cfg, run_dir)
+    data = fit_kwargs.get("datamodule")
+    trainer = build_trainer(cfg, run_dir, data if hasattr(data, "features") else None)
     timer = StepTimer(clock, skip=skip)
     trainer.callbacks.append(timer)
     if one_epoch:
@@ -195,14 +195,10 @@ def framework_vs_plain(cfg: DictConfig, device: torch.device, clock: Clock, step
 
 def plain_loop(model, images, labels, batch: int, precision: str, device: torch.device, clock: Clock,
                skip: int) -> float:
-    """The loop users write by hand: normalise, forward, loss, backward, AdamW step, lr schedule step."""
+    """The loop users write by hand: normalise, forward, loss, backward, optimizer step, lr schedule step; with the
+    run's own parameter groups and rates (one epoch of the schedule)."""
     model = model.to(device).train()
-    s = model.hparams.schedule
-    optimizer = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": s["lr"] * s["backbone_lr_ratio"]},
-                                   {"params": model.head.parameters(), "lr": s["lr"]}],
-                                  weight_decay=s["weight_decay"])
-    total = len(images) // batch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    optimizer, scheduler = model.schedule.optimizer(model.backbone, model.head, len(images) // batch)
     criterion = nn.CrossEntropyLoss()
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -281,7 +277,7 @@ def frozen_epochs(cfg: DictConfig, clock: Clock, work: Path, name: str, cache_fe
                                              "cache_features": cache_features}, "dataset": {"cache": True}})
     cfg, model, data = _model_and_data(cfg, work / name)
     timer = timed_fit(cfg, model, work / name, clock, skip=0, datamodule=data)
-    return timer.epoch_times, data.extraction_seconds
+    return timer.epoch_times, data.features.extraction_seconds if data.features is not None else 0.0
 
 
 def frozen_epoch_speedup(cfg: DictConfig, clock: Clock, work: Path) -> dict:

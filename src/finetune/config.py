@@ -66,21 +66,37 @@ class HeadConfig:
 
 
 @dataclass
+class PhaseConfig:
+    train: Any = "all"  # head | all | N: what trains besides the head (the last N blocks of timm's grouping)
+    epochs: Optional[int] = None  # how long; null: until the end of the run (the last phase only)
+    lr: Optional[float] = None  # the head's peak learning rate; null: schedule.lr
+    backbone_lr_ratio: Optional[float] = None  # the backbone's, as a fraction of lr; null: schedule.backbone_lr_ratio
+    patience: Optional[int] = None  # end the phase when val/acc has not improved for this many epochs
+
+
+@dataclass
 class ScheduleConfig:
+    name: str = "default"  # the preset (conf/schedule/NAME.yaml) this schedule comes from
     optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3  # the head's peak learning rate
     weight_decay: float = 0.01
+    norm_bias_decay: bool = False  # true: weight decay on biases and normalisation parameters too
     momentum: float = 0.9  # sgd only
     epochs: int = 10
     warmup_epochs: float = 1.0  # linear warm-up of each group, from its first trainable step
     scheduler: str = "cosine"  # cosine | step | constant (after warm-up)
+    decay_over: str = "run"  # run: one decay over the whole run; phase: warm-up and decay anew in every phase
     step_size: int = 3  # step: multiply by gamma every step_size epochs
     gamma: float = 0.1
-    freeze_epochs: int = 2  # epochs with the backbone frozen (eval mode, no gradient)
-    unfreeze: Any = "all"  # all, or N: only the last N blocks of the backbone train afterwards
+    phases: Optional[list[PhaseConfig]] = None  # the phases, in order; null: the shorthand below
+    freeze_epochs: Optional[int] = 2  # shorthand: epochs with the head alone (backbone frozen, in eval mode)
+    unfreeze: Any = "all"  # shorthand: then all of the backbone, or N: its last N blocks
     backbone_lr_ratio: float = 0.1  # backbone lr = backbone_lr_ratio * lr once it trains
+    layer_decay: float = 1.0  # < 1: each backbone block's lr is layer_decay times the next block's (towards the input)
+    restore_best: bool = False  # every phase after the first starts from the best weights so far (best.ckpt)
+    ema: Optional[float] = None  # decay of an exponential moving average of the weights (e.g. 0.999); null: off
     label_smoothing: float = 0.0
-    cache_features: bool = False  # frozen epochs train the head on the backbone's features, computed once
+    cache_features: bool = False  # epochs with the whole backbone frozen train the head on its features, computed once
     cache_views: int = 0  # 0: features of the un-augmented images; K: of K augmented views, one per epoch in turn
 
 
@@ -162,8 +178,6 @@ def _if_set(value: Any, then: Any, otherwise: Any) -> Any:
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 OmegaConf.register_new_resolver("if_set", _if_set, replace=True)
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("cosine", "step", "constant")
 HEADS = ("linear", "mlp")
 CROPS = ("random_resized", "center")
 POLICIES = ("randaugment", "trivialaugment")
@@ -196,6 +210,9 @@ def validate(cfg: DictConfig) -> DictConfig:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{key or 'config'}: {str(e).splitlines()[0]}") from None
 
+    from finetune import schedule
+
+    _check_finite(cfg)
     d, s, h, a = cfg.dataset, cfg.schedule, cfg.head, cfg.augment
     _check(d.batch_size > 0, f"dataset.batch_size must be > 0 (got {d.batch_size})")
     _check(d.num_workers >= 0, f"dataset.num_workers must be >= 0 (got {d.num_workers})")
@@ -216,13 +233,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(not (d.cache and d.decode == "device"), "dataset.cache=true holds images already decoded, and "
            "dataset.decode=device decodes JPEG files on the GPU: choose one")
 
-    _check(s.optimizer in OPTIMIZERS, f"schedule.optimizer must be one of {', '.join(OPTIMIZERS)} (got {s.optimizer})")
-    _check(s.scheduler in SCHEDULERS, f"schedule.scheduler must be one of {', '.join(SCHEDULERS)} (got {s.scheduler})")
     _check(s.lr > 0, f"schedule.lr must be > 0 (got {s.lr})")
     _check(s.weight_decay >= 0, f"schedule.weight_decay must be >= 0 (got {s.weight_decay})")
     _check(s.epochs >= 1, f"schedule.epochs must be >= 1 (got {s.epochs})")
     _check(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0 (got {s.warmup_epochs})")
-    _check(s.freeze_epochs >= 0, f"schedule.freeze_epochs must be >= 0 (got {s.freeze_epochs})")
     _check(s.backbone_lr_ratio > 0, f"schedule.backbone_lr_ratio must be > 0 (got {s.backbone_lr_ratio})")
     _check(s.step_size >= 1, f"schedule.step_size must be >= 1 (got {s.step_size})")
     _check(0 <= s.label_smoothing < 1, f"schedule.label_smoothing must be in [0, 1) (got {s.label_smoothing})")
@@ -230,9 +244,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(not s.cache_features or not (cfg.augment.mixup or cfg.augment.cutmix),
            "schedule.cache_features=true trains the frozen phase on features, which MixUp and CutMix cannot mix: "
            "set augment.mixup=0 and augment.cutmix=0, or schedule.cache_features=false")
-    unfreeze_ok = s.unfreeze == "all" or (isinstance(s.unfreeze, int) and not isinstance(s.unfreeze, bool))
-    _check(unfreeze_ok and (s.unfreeze == "all" or s.unfreeze >= 1),
-           f"schedule.unfreeze must be 'all' or a number of blocks >= 1 (got {s.unfreeze})")
+    schedule.check(s)
 
     _check(h.name in HEADS, f"head.name must be one of {', '.join(HEADS)} (got {h.name})")
     _check(0 <= h.dropout < 1, f"head.dropout must be in [0, 1) (got {h.dropout})")
@@ -262,6 +274,19 @@ def validate(cfg: DictConfig) -> DictConfig:
     _validate_trainer(cfg.trainer)
     _validate_backbone(cfg.backbone)
     return cfg
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every number in the config is finite: inf or nan in a rate or a fraction trains a NaN model."""
+    import math
+
+    items = node.items() if isinstance(node, DictConfig) else enumerate(node) if OmegaConf.is_list(node) else ()
+    for key, value in items:
+        name = f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}".lstrip(".")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number (got {value})")
+        if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+            _check_finite(value, name)
 
 
 def _validate_trainer(trainer: DictConfig) -> None:

@@ -22,13 +22,14 @@ from finetune.callbacks.dashboards import Dashboards
 from finetune.callbacks.mixed_precision import CountSkippedSteps
 from finetune.callbacks.nonfinite import StopOnNonFiniteLoss
 from finetune.callbacks.preemption import Preempted, SaveOnPreemption
-from finetune.callbacks.unfreeze import BackboneFreeze
+from finetune.callbacks.schedule import EMA, ApplySchedule
 from finetune.checkpoints import AtomicCheckpointIO, remove_leftovers
 from finetune.config import OWN_TRAINER_KEYS, ConfigError, TrainConfig, validate
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.transforms import Preprocessing, resolve_preprocessing
-from finetune.models.backbone import create_backbone
+from finetune.models.backbone import backbone_blocks, create_backbone
 from finetune.models.classifier import Classifier, load_checkpoint
+from finetune.schedule import Schedule, use_scratch_when_nothing_to_protect
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     resuming = cfg.get("resume") is not None
     if resuming:
         cfg = resume_config(cfg, overrides)
+    else:
+        use_scratch_when_nothing_to_protect(cfg, overrides)
     cfg = validate(cfg)
     refuse_multirun_with_ddp(cfg.trainer)
     run_dir = Path(cfg.run_dir)
@@ -61,6 +64,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 
     # Model first: missing pretrained weights or a bad backbone name fail before the dataset is read.
     backbone = create_backbone(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.weights, cfg.head.pool)
+    for warning in Schedule(_plain(cfg.schedule), len(backbone_blocks(backbone))).warnings():  # checks its phases
+        log.warning("schedule: %s", warning)
     preprocessing = resolve_preprocessing(backbone, cfg.dataset.image_size, cfg.dataset.crop_pct)
     data = build_data(cfg, preprocessing, run_dir, split_file=run_dir / "split.csv" if resuming else None)
     data.prepare_data()
@@ -69,7 +74,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if cfg.trainer.get("compile"):
         compile_model(model)
 
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, data)
     ckpt_path = None
     if resuming:
         ckpt_path = run_dir / "checkpoints" / "last.ckpt"
@@ -98,11 +103,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 
 def build_data(cfg: DictConfig, preprocessing: Preprocessing, run_dir: Path,
                split_file: Path | None = None) -> ImageDataModule:
-    """The run's ImageDataModule (not yet set up), with the frozen-phase feature cache if the schedule asks."""
-    frozen_features = {"freeze_epochs": cfg.schedule.freeze_epochs, "views": cfg.schedule.cache_views} \
-        if cfg.schedule.cache_features else None
+    """The run's ImageDataModule (not yet set up), with the frozen-backbone feature cache if the schedule asks."""
+    s = cfg.schedule
     return ImageDataModule(cfg.dataset, cfg.augment, preprocessing, cfg.seed, run_dir, split_file=split_file,
-                           frozen_features=frozen_features)
+                           cache_features=s.cache_features, feature_views=s.cache_views, ema=s.ema is not None)
 
 
 def build_model(cfg: DictConfig, backbone: torch.nn.Module, data: ImageDataModule,
@@ -189,6 +193,7 @@ def find_learning_rate(trainer: L.Trainer, model: Classifier, data: ImageDataMod
              run_dir / "lr_find.png", suggestion)
     cfg.schedule.lr = float(suggestion)
     model.hparams.schedule["lr"] = float(suggestion)
+    model.schedule = Schedule(model.hparams.schedule, model.schedule.blocks)
     _save_config(cfg, run_dir / "config.yaml")
     return float(suggestion)
 
@@ -197,8 +202,9 @@ def _gives(overrides: list[str], key: str) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    """A Lightning Trainer with finetune's callbacks and loggers, and `cfg.trainer` passed through."""
+def build_trainer(cfg: DictConfig, run_dir: Path, data: ImageDataModule | None = None) -> L.Trainer:
+    """A Lightning Trainer with finetune's callbacks and loggers, and `cfg.trainer` passed through; `data`'s
+    frozen-feature cache joins the callbacks."""
     s = cfg.schedule
     # Two savers: Lightning's save_last writes last.ckpt only in epochs that also write a new best, so on its own
     # it would leave resume an old epoch. The first ModelCheckpoint is the trainer's `checkpoint_callback`.
@@ -209,12 +215,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
                            enable_version_counter=False)
     every = cfg.checkpoint.every_n_steps
     callbacks: list[L.Callback] = [
-        BackboneFreeze(s.freeze_epochs, s.unfreeze),
+        ApplySchedule(),
         # checked at least at every step that may be saved, so no NaN model is written
         StopOnNonFiniteLoss(check_every=math.gcd(8, every) if every else 8),
         SaveOnPreemption(checkpoints / "last.ckpt"),
         best, last,
     ]
+    if s.ema is not None:
+        callbacks.append(EMA(decay=s.ema))
+    if data is not None and data.features is not None:
+        callbacks.append(data.features)
     if every:
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
                                          every_n_train_steps=every, enable_version_counter=False))

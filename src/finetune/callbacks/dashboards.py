@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from finetune.data.features import FeatureBatch
 from finetune.plots import confusion_matrix_figure, figure_to_array, image_grid_figure, per_class_figure
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Dashboards(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         writer = self._writer(trainer)
-        if self._shown_training_batch or writer is None or batch[0].ndim != 4:  # not while on cached features
+        if self._shown_training_batch or writer is None or isinstance(batch, FeatureBatch):
             return
         self._shown_training_batch = True
         images, labels = batch
@@ -74,7 +75,7 @@ class Dashboards(L.Callback):
             return
         self._logits.append(outputs["logits"].float())
         self._labels.append(outputs["labels"])
-        if self._samples is None and batch[0].ndim == 4:  # images, not cached features
+        if self._samples is None and not isinstance(batch, FeatureBatch):
             self._samples = batch[0][: self.images].cpu()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

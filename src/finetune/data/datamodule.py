@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,11 +14,12 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from finetune.data import download as downloads
 from finetune.data.cache import ImageCache, default_cache_dir, open_or_build
+from finetune.data.features import FrozenFeatures
 from finetune.data.images import open_rgb
 from finetune.data.integrity import scan
 from finetune.data.sources import DataError, Source, read_source
@@ -133,15 +133,13 @@ class EpochShuffle(RandomSampler):
 class ImageDataModule(L.LightningDataModule):
     """Everything between a dataset folder and batches of uint8 images with their labels.
 
-    With `frozen_features` ({"freeze_epochs": F, "views": K}) the first F epochs, while the backbone is frozen,
-    train on its features instead of images: computed once (K=0: un-augmented, as validation sees them; K>0: K
-    augmented views, epoch e using view e mod K) with the model's own backbone, in eval mode, as the frozen
-    phase would compute them anyway. Batches are then (features, labels) with features of shape (N, C); the
-    Classifier sends them through the head alone. From epoch F on, the loaders are the image loaders.
+    `features` (schedule.cache_features) is asked first for the training and validation loaders: in the epochs in
+    which the schedule keeps the whole backbone frozen it gives loaders of cached features (FeatureBatch) instead.
     """
 
     def __init__(self, dataset, augment, preprocessing: Preprocessing, seed: int, run_dir: str | Path,
-                 split_file: str | Path | None = None, frozen_features: dict | None = None):
+                 split_file: str | Path | None = None, cache_features: bool = False, feature_views: int = 0,
+                 ema: bool = False):
         super().__init__()
         self.cfg, self.augment, self.preprocessing, self.seed = dataset, augment, preprocessing, seed
         self.run_dir = Path(run_dir)
@@ -151,12 +149,9 @@ class ImageDataModule(L.LightningDataModule):
         self.splits: np.ndarray | None = None
         self.cache: ImageCache | None = None
         self.decode_on_device = False  # dataset.decode=device, for datasets of files
-        self.frozen_features = frozen_features if frozen_features and frozen_features["freeze_epochs"] > 0 else None
-        self._features: dict[tuple[str, int], torch.Tensor] = {}
+        self.features = FrozenFeatures(self, feature_views, ema) if cache_features else None
         self._device_transforms: dict[bool, v2.Compose] = {}
         self._loaders: dict[str, DataLoader] = {}
-        self._reload_every: int | None = None
-        self.extraction_seconds = 0.0  # spent computing cached features
         self._prepared = False
 
     @property
@@ -283,7 +278,7 @@ class ImageDataModule(L.LightningDataModule):
             return batch
         return self.decode(batch, self.trainer.training, self.trainer.strategy.root_device)
 
-    def _sampler(self, labels: np.ndarray, train: bool):
+    def sampler(self, labels: np.ndarray, train: bool):
         if not train:
             return None
         if self.cfg.get("balance") == "sampler":
@@ -292,7 +287,7 @@ class ImageDataModule(L.LightningDataModule):
                                          generator=torch.Generator().manual_seed(self.seed))
         return EpochShuffle(range(len(labels)), self.seed)
 
-    def _pin(self) -> bool:
+    def pin(self) -> bool:
         return self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
 
     def _loader(self, split: str) -> DataLoader:
@@ -305,89 +300,31 @@ class ImageDataModule(L.LightningDataModule):
         loader = DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
-            sampler=self._sampler(self.source.labels[dataset.indices], train),
+            sampler=self.sampler(self.source.labels[dataset.indices], train),
             drop_last=train and len(dataset) > self.cfg.batch_size,  # no batch of one for BatchNorm
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=self._pin(),
+            pin_memory=self.pin(),
             collate_fn=collate_raw if dataset.raw else None,
         )
         self._loaders[split] = loader
         return loader
 
-    # The frozen phase on cached features -----------------------------------------------------------------------
+    def plain_loader(self, dataset: ImageDataset) -> DataLoader:
+        """`dataset` in order, in batches, with this module's workers: for a pass over it outside training."""
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
+                          pin_memory=self.pin(), generator=torch.Generator(),  # leaves the global RNG alone
+                          collate_fn=collate_raw if dataset.raw else None)
 
-    def _feature_phase(self) -> bool:
-        if self.frozen_features is None or self.trainer is None:
-            return False
-        if self.trainer.current_epoch < self.frozen_features["freeze_epochs"]:
-            # Lightning asks for the loaders again at every epoch while this is set: the phase can end.
-            if self._reload_every is None:
-                self._reload_every = self.trainer.reload_dataloaders_every_n_epochs
-                self.trainer.reload_dataloaders_every_n_epochs = 1
-            return True
-        self._features.clear()  # the backbone trains from now on: these features are out of date
-        return False
-
-    def _feature_loader(self, split: str) -> DataLoader:
-        train = split == "train"
-        views = self.frozen_features["views"] if train else 0
-        view = self.trainer.current_epoch % views if views else 0
-        features = self._features.get((split, view))
-        if features is None:
-            features = self._extract(split, augmented=views > 0)
-            self._features[(split, view)] = features
-        labels = torch.as_tensor(self.source.labels[self.indices(split)], dtype=torch.long)
-        return DataLoader(
-            TensorDataset(features, labels),
-            batch_size=self.cfg.batch_size,
-            sampler=self._sampler(labels.numpy(), train),
-            drop_last=train and len(labels) > self.cfg.batch_size,  # the same steps per epoch as the images give
-            pin_memory=self._pin(),
-        )
-
-    @torch.no_grad()
-    def _extract(self, split: str, augmented: bool) -> torch.Tensor:
-        """The backbone's pooled features of every image of `split`, in order, in eval mode, as float32 on the host."""
-        model = self.trainer.lightning_module
-        dataset = self.dataset(split, train_transforms=augmented)
-        loader = DataLoader(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
-                            pin_memory=self._pin(), generator=torch.Generator(),  # leaves the global RNG alone
-                            collate_fn=collate_raw if dataset.raw else None)
-        backbone = model.backbone
-        mode = backbone.training
-        backbone.eval()
-        chunks = []
-        start = time.perf_counter()
-        try:
-            with self.trainer.precision_plugin.forward_context():
-                for batch in loader:
-                    images, _ = self.decode(batch, augmented, model.device)
-                    x = model.normalize(images.to(model.device, non_blocking=True))
-                    chunks.append(backbone(x).float().cpu())
-        finally:
-            backbone.train(mode)
-        self.extraction_seconds += time.perf_counter() - start
-        log.info("Frozen phase: %s features of %s %s images cached", "augmented" if augmented else "the",
-                 f"{len(dataset):,}", split)
-        return torch.cat(chunks)
-
-    def _end_feature_phase(self) -> None:
-        if self._reload_every is not None and self.trainer is not None:
-            self.trainer.reload_dataloaders_every_n_epochs = self._reload_every
-            self._reload_every = None
+    def _features_or_images(self, split: str) -> DataLoader:
+        loader = self.features.loader(split) if self.features is not None else None
+        return loader if loader is not None else self._loader(split)
 
     def train_dataloader(self) -> DataLoader:
-        if self._feature_phase():
-            return self._feature_loader("train")
-        return self._loader("train")
+        return self._features_or_images("train")
 
     def val_dataloader(self) -> DataLoader:
-        if self._feature_phase():
-            return self._feature_loader("val")
-        if self.trainer is not None and not self.trainer.sanity_checking:
-            self._end_feature_phase()  # both loaders are image loaders again: no more reloading
-        return self._loader("val")
+        return self._features_or_images("val")
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test" if len(self.indices("test")) else "val")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import timm
 import torch.nn as nn
-from timm.models import group_modules
+from timm.models import group_modules, group_parameters
 
 from finetune.config import ConfigError, FinetuneError
 
@@ -46,3 +46,18 @@ def backbone_blocks(backbone: nn.Module) -> list[list[str]]:
         groups = group_modules(backbone, backbone.group_matcher(coarse=False))
         return [names for _, names in sorted(groups.items())]
     return [[name] for name, child in backbone.named_children() if any(True for _ in child.parameters())]
+
+
+def parameter_blocks(backbone: nn.Module) -> dict[str, int]:
+    """The block (index into `backbone_blocks`) of every parameter: timm's own layer map, the one its layer-wise lr
+    decay (`param_groups_layer_decay`) uses; parameters no group names go to the last block, as there."""
+    if hasattr(backbone, "group_matcher"):
+        layers = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
+    else:
+        layers = {}
+        for i, names in enumerate(backbone_blocks(backbone)):
+            for module in names:
+                for name, _ in backbone.get_submodule(module).named_parameters(prefix=module):
+                    layers[name] = i
+    last = len(backbone_blocks(backbone)) - 1
+    return {name: layers.get(name, last) for name, _ in backbone.named_parameters()}

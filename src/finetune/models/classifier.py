@@ -14,31 +14,14 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from finetune.config import FinetuneError
-from finetune.models.backbone import create_backbone
+from finetune.data.features import FeatureBatch
+from finetune.models.backbone import backbone_blocks, create_backbone
 from finetune.models.heads import create_head
+from finetune.schedule import Schedule
 
 
 class UnsafeCheckpoint(FinetuneError):
     """A checkpoint that holds more than tensors and plain containers."""
-
-
-def lr_factor(step: int, steps_per_epoch: int, schedule: dict, start_epoch: int = 0) -> float:
-    """Multiplier of a group's peak learning rate at optimizer step `step`.
-
-    0 before `start_epoch` (the group is frozen), then a linear warm-up over `warmup_epochs` from that point,
-    times the decay of `scheduler` over the whole run (cosine to 0, step, or constant).
-    """
-    start = start_epoch * steps_per_epoch
-    if step < start:
-        return 0.0
-    warmup = schedule["warmup_epochs"] * steps_per_epoch
-    factor = min(1.0, (step - start + 1) / warmup) if warmup > 0 else 1.0
-    total = max(1, schedule["epochs"] * steps_per_epoch)
-    if schedule["scheduler"] == "cosine":
-        factor *= 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    elif schedule["scheduler"] == "step":
-        factor *= schedule["gamma"] ** (step // (schedule["step_size"] * steps_per_epoch))
-    return factor
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -95,6 +78,8 @@ class Classifier(L.LightningModule):
         # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtraction and one division on uint8 input.
         self.register_buffer("mean", torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(preprocessing["std"]).view(1, 3, 1, 1) * 255, persistent=False)
+        # how the backbone is fine-tuned: parameter groups, their rates, what trains when (finetune.schedule)
+        self.schedule = Schedule(schedule, blocks=len(backbone_blocks(self.backbone)))
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=schedule.get("label_smoothing", 0.0))
 
@@ -133,15 +118,10 @@ class Classifier(L.LightningModule):
         """Logits for the backbone's pooled features."""
         return two_class_logits(self.head(features)) if self.binary else self.head(features)
 
-    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of uint8 images (N, 3, H, W), or of cached backbone features (N, C) while the
-        backbone is frozen (schedule.cache_features)."""
-        return self.classify_features(inputs) if inputs.ndim == 2 else self(inputs)
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        if images.ndim == 2:  # cached features of the frozen backbone
-            logits, targets = self.classify_features(images), labels
+        if isinstance(batch, FeatureBatch):  # cached features of the frozen backbone (schedule.cache_features)
+            logits, targets = self.classify_features(batch.features), labels
         else:
             x, targets = self.normalize(images), labels
             if self.mix is not None:
@@ -157,7 +137,7 @@ class Classifier(L.LightningModule):
 
     def _evaluate(self, batch, stage: str) -> dict[str, torch.Tensor]:
         inputs, labels = batch
-        logits = self.logits(inputs)
+        logits = self.classify_features(inputs) if isinstance(batch, FeatureBatch) else self(inputs)
         loss = self.criterion(logits, labels)
         for name in self._stage_metrics(stage):
             metric = getattr(self, name)
@@ -192,21 +172,11 @@ class Classifier(L.LightningModule):
         return self._evaluate(batch, "test")
 
     def on_train_start(self) -> None:
-        """Start (or resume) with the best val/acc so far and learning rates that follow this run's schedule.
-
-        A resumed optimizer holds the rates of the step it was saved at, under the schedule it was saved with;
-        LambdaLR would only correct them after the first step, and keep the saved base rates for good.
-        """
+        """Start (or resume) with the best val/acc so far."""
         self.val_acc_best.reset()  # forget the sanity check's validation
         best = self.trainer.checkpoint_callback.best_model_score if self.trainer.checkpoint_callback else None
         if best is not None and torch.isfinite(best):
             self.val_acc_best.update(best.to(self.device))
-        scheduler = self.lr_schedulers()
-        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # not the learning-rate finder's own
-            s = self.hparams.schedule
-            scheduler.base_lrs = [s["lr"] * s["backbone_lr_ratio"], s["lr"]]
-            for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                group["lr"] = base * factor(scheduler.last_epoch)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -221,24 +191,15 @@ class Classifier(L.LightningModule):
             self.log("val/acc_best", self.val_acc_best.compute())
 
     def configure_optimizers(self):
-        s = self.hparams.schedule
-        groups = [
-            {"name": "backbone", "params": list(self.backbone.parameters()), "lr": s["lr"] * s["backbone_lr_ratio"]},
-            {"name": "head", "params": list(self.head.parameters()), "lr": s["lr"]},
-        ]
-        if s["optimizer"] == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
-        elif s["optimizer"] == "adam":
-            optimizer = torch.optim.Adam(groups, lr=s["lr"], weight_decay=s["weight_decay"])
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=s["lr"], weight_decay=s["weight_decay"])
-        steps_per_epoch = self._steps_per_epoch()
-        freeze = s["freeze_epochs"]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
-            lambda step: lr_factor(step, steps_per_epoch, s, start_epoch=freeze),  # backbone: 0 while frozen
-            lambda step: lr_factor(step, steps_per_epoch, s),  # head
-        ])
+        optimizer, scheduler = self.schedule.optimizer(self.backbone, self.head, self._steps_per_epoch())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["schedule_state"] = self.schedule.state_dict()  # the phase boundaries passed so far
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "schedule_state" in checkpoint:
+            self.schedule.load_state_dict(checkpoint["schedule_state"])
 
     def _steps_per_epoch(self) -> int:
         total = self.trainer.estimated_stepping_batches

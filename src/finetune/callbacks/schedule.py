@@ -1,0 +1,144 @@
+"""Apply the fine-tuning schedule to the model: what trains at every epoch, early phase ends, best-weight restores;
+and the EMA of the weights that validation, checkpoints and test see."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch.nn as nn
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
+
+from finetune.models.backbone import backbone_blocks, parameter_blocks
+from finetune.schedule import PhaseLR, Schedule
+
+log = logging.getLogger(__name__)
+
+
+def apply_trainable(backbone: nn.Module, trained: int) -> None:
+    """Let the last `trained` blocks of `backbone` train (train mode, gradients) and freeze the rest: eval mode, so
+    BatchNorm statistics and dropout stay fixed (as Keras does with layers that are not trainable), and no gradient."""
+    blocks = backbone_blocks(backbone)
+    if trained >= len(blocks):
+        backbone.train()
+        backbone.requires_grad_(True)
+        return
+    first = len(blocks) - trained
+    backbone.eval()
+    block_of = parameter_blocks(backbone)
+    for name, param in backbone.named_parameters():
+        param.requires_grad_(block_of[name] >= first)
+        if not param.requires_grad:
+            param.grad = None
+    for names in blocks[first:]:
+        for name in names:
+            backbone.get_submodule(name).train()
+
+
+class ApplySchedule(L.Callback):
+    """Puts the model in the state its schedule (`pl_module.schedule`) gives each epoch, and moves through the phases.
+
+    The state is set at the start of every training epoch and once when fitting starts, so a run resumed from any
+    checkpoint (Lightning does not start the epoch again when it resumes mid-epoch) is in the right state. All
+    parameters keep requires_grad=True until then, so DDP registers every one of them for gradient averaging. After
+    each validation a phase with `patience` may end; the boundary is recorded in the schedule, whose state every
+    checkpoint carries. With restore_best, a new phase starts from the best weights so far (best.ckpt): loaded when
+    its first epoch starts, after the last epoch's checkpoints are written (the frozen-feature cache computes its
+    features lazily, at the first batch, so from the restored backbone).
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        apply_trainable(pl_module.backbone, pl_module.schedule.trained_blocks(trainer.current_epoch))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        schedule: Schedule = pl_module.schedule
+        epoch = trainer.current_epoch
+        phase = schedule.phase_at(epoch)
+        if schedule.restore_best and phase is not None and phase.index > schedule.restored:
+            # here, not at the end of the last epoch: Lightning writes that epoch's checkpoints after its
+            # on_train_epoch_end hooks, and best.ckpt must be up to date and hold the weights its score belongs to
+            self._restore_best(trainer, pl_module, phase.index)
+        apply_trainable(pl_module.backbone, schedule.trained_blocks(epoch))
+        if phase is None or schedule.bounds()[phase.index][0] != epoch:
+            return
+        start, end = schedule.bounds()[phase.index]
+        trained = schedule.trained_blocks(epoch)
+        rates = f"head lr {phase.lr:.3g}"
+        if trained:
+            top = phase.lr * phase.backbone_lr_ratio
+            bottom = top * schedule.layer_decay ** (trained - 1)
+            rates += f", backbone {top:.3g}" + (f" (top block) to {bottom:.3g}" if bottom != top else "")
+        params = sum(p.numel() for p in pl_module.backbone.parameters())
+        trainable = sum(p.numel() for p in pl_module.backbone.parameters() if p.requires_grad)
+        patience = f", or until val/acc has not improved for {phase.patience}" if phase.patience else ""
+        log.info("Epoch %d: phase %d of %d (epochs %d-%d%s): %s train, %s; %s of %s backbone parameters train",
+                 epoch, phase.index + 1, len(schedule.phases), start, end - 1, patience,
+                 phase.describe(schedule.blocks), rates, f"{trainable:,}", f"{params:,}")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # before the checkpoints of this epoch are written (Lightning runs checkpoint callbacks last), so that they
+        # hold the phase boundary decided here
+        value = trainer.callback_metrics.get("val/acc")
+        if trainer.sanity_checking or value is None:
+            return
+        schedule: Schedule = pl_module.schedule
+        epoch = trainer.current_epoch
+        phase = schedule.phase_at(epoch)
+        why = schedule.observe(epoch, float(value))
+        if why is None:
+            return
+        following = schedule.phase_at(epoch + 1)
+        after = f"phase {following.index + 1} starts at epoch {epoch + 1}" if following else "the run ends"
+        log.info("Phase %d ends after epoch %d: %s; %s", phase.index + 1, epoch, why, after)
+        for config in trainer.lr_scheduler_configs:  # the next step's rate already set belongs to the new phase
+            if isinstance(config.scheduler, PhaseLR):
+                config.scheduler.refresh()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        schedule: Schedule = pl_module.schedule
+        if schedule.phase_at(epoch + 1) is None and epoch + 1 < min(schedule.epochs, trainer.max_epochs or 0):
+            log.info("The last phase has ended: the run stops after epoch %d", epoch)
+            trainer.should_stop = True
+
+    def _restore_best(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int) -> None:
+        """Load the best weights so far (best.ckpt) to start phase `index`; the optimizer's moments start afresh."""
+        from finetune.models.classifier import load_checkpoint
+
+        schedule: Schedule = pl_module.schedule
+        schedule.restored = index
+        saver = trainer.checkpoint_callback
+        path = saver.best_model_path if saver else ""
+        if not path or not Path(path).is_file():
+            log.info("Phase %d starts from the current weights: no best checkpoint has been written yet", index + 1)
+            return
+        pl_module.load_state_dict(load_checkpoint(path, map_location=pl_module.device)["state_dict"])
+        for callback in trainer.callbacks:
+            if isinstance(callback, EMA):
+                callback.reset_average(pl_module)
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()
+        score = f" (val/acc {float(saver.best_model_score):.4f})" if saver.best_model_score is not None else ""
+        log.info("Phase %d starts from the best weights so far: %s%s", index + 1, path, score)
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights (and BatchNorm statistics), updated after every
+    optimizer step: validation, and so the best checkpoint, see the average, which checkpoints hold as their
+    `state_dict` (the live weights beside it, for resuming). Testing or evaluating a checkpoint then uses the average
+    (Lightning's callback would load the live weights back into the model whenever a checkpoint is loaded)."""
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def reset_average(self, pl_module: L.LightningModule) -> None:
+        """Start the average again from the model's current weights (a phase that starts from restored weights)."""
+        if self._average_model is None:
+            return
+        average = itertools.chain(self._average_model.module.parameters(), self._average_model.module.buffers())
+        for mine, current in zip(average, itertools.chain(pl_module.parameters(), pl_module.buffers())):
+            mine.data.copy_(current.data)

@@ -1,0 +1,395 @@
+"""The fine-tuning schedule: phases -> parameter groups, each group's learning rate at every step, what trains when.
+
+A schedule is a list of phases. Each says how long it lasts (epochs, or until val/acc stops improving), what
+trains (the head alone, the last N blocks of the backbone in timm's block grouping, or all of it) and at which
+rates (the head's; the backbone's as a ratio of it, optionally decaying block by block towards the input). Every
+consumer asks this module: the Classifier for its optimizer and learning-rate scheduler, the ApplySchedule callback
+for what trains at each epoch, the frozen-feature cache for the epochs in which the whole backbone is frozen.
+`schedule.freeze_epochs`, `unfreeze` and `backbone_lr_ratio` are the shorthand for the common two phases.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from finetune.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+# schedule.optimizer: the torch optimizer and the config keys it takes besides lr and weight decay.
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], tuple[str, ...]]] = {
+    "adamw": (torch.optim.AdamW, ()),
+    "adam": (torch.optim.Adam, ()),
+    "sgd": (torch.optim.SGD, ("momentum",)),
+}
+
+
+def _cosine(t: int, total: int, steps_per_epoch: int, s: dict) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+
+
+def _step(t: int, total: int, steps_per_epoch: int, s: dict) -> float:
+    return s["gamma"] ** (t // (s["step_size"] * steps_per_epoch))
+
+
+def _constant(t: int, total: int, steps_per_epoch: int, s: dict) -> float:
+    return 1.0
+
+
+# schedule.scheduler: the decay after the warm-up, as a factor of the peak rate at step t of `total` steps.
+SCHEDULERS = {"cosine": _cosine, "step": _step, "constant": _constant}
+# schedule.decay_over: one decay over the whole run, or a fresh warm-up and decay in every phase.
+DECAY_OVER = ("run", "phase")
+# What a phase trains besides the head: `head` (nothing else), `all`, or a whole number N (the last N blocks).
+TRAIN_WORDS = ("head", "all")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase as configured: `epochs` None means until the end of the run."""
+
+    index: int
+    train: str | int
+    epochs: int | None
+    lr: float
+    backbone_lr_ratio: float
+    patience: int | None
+
+    def describe(self, blocks: int) -> str:
+        if self.train == "head":
+            return "the head alone"
+        if self.train == "all" or self.train == blocks:
+            return f"the head and all {blocks} blocks of the backbone"
+        return f"the head and the last {self.train} of {blocks} blocks"
+
+
+def phases_of(s: Any) -> list[dict]:
+    """The phases `schedule` config `s` asks for, as plain dicts: schedule.phases, or the two-phase shorthand
+    (freeze_epochs with the head alone, then `unfreeze` until the end)."""
+    if s.get("phases"):
+        return [dict(p) for p in s["phases"]]
+    phases = []
+    freeze = s.get("freeze_epochs") or 0
+    if freeze > 0:
+        phases.append({"train": "head", "epochs": freeze})
+    unfreeze = s.get("unfreeze")
+    phases.append({"train": "all" if unfreeze is None else unfreeze, "epochs": None})
+    return phases
+
+
+class Schedule:
+    """The schedule of one run for a backbone of `blocks` blocks: its phases, and the phase boundaries passed so far.
+
+    Where a phase ended early (patience) its end is recorded in `ends`, saved in every checkpoint, so that
+    the state at any epoch, and so a resumed run, is a function of the epoch and the boundaries already passed.
+    """
+
+    def __init__(self, config: dict, blocks: int):
+        self.config = dict(config)
+        self.blocks = blocks
+        s = self.config
+        self.epochs: int = s["epochs"]
+        self.layer_decay: float = s.get("layer_decay", 1.0) or 1.0
+        self.decay_over: str = s.get("decay_over", "run") or "run"
+        self.restore_best: bool = bool(s.get("restore_best", False))
+        self.phases: list[Phase] = []
+        for i, p in enumerate(phases_of(s)):
+            train = p.get("train", "all")
+            if isinstance(train, int) and not isinstance(train, bool) and train > blocks:
+                raise ConfigError(f"{self._key(i, 'train')}={train}, but this backbone has {blocks} blocks (timm's "
+                                  f"grouping): train at most {blocks}, or all")
+            lr = p.get("lr")
+            ratio = p.get("backbone_lr_ratio")
+            self.phases.append(Phase(i, train, p.get("epochs"), s["lr"] if lr is None else lr,
+                                     s.get("backbone_lr_ratio", 1.0) if ratio is None else ratio, p.get("patience")))
+        # State: where phases ended early, the current phase's best val/acc, the phase whose start restored weights.
+        self.ends: dict[int, int] = {}
+        self.best: float | None = None
+        self.best_epoch: int = -1
+        self.tracking: int = -1
+        self.restored: int = 0
+
+    def _key(self, index: int, key: str) -> str:
+        if self.config.get("phases"):
+            return f"schedule.phases[{index}].{key}"
+        return "schedule.freeze_epochs" if key == "epochs" else "schedule.unfreeze"
+
+    # --- state, saved in checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"ends": {str(k): v for k, v in self.ends.items()}, "best": self.best, "best_epoch": self.best_epoch,
+                "tracking": self.tracking, "restored": self.restored}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ends = {int(k): int(v) for k, v in state.get("ends", {}).items()}
+        self.best, self.best_epoch = state.get("best"), state.get("best_epoch", -1)
+        self.tracking, self.restored = state.get("tracking", -1), state.get("restored", 0)
+
+    # --- phases over epochs ----------------------------------------------------------------------------------
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """(first epoch, end epoch) of every phase, given the early ends so far; phases past the run are empty."""
+        bounds, start = [], 0
+        for phase in self.phases:
+            end = self.ends.get(phase.index, start + phase.epochs if phase.epochs is not None else self.epochs)
+            end = min(max(end, start), self.epochs)
+            bounds.append((start, end))
+            start = end
+        return bounds
+
+    def phase_at(self, epoch: int) -> Phase | None:
+        """The phase that epoch `epoch` belongs to; None after the last phase has ended."""
+        for phase, (start, end) in zip(self.phases, self.bounds()):
+            if start <= epoch < end:
+                return phase
+        return None
+
+    def trained_blocks(self, epoch: int) -> int:
+        """How many of the backbone's last blocks train at `epoch` (0: frozen, `blocks`: all of it); past the
+        schedule's end (Lightning's learning-rate finder runs on), what the last phase trains."""
+        return self._trained(self.phase_at(epoch) or self.phases[-1])
+
+    def _trained(self, phase: Phase) -> int:
+        if phase.train == "head":
+            return 0
+        return self.blocks if phase.train == "all" else int(phase.train)
+
+    def backbone_frozen(self, epoch: int) -> bool:
+        return self.trained_blocks(epoch) == 0
+
+    def backbone_trained_before(self, epoch: int) -> bool:
+        """Whether any block of the backbone has trained in an epoch before `epoch`."""
+        return any(self._trained(p) > 0 and start < min(end, epoch)
+                   for p, (start, end) in zip(self.phases, self.bounds()))
+
+    def warnings(self) -> list[str]:
+        """What in this schedule cannot be what the user meant: phases that never run, a backbone never trained."""
+        messages = []
+        for phase, (start, end) in zip(self.phases, self.bounds()):
+            if end <= start:
+                early = any(p.patience for p in self.phases[:phase.index])
+                messages.append(f"phase {phase.index + 1} ({phase.describe(self.blocks)}) starts after "
+                                f"schedule.epochs={self.epochs} and never runs"
+                                + (", unless an earlier phase ends early" if early else ""))
+        running = [p for p, (start, end) in zip(self.phases, self.bounds()) if end > start]
+        if not any(self._trained(p) for p in running) and not any(p.patience for p in self.phases):
+            messages.append(f"the backbone stays frozen for all schedule.epochs={self.epochs} epochs (more epochs, "
+                            f"or fewer schedule.freeze_epochs, let it train)")
+        warmup = self.config.get("warmup_epochs", 0) or 0
+        if warmup > self.epochs:
+            messages.append(f"schedule.warmup_epochs={warmup} is longer than schedule.epochs={self.epochs}: the "
+                            f"learning rate never reaches its peak")
+        return messages
+
+    # --- ending phases early (patience) -----------------------------------------------------------------------
+
+    def observe(self, epoch: int, val_acc: float) -> str | None:
+        """Record epoch `epoch`'s val/acc; end its phase after it when the phase's patience has run out. Returns
+        why the phase ended, or None."""
+        phase = self.phase_at(epoch)
+        if phase is None:
+            return None
+        if self.tracking != phase.index:
+            self.tracking, self.best, self.best_epoch = phase.index, None, -1
+        if self.best is None or val_acc > self.best:
+            self.best, self.best_epoch = val_acc, epoch
+            return None
+        start, end = self.bounds()[phase.index]
+        if phase.patience is not None and epoch - self.best_epoch >= phase.patience and epoch + 1 < end:
+            self.ends[phase.index] = epoch + 1
+            return (f"val/acc has not improved for {phase.patience} epochs (best {self.best:.4f} at epoch "
+                    f"{self.best_epoch})")
+        return None
+
+    # --- parameter groups and rates ---------------------------------------------------------------------------
+
+    def parameter_groups(self, backbone: nn.Module, head: nn.Module) -> list[dict]:
+        """The optimizer's named parameter groups, input side first, the head last; all of them from the first step.
+
+        One group `backbone` (or, with layer_decay < 1, one `backbone.<block>` per block of timm's grouping) and one
+        `head`; with schedule.norm_bias_decay=false (the default, timm's and torchvision's convention) biases,
+        normalisation parameters and the model's own no_weight_decay() names go into `.no_decay` twins without
+        weight decay. Each group records the top block it holds (`block`; None for the head) for its rates.
+        """
+        from finetune.models.backbone import parameter_blocks
+
+        s = self.config
+        decay, split = s["weight_decay"], not s.get("norm_bias_decay", False)
+        skip = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
+        per_block = self.layer_decay != 1.0
+        block_of = parameter_blocks(backbone)
+        groups: dict[str, dict] = {}
+
+        def add(prefix: str, block: int | None, name: str, param: nn.Parameter) -> None:
+            no_decay = split and (param.ndim <= 1 or name.endswith(".bias") or name in skip)
+            key = prefix + (f".{block}" if per_block and block is not None else "") + (".no_decay" if no_decay else "")
+            group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": 0.0 if no_decay else decay,
+                                            "block": block if per_block or block is None else self.blocks - 1})
+            group["params"].append(param)
+
+        for name, param in backbone.named_parameters():
+            add("backbone", block_of[name], name, param)
+        for name, param in head.named_parameters():
+            add("head", None, name, param)
+        order = sorted(groups.values(), key=lambda g: (g["block"] is None, g["block"] or 0))
+        return order
+
+    def rate(self, block: int | None, step: int, steps_per_epoch: int) -> float:
+        """The learning rate at optimizer step `step` of a group holding backbone block `block` (None: the head).
+
+        0 while the group does not train; else its phase's peak (the head's lr, or lr * backbone_lr_ratio *
+        layer_decay ** (blocks above it)), warmed up linearly over warmup_epochs from the step the group started
+        training, times the scheduler's decay over the run (or over the phase, with decay_over=phase).
+        """
+        epoch = step // steps_per_epoch
+        phase = self.phase_at(epoch)
+        if phase is None:
+            phase = self.phases[-1]
+        if block is not None and block < self.blocks - self._trained(phase):
+            return 0.0
+        if block is None:
+            peak = phase.lr
+        else:
+            peak = phase.lr * phase.backbone_lr_ratio * self.layer_decay ** (self.blocks - 1 - block)
+        bounds = self.bounds()
+        phase_start, phase_end = bounds[phase.index]
+        start = self._training_since(block, phase.index, bounds)
+        if self.decay_over == "phase":
+            start = max(start, phase_start)
+            t, total = step - phase_start * steps_per_epoch, max(1, (phase_end - phase_start) * steps_per_epoch)
+        else:
+            t, total = step, max(1, self.epochs * steps_per_epoch)
+        warmup = self.config.get("warmup_epochs", 0) * steps_per_epoch
+        factor = min(1.0, (step - start * steps_per_epoch + 1) / warmup) if warmup > 0 else 1.0
+        factor *= SCHEDULERS[self.config.get("scheduler", "cosine")](t, total, steps_per_epoch, self.config)
+        return peak * factor
+
+    def _training_since(self, block: int | None, index: int, bounds: list[tuple[int, int]]) -> int:
+        """The first epoch of the unbroken run of phases, up to phase `index`, in which the group trains."""
+        start = bounds[index][0]
+        for phase in reversed(self.phases[:index]):
+            trains = block is None or block >= self.blocks - self._trained(phase)
+            if not trains or bounds[phase.index][1] <= bounds[phase.index][0]:
+                break
+            start = bounds[phase.index][0]
+        return start
+
+    def optimizer(self, backbone: nn.Module, head: nn.Module, steps_per_epoch: int):
+        """The optimizer over `parameter_groups` and the PhaseLR scheduler that sets every group's rate per step."""
+        cls, extra = OPTIMIZERS[self.config["optimizer"]]
+        groups = self.parameter_groups(backbone, head)
+        optimizer = cls(groups, lr=self.config["lr"], **{k: self.config[k] for k in extra})
+        return optimizer, PhaseLR(optimizer, self, steps_per_epoch)
+
+
+class PhaseLR(torch.optim.lr_scheduler.LRScheduler):
+    """Sets each parameter group's learning rate to what the schedule says for the current step, every step.
+
+    The rate is a function of the step and the schedule alone (not of the rates before), so a resumed run, whose
+    optimizer was saved with the rates of its last step (and perhaps another schedule.epochs), is put right the
+    moment its state is loaded. Its state is the step count only; the schedule's own state is in the checkpoint.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, steps_per_epoch: int):
+        self.schedule, self.steps_per_epoch = schedule, steps_per_epoch
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [self.schedule.rate(g.get("block"), self.last_epoch, self.steps_per_epoch)
+                for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_epoch = state_dict["last_epoch"]
+        self._step_count = state_dict.get("_step_count", self.last_epoch + 1)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set every group's rate for the current step (after a load, or after the phase boundaries moved)."""
+        rates = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, rates):
+            group["lr"] = lr
+        self._last_lr = rates
+
+
+# --- the schedule a run starts with -------------------------------------------------------------------------
+
+# Keys that say how the backbone is fine-tuned: when none of them is set (on the command line, or by a dataset or
+# experiment preset) and the backbone starts from random weights, the run uses schedule=scratch.
+PHASE_KEYS = ("phases", "freeze_epochs", "unfreeze", "backbone_lr_ratio", "layer_decay")
+
+
+def use_scratch_when_nothing_to_protect(cfg, overrides: list[str]) -> bool:
+    """A backbone that starts from random weights has nothing to protect: with the default schedule and none of its
+    phase keys given, switch to conf/schedule/scratch.yaml (one phase, everything at the full rate) and say so.
+    Returns whether it switched."""
+    from omegaconf import OmegaConf
+
+    if cfg.backbone.pretrained or cfg.backbone.get("weights") or cfg.schedule.get("name") != "default":
+        return False
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    if "schedule" in given or any(f"schedule.{k}" in given for k in PHASE_KEYS):
+        return False
+    preset = OmegaConf.load(CONF / "schedule" / "default.yaml")
+    if any(cfg.schedule.get(k) != preset.get(k) for k in PHASE_KEYS):  # a dataset or experiment preset chose
+        return False
+    scratch = OmegaConf.load(CONF / "schedule" / "scratch.yaml")
+    scratch.pop("defaults", None)
+    cfg.schedule = OmegaConf.merge(cfg.schedule, scratch)
+    log.info("backbone.pretrained=false: a randomly initialised backbone has nothing to protect, so this run uses "
+             "schedule=scratch (everything trains at the full rate from the first epoch). Name a schedule "
+             "(schedule=default) or its keys (schedule.freeze_epochs=...) to choose otherwise.")
+    return True
+
+
+def check(s: Any) -> None:
+    """Check what the schema's types cannot say about `schedule` config `s`; ConfigError naming the key."""
+    def ok(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    ok(s.optimizer in OPTIMIZERS, f"schedule.optimizer must be one of {', '.join(OPTIMIZERS)} (got {s.optimizer})")
+    ok(s.scheduler in SCHEDULERS, f"schedule.scheduler must be one of {', '.join(SCHEDULERS)} (got {s.scheduler})")
+    ok(s.decay_over in DECAY_OVER, f"schedule.decay_over must be one of {', '.join(DECAY_OVER)} (got {s.decay_over})")
+    ok(0 < s.layer_decay <= 1, f"schedule.layer_decay must be in (0, 1] (got {s.layer_decay})")
+    ok(s.ema is None or 0 < s.ema < 1, f"schedule.ema is the average's decay per step, in (0, 1), e.g. 0.999; "
+                                       f"null for off (got {s.ema})")
+    if s.phases:
+        for key in ("freeze_epochs", "unfreeze"):
+            ok(s[key] is None, f"schedule.{key}={s[key]} and schedule.phases are both set: {key} is the shorthand "
+                               f"for two phases; set it to null, or say it in schedule.phases")
+    else:
+        ok(s.freeze_epochs is not None and s.freeze_epochs >= 0,
+           f"schedule.freeze_epochs must be >= 0 (got {s.freeze_epochs})")
+    for i, p in enumerate(phases_of(s)):
+        where = f"schedule.phases[{i}]"
+        train = p.get("train")
+        whole = isinstance(train, int) and not isinstance(train, bool) and train >= 1
+        if not s.phases:
+            ok(train == "all" or whole or i == 0, f"schedule.unfreeze must be 'all' or a number of blocks >= 1 "
+                                                  f"(got {train})")
+        ok(train in TRAIN_WORDS or whole, f"{where}.train must be head, all or a number of blocks >= 1 (got {train})")
+        if not s.phases:
+            continue
+        epochs = p.get("epochs")
+        ok(epochs is None or epochs >= 1, f"{where}.epochs must be >= 1, or null for the rest of the run "
+                                          f"(got {epochs})")
+        ok(epochs is not None or i == len(s.phases) - 1,
+           f"{where}.epochs is null (the rest of the run), so the phases after it would never run: only the last "
+           f"phase can be open-ended")
+        for key in ("lr", "backbone_lr_ratio"):
+            value = p.get(key)
+            ok(value is None or (math.isfinite(value) and value > 0), f"{where}.{key} must be > 0 (got {value})")
+        patience = p.get("patience")
+        ok(patience is None or patience >= 1, f"{where}.patience must be >= 1 or null (got {patience})")
