@@ -109,3 +109,17 @@ class HeadRecorder(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.epoch_start[trainer.current_epoch] = self._weights(pl_module)
+
+
+class SigtermAt(L.Callback):
+    """Acts as if SIGTERM arrived after optimizer step `step`: Lightning's SIGTERMException at that batch boundary,
+    so the run saves last.ckpt in the middle of an epoch and stops, as a pre-empted job does."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if trainer.global_step == self.step:
+            raise SIGTERMException()

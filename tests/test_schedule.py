@@ -319,3 +319,52 @@ def test_ddp_ranks_stay_identical_across_every_phase_boundary_with_gradual_and_l
     for a, b in zip(*ranks):
         assert a["sum"] == b["sum"] and a["first"] == b["first"], (a, b)
     assert ranks[0][3]["sum"] != ranks[0][0]["sum"]
+
+
+def test_a_run_resumed_in_the_middle_of_an_epoch_trains_what_that_epoch_trains(tmp_path, shapes):
+    """Lightning does not start an epoch again when it resumes in its middle (no on_train_epoch_start)."""
+    from finetune.callbacks.preemption import Preempted
+
+    with pytest.raises(Preempted):  # pre-empted at step 6: in epoch 1, after the frozen epoch 0 (4 steps)
+        train(tmp_path, shapes, "schedule.epochs=2", "schedule.freeze_epochs=1", "logger=none",
+              "callbacks.extra=[{_target_: recorders.SigtermAt, step: 6}]")
+    run(compose(tmp_path / "ignored", f"resume={tmp_path / 'run'}"), overrides=[RECORD])
+    steps = FreezeRecorder.instances[-1].steps
+    assert steps and {s["epoch"] for s in steps} == {1}
+    assert all(len(s["with_grad"]) > 100 and s["lr"]["backbone"] > 0 for s in steps)
+
+
+def test_resumed_after_the_frozen_epochs_cached_features_give_way_to_images(tmp_path, shapes):
+    """The first training loader can be made before a resumed run's epoch is restored (to count the schedule's
+    steps): it must be made again for the epoch the run is at, images once the backbone trains."""
+    _, run_dir = train(tmp_path, shapes, "schedule.cache_features=true", "schedule.freeze_epochs=1",
+                       "schedule.epochs=2", "logger=none")
+    run(compose(tmp_path / "ignored", f"resume={run_dir}"),
+        overrides=["schedule.epochs=3", "callbacks.extra=[{_target_: recorders.BatchKinds}]"])
+    kinds = BatchKinds.instances[-1]
+    assert kinds.train and all(e == 2 and d == 4 for e, d in kinds.train + kinds.val)
+
+
+def test_validation_every_other_epoch_still_moves_from_features_to_images(tmp_path, shapes):
+    train(tmp_path, shapes, "schedule.cache_features=true", "schedule.freeze_epochs=2", "schedule.epochs=4",
+          "+trainer.check_val_every_n_epoch=2", "logger=none", "callbacks.extra=[{_target_: recorders.BatchKinds}]")
+    kinds = BatchKinds.instances[-1]
+    assert {e: d for e, d in kinds.val} == {1: 2, 3: 4}  # epoch 3 validates images: the backbone trained in epoch 2
+    assert {e: d for e, d in kinds.train} == {0: 2, 1: 2, 2: 4, 3: 4}
+
+
+def test_a_run_of_the_previous_release_resumes_with_its_own_parameter_groups(tmp_path, shapes):
+    """Its config has no schedule.norm_bias_decay and its optimizer two groups: it resumes with weight decay on
+    everything, as it was trained. And an EMA cannot be switched on or off by a resume."""
+    from omegaconf import OmegaConf
+
+    from finetune.config import ConfigError
+
+    _, run_dir = train(tmp_path, shapes, "schedule.norm_bias_decay=true", "schedule.epochs=1", "logger=none")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    del saved.schedule["norm_bias_decay"]
+    OmegaConf.save(saved, run_dir / "config.yaml")
+    with pytest.raises(ConfigError, match="schedule.ema cannot change when a run resumes"):
+        run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=["schedule.ema=0.9"])
+    metrics = run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=["schedule.epochs=2"])
+    assert metrics["epochs"] == 2

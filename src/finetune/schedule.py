@@ -182,8 +182,9 @@ class Schedule:
                                 + (", unless an earlier phase ends early" if early else ""))
         running = [p for p, (start, end) in zip(self.phases, self.bounds()) if end > start]
         if not any(self._trained(p) for p in running) and not any(p.patience for p in self.phases):
+            fewer = "a phase that trains it" if self.config.get("phases") else "fewer schedule.freeze_epochs"
             messages.append(f"the backbone stays frozen for all schedule.epochs={self.epochs} epochs (more epochs, "
-                            f"or fewer schedule.freeze_epochs, let it train)")
+                            f"or {fewer}, let it train)")
         warmup = self.config.get("warmup_epochs", 0) or 0
         if warmup > self.epochs:
             messages.append(f"schedule.warmup_epochs={warmup} is longer than schedule.epochs={self.epochs}: the "
@@ -339,7 +340,8 @@ def use_scratch_when_nothing_to_protect(cfg, overrides: list[str]) -> bool:
     if cfg.backbone.pretrained or cfg.backbone.get("weights") or cfg.schedule.get("name") != "default":
         return False
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-    if "schedule" in given or any(f"schedule.{k}" in given for k in PHASE_KEYS):
+    if "schedule" in given or any(g == f"schedule.{k}" or g.startswith(f"schedule.{k}.") for g in given
+                                  for k in PHASE_KEYS):
         return False
     preset = OmegaConf.load(CONF / "schedule" / "default.yaml")
     if any(cfg.schedule.get(k) != preset.get(k) for k in PHASE_KEYS):  # a dataset or experiment preset chose
@@ -377,11 +379,11 @@ def check(s: Any) -> None:
         train = p.get("train")
         whole = isinstance(train, int) and not isinstance(train, bool) and train >= 1
         if not s.phases:
-            ok(train == "all" or whole or i == 0, f"schedule.unfreeze must be 'all' or a number of blocks >= 1 "
-                                                  f"(got {train})")
-        ok(train in TRAIN_WORDS or whole, f"{where}.train must be head, all or a number of blocks >= 1 (got {train})")
-        if not s.phases:
+            if p.get("epochs") is None:  # the shorthand's second phase: what `unfreeze` trains
+                ok(train == "all" or whole, f"schedule.unfreeze must be 'all' or a number of blocks >= 1 "
+                                            f"(got {train})")
             continue
+        ok(train in TRAIN_WORDS or whole, f"{where}.train must be head, all or a number of blocks >= 1 (got {train})")
         epochs = p.get("epochs")
         ok(epochs is None or epochs >= 1, f"{where}.epochs must be >= 1, or null for the rest of the run "
                                           f"(got {epochs})")

@@ -41,16 +41,17 @@ def apply_trainable(backbone: nn.Module, trained: int) -> None:
 class ApplySchedule(L.Callback):
     """Puts the model in the state its schedule (`pl_module.schedule`) gives each epoch, and moves through the phases.
 
-    The state is set at the start of every training epoch and once when fitting starts, so a run resumed from any
+    The state is set at the start of every training epoch and once when training starts, so a run resumed from any
     checkpoint (Lightning does not start the epoch again when it resumes mid-epoch) is in the right state. All
-    parameters keep requires_grad=True until then, so DDP registers every one of them for gradient averaging. After
-    each validation a phase with `patience` may end; the boundary is recorded in the schedule, whose state every
-    checkpoint carries. With restore_best, a new phase starts from the best weights so far (best.ckpt): loaded when
-    its first epoch starts, after the last epoch's checkpoints are written (the frozen-feature cache computes its
-    features lazily, at the first batch, so from the restored backbone).
+    parameters keep requires_grad=True until then, after DDP has wrapped the model, so DDP registers every one of
+    them for gradient averaging. After each validation a phase with `patience` may end; the boundary is recorded in
+    the schedule, whose state every checkpoint carries. With restore_best, a new phase starts from the best weights
+    so far (best.ckpt): loaded when its first epoch starts, after the last epoch's checkpoints are written (the
+    frozen-feature cache computes its features lazily, at the first batch, so from the restored backbone).
     """
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after the loops are restored (on_fit_start comes before): the epoch a resumed run is really at
         apply_trainable(pl_module.backbone, pl_module.schedule.trained_blocks(trainer.current_epoch))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

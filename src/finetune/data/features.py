@@ -59,6 +59,7 @@ class FrozenFeatures(L.Callback):
         self._features: dict[tuple[str, int], LazyFeatures] = {}
         self.extraction_seconds = 0.0  # spent computing features
         self._reload = 0
+        self._built: dict[str, bool] = {}  # per split: whether its current loader is of features
 
     def _active(self, trainer: L.Trainer, epoch: int, split: str = "train") -> bool:
         schedule = trainer.lightning_module.schedule
@@ -71,7 +72,8 @@ class FrozenFeatures(L.Callback):
         if trainer is None or split not in ("train", "val"):
             return None
         epoch = trainer.current_epoch
-        if not self._active(trainer, epoch, split):
+        self._built[split] = self._active(trainer, epoch, split)
+        if not self._built[split]:
             return None
         train = split == "train"
         views = self.views if train else 0
@@ -114,16 +116,19 @@ class FrozenFeatures(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reload = trainer.reload_dataloaders_every_n_epochs  # the user's own setting, where features are not
+        # Lightning may have made the first training loader before a resumed run's epoch was restored (to count the
+        # steps of the learning-rate schedule): have it made again for the epoch the run is really at.
+        trainer.reload_dataloaders_every_n_epochs = 1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning asks for new loaders at the next epoch only where the kind of batch changes, a new view is due
-        # or a new phase starts (restore_best may load other weights). Lightning has no other per-epoch switch for
-        # this, and reloading every epoch would restart the image workers under DDP.
+        # Lightning asks for new loaders at the next epoch only while a split's loader is not of the kind the next
+        # epoch needs (kept on until it is made again: validation may not run every epoch), a new view is due, or a
+        # new phase starts (restore_best may load other weights). It has no other per-epoch switch for this, and
+        # reloading every epoch would restart the image workers under DDP.
         schedule, epoch = pl_module.schedule, trainer.current_epoch
         new_phase = schedule.phase_at(epoch + 1) != schedule.phase_at(epoch)
         if new_phase or not schedule.backbone_frozen(epoch + 1):
             self._features.clear()  # the backbone may change from now on: these features would be out of date
-        changes = any(self._active(trainer, epoch, split) != self._active(trainer, epoch + 1, split)
-                      for split in ("train", "val"))
+        stale = any(self._built.get(split) != self._active(trainer, epoch + 1, split) for split in ("train", "val"))
         again = self._active(trainer, epoch + 1) and (self.views > 0 or new_phase)
-        trainer.reload_dataloaders_every_n_epochs = 1 if changes or again else self._reload
+        trainer.reload_dataloaders_every_n_epochs = 1 if stale or again else self._reload
