@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from finetune.cli import script
+from finetune.cli import expand_home_in_arguments, script
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
@@ -15,4 +15,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    expand_home_in_arguments()
     main()

@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from finetune.cli import script
+from finetune.cli import expand_home_in_arguments, script
 from finetune.config import validate_tool
 
 
@@ -16,4 +16,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    expand_home_in_arguments()
     main()

@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from finetune.cli import script
+from finetune.cli import expand_home_in_arguments, script
 from finetune.config import validate_tool
 
 
@@ -21,4 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    expand_home_in_arguments()
     main()

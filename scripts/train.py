@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 import finetune.config  # noqa: F401  (registers the config schema and resolvers that conf/train.yaml uses)
-from finetune.cli import script
+from finetune.cli import expand_home_in_arguments, script
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -16,4 +16,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    expand_home_in_arguments()
     main()

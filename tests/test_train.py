@@ -159,12 +159,18 @@ def test_resume_from_an_unfrozen_checkpoint_stays_unfrozen(tmp_path, shapes):
     assert all(len(s["with_grad"]) > 100 and s["lr"]["backbone"] > 0 for s in steps)
 
 
-def test_resume_refuses_to_change_groups(tmp_path, shapes):
+def test_resume_accepts_the_runs_own_groups_and_refuses_real_changes_naming_them(tmp_path, shapes):
     from finetune.config import ConfigError
 
     _, run_dir = train(tmp_path, shapes, "schedule.epochs=1", "logger=none")
-    with pytest.raises(ConfigError, match="not a whole group"):
+    with pytest.raises(ConfigError, match=r"backbone=efficientnet_b0 is not it \(backbone.name: mobilenetv2_100 -> "
+                                          r"efficientnet_b0\)"):
         run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=["backbone=efficientnet_b0"])
+    # the same command line again, with resume= appended: its groups and values are the run's own
+    again = ["dataset=image_folder", f"dataset.root={shapes}", *FAST, "schedule.epochs=2", "logger=none"]
+    metrics = run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=[*again, f"resume={run_dir}"])
+    assert metrics["epochs"] == 2
+    assert len(list(run_dir.glob("config.before-resume-*.yaml"))) == 1  # one real change: schedule.epochs
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, shapes):

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
 from finetune.config import FinetuneError
 
 log = logging.getLogger("finetune")
+
+
+def expand_home_in_arguments() -> None:
+    """`KEY=~/path` on the command line means the home folder, as `~/path` alone would: bash does not expand `~`
+    after `KEY=`, and Hydra's override grammar cannot parse it. Expanded in sys.argv before Hydra reads it."""
+    for i, arg in enumerate(sys.argv[1:], start=1):
+        key, sep, value = arg.partition("=")
+        if sep and not key.startswith("-") and value.startswith("~"):
+            sys.argv[i] = f"{key}={os.path.expanduser(value)}"
 
 
 # Set by script() when a job of a multirun fails; finetune.sweep.SweepReport records it for the sweep's report.

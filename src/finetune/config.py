@@ -230,6 +230,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(not d.download or d.root is not None, "dataset.download=true needs dataset.root: where to put it")
     _check(d.cache_size is None or d.cache_size >= 8, f"dataset.cache_size must be >= 8 or null (got {d.cache_size})")
     _check(d.decode in ("cpu", "device"), f"dataset.decode must be cpu or device (got {d.decode})")
+    cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else None
+    _check(cache_dir is None or not cache_dir.exists() or cache_dir.is_dir(),
+           f"dataset.cache_dir={d.cache_dir} is a file, not a folder: give a folder for the decoded-image cache")
     _check(not (d.cache and d.decode == "device"), "dataset.cache=true holds images already decoded, and "
            "dataset.decode=device decodes JPEG files on the GPU: choose one")
 
@@ -300,6 +303,11 @@ def _validate_trainer(trainer: DictConfig) -> None:
                f"trainer.{key} is not an argument of lightning.Trainer.{suggest(key, known)}")
     for key in ("max_epochs", "min_epochs"):
         _check(key not in trainer, f"trainer.{key}: set the number of epochs with schedule.epochs")
+    if str(trainer.get("accelerator", "auto")) in ("gpu", "cuda"):
+        import torch
+
+        _check(torch.cuda.is_available(), f"trainer.accelerator={trainer.accelerator}, but this machine has no CUDA "
+                                          f"GPU that PyTorch can use: trainer=cpu (or trainer.accelerator=auto)")
 
 
 def _validate_backbone(backbone: DictConfig) -> None:

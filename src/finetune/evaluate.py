@@ -16,7 +16,7 @@ from finetune.config import ConfigError
 from finetune.data.datamodule import apply_split_file, drop_unusable, load_image, subset
 from finetune.data.sources import DataError, Source, read_source
 from finetune.inference import probabilities, resolve_device
-from finetune.models.classifier import load_classifier
+from finetune.models.classifier import load_classifier, resolve_checkpoint
 from finetune.plots import confusion_matrix_figure, curves_figure, image_grid_figure
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict:
     """Evaluate cfg.ckpt; write metrics.json, the classification report, the confusion matrix, curves and top
     losses into the output folder; return the metrics."""
-    ckpt = Path(cfg.ckpt)
+    ckpt = resolve_checkpoint(cfg.ckpt)
     device = resolve_device(cfg.device)
     model = load_classifier(ckpt, map_location="cpu")
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from finetune.cli import free_path
 from finetune.config import ConfigError, FinetuneError
-from finetune.models.classifier import Classifier, load_classifier, normalize, two_class_logits
+from finetune.models.classifier import Classifier, load_classifier, normalize, resolve_checkpoint, two_class_logits
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def run(cfg: DictConfig) -> dict:
     """Export cfg.ckpt as cfg.format; check the export against PyTorch; report size and CPU latency per image."""
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format}: one of {', '.join(FORMATS)}")
-    ckpt = Path(cfg.ckpt)
+    ckpt = resolve_checkpoint(cfg.ckpt)
     model = load_classifier(ckpt).float().eval()
     size = int(model.hparams.preprocessing["image_size"])
     out = output_path(cfg.out, ckpt, cfg.format)

@@ -16,7 +16,7 @@ from finetune.cli import free_path
 from finetune.config import ConfigError
 from finetune.data.sources import Source, is_image_file
 from finetune.inference import probabilities, resolve_device
-from finetune.models.classifier import load_classifier
+from finetune.models.classifier import load_classifier, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.top_k < 1:
         raise ConfigError(f"top_k must be >= 1 (got {cfg.top_k})")
     paths = find_inputs(str(cfg.inputs))
-    model = load_classifier(cfg.ckpt)
+    model = load_classifier(resolve_checkpoint(cfg.ckpt))
     classes = model.classes
     out = output_path(cfg.out, cfg.format)
     if cfg.format == "kaggle":

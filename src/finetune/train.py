@@ -24,15 +24,16 @@ from finetune.callbacks.nonfinite import StopOnNonFiniteLoss
 from finetune.callbacks.preemption import Preempted, SaveOnPreemption
 from finetune.callbacks.schedule import EMA, ApplySchedule
 from finetune.checkpoints import AtomicCheckpointIO, remove_leftovers
-from finetune.config import OWN_TRAINER_KEYS, ConfigError, TrainConfig, validate
+from finetune.config import OWN_TRAINER_KEYS, ConfigError, FinetuneError, TrainConfig, validate
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.transforms import Preprocessing, resolve_preprocessing
 from finetune.models.backbone import backbone_blocks, create_backbone
-from finetune.models.classifier import Classifier, load_checkpoint
+from finetune.models.classifier import Classifier, UnsafeCheckpoint, load_checkpoint
 from finetune.schedule import Schedule, use_scratch_when_nothing_to_protect
 
 log = logging.getLogger(__name__)
 
+CONF = Path(__file__).resolve().parents[2] / "conf"
 # The metrics each run reports in TensorBoard's HPARAMS tab, to compare the runs of a sweep.
 HPARAM_METRICS = ("val/acc", "val/acc_best", "val/loss", "train/loss", "test/acc", "test/loss")
 GROUPS = ("dataset", "backbone", "head", "schedule", "augment", "trainer", "logger", "callbacks", "debug", "experiment",
@@ -78,7 +79,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     ckpt_path = None
     if resuming:
         ckpt_path = run_dir / "checkpoints" / "last.ckpt"
-        load_checkpoint(ckpt_path)  # refuses a checkpoint that would run code, before Lightning opens it
+        check_resumable(ckpt_path)
         log.info("Resuming from %s", ckpt_path)
     else:
         if cfg.tune.lr_find:
@@ -99,6 +100,26 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return metrics
+
+
+def check_resumable(last: Path) -> None:
+    """Open last.ckpt as resume will (refusing one that would run code, before Lightning opens it); if it is damaged,
+    say which intact checkpoint of the run can take its place."""
+    try:
+        load_checkpoint(last)
+    except UnsafeCheckpoint:
+        raise
+    except FinetuneError as e:
+        for other in sorted(last.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+            if other == last:
+                continue
+            try:
+                load_checkpoint(other)
+            except FinetuneError:
+                continue
+            raise FinetuneError(f"{e}. {other} is intact: continue from it with `cp {other} {last}` and the same "
+                                f"resume= again (its epoch is where training goes on)") from None
+        raise FinetuneError(f"{e}, and the run has no other intact checkpoint: start a new run") from None
 
 
 def build_data(cfg: DictConfig, preprocessing: Preprocessing, run_dir: Path,
@@ -182,6 +203,9 @@ def find_learning_rate(trainer: L.Trainer, model: Classifier, data: ImageDataMod
         import matplotlib.pyplot as plt
 
         plt.close(figure)
+    if any(p.get("lr") is not None for p in cfg.schedule.phases or []):
+        log.warning("The phases of schedule=%s set their own learning rates: the finder's suggestion applies only "
+                    "to phases without one", cfg.schedule.name)
     if suggestion is None:
         log.warning("The learning-rate finder made no suggestion; keeping schedule.lr=%s", cfg.schedule.lr)
         return cfg.schedule.lr
@@ -319,9 +343,9 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, image_size: int) -> None:
         "precision": resolve_precision(cfg.trainer),
         **{f"schedule.{k}": (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in cfg.schedule.items()},
     }
-    writer = tensorboard.experiment
+    writer = tensorboard.experiment._get_file_writer()  # reopened if the learning-rate finder's fit closed it
     for summary in hparams(params, {m: 0.0 for m in HPARAM_METRICS}):
-        writer.file_writer.add_summary(summary)
+        writer.add_summary(summary)
     writer.flush()
 
 
@@ -339,7 +363,7 @@ def log_class_counts(trainer: L.Trainer, data: ImageDataModule) -> None:
 
 def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The config of run `cfg.resume`, with the single values given on this command line (schedule.epochs=20)."""
-    run_dir = Path(cfg.resume)
+    run_dir = Path(cfg.resume).expanduser()
     if not run_dir.is_dir():
         raise ConfigError(f"resume={cfg.resume}: no such run directory")
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -348,16 +372,29 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"resume={cfg.resume}: {saved_path} is missing, so this is not a finetune run directory")
+    saved = OmegaConf.load(saved_path)
+    if "schedule" in saved and "norm_bias_decay" not in saved.schedule:
+        saved.schedule.norm_bias_decay = True  # a run of a release that decayed every parameter: same groups again
     changes = []
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in ("resume", "run_dir") or key.startswith("hydra."):
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in ("resume", "run_dir") or key.startswith("hydra"):
             continue
         if key in GROUPS:
-            raise ConfigError(f"resume={cfg.resume} continues that run with its own config: change single values "
-                              f"(e.g. schedule.epochs=20), not a whole group ({override})")
+            differing = _differences_from_preset(key, value, saved)
+            if differing:
+                raise ConfigError(f"resume={cfg.resume} continues that run with its own config, and {override} is not "
+                                  f"it ({', '.join(differing[:3])}): change single values (schedule.epochs=20), or "
+                                  f"start a new run")
+            continue  # the same group as the run's own: the same command line again
+        unset = object()
+        if OmegaConf.select(saved, key, default=unset) == OmegaConf.select(
+                OmegaConf.from_dotlist([override.lstrip("+")]), key):
+            continue  # the value the run already has
+        if key == "schedule.ema":
+            raise ConfigError(f"resume={cfg.resume}: schedule.ema cannot change when a run resumes (its checkpoints "
+                              f"hold the averaged weights, or not): start a new run")
         changes.append(override.lstrip("+"))
-    saved = OmegaConf.load(saved_path)
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved, OmegaConf.from_dotlist(changes))
     merged.resume = str(run_dir)
     merged.run_dir = str(run_dir)
@@ -367,6 +404,36 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         _save_config(merged, saved_path)
         log.info("Resuming with %s; the previous config is kept as %s", ", ".join(changes), backup.name)
     return merged
+
+
+def _differences_from_preset(group: str, option: str, saved: DictConfig) -> list[str]:
+    """Where conf/GROUP/OPTION.yaml differs from the saved run's config, as `key: saved -> preset`; [] when the
+    preset is what the run already has."""
+    path = CONF / group / f"{option}.yaml"
+    if option in ("null", "None", ""):
+        return []
+    if not path.is_file():
+        return [f"there is no {group} preset {option}"]
+    text = path.read_text()
+    preset = OmegaConf.load(path)
+    preset.pop("defaults", None)
+    base = "" if "@package _global_" in text else f"{group}."
+    differing = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, DictConfig):
+                walk(value, f"{prefix}{key}.")
+                continue
+            have = OmegaConf.select(saved, f"{prefix}{key}", default=None)
+            if OmegaConf.is_list(value):
+                value = OmegaConf.to_container(value)
+                have = OmegaConf.to_container(have) if OmegaConf.is_list(have) else have
+            if have != value:
+                differing.append(f"{prefix}{key}: {have} -> {value}")
+
+    walk(preset, base)
+    return differing
 
 
 def _command_line_overrides() -> list[str]:
@@ -386,6 +453,8 @@ def _save_config(cfg: DictConfig, path: Path) -> None:
 
 @rank_zero_only
 def _write_json(path: Path, data: dict) -> None:
+    """Valid JSON: a metric that is not a finite number is written as null, never as NaN."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in data.items()}
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
     tmp.replace(path)

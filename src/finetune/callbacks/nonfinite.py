@@ -38,12 +38,22 @@ class StopOnNonFiniteLoss(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._check(trainer)
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # The step that makes the weights NaN can have a finite loss itself (an infinite learning rate, say); with
+        # one step an epoch the next training loss comes only after this epoch's checkpoints. The validation loss
+        # of the new weights says it first, before those checkpoints are written (they run after this hook).
+        loss = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or loss is None or bool(torch.isfinite(loss)):
+            return
+        self._flag = torch.ones((), dtype=torch.bool)
+        self._check(trainer)
+
     def _check(self, trainer: L.Trainer) -> None:
         if self._flag is None or not bool(self._flag):
             return
         last = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.filename == "last"), "")
         kept = f" The last good checkpoint is {last}." if last else " No checkpoint had been written yet."
         raise NonFiniteLoss(
-            f"The training loss became NaN or infinite (epoch {trainer.current_epoch}, by step {trainer.global_step}); "
+            f"The loss became NaN or infinite (epoch {trainer.current_epoch}, by step {trainer.global_step}); "
             f"training stopped.{kept} Try a lower schedule.lr or trainer.gradient_clip_val=1.0."
         )

@@ -118,13 +118,19 @@ def cache_path(root: Path) -> Path:
 
 
 def _load_cache(path: Path, max_pixels: int) -> dict[str, list]:
+    """The cached results, or nothing when the file is missing, unreadable, of another version, or not what this
+    code writes (any valid-but-wrong JSON): the scan then decodes the files again."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if data.get("version") != CACHE_VERSION or data.get("max_pixels") != max_pixels:
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or data.get("max_pixels") != max_pixels:
         return {}
-    return data.get("files", {})
+    files = data.get("files")
+    if not isinstance(files, dict):
+        return {}
+    return {k: v for k, v in files.items() if isinstance(v, list) and len(v) == 3
+            and all(isinstance(x, int) for x in v[:2]) and (v[2] is None or isinstance(v[2], str))}
 
 
 def _save_cache(path: Path, files: dict[str, list], max_pixels: int) -> None:

@@ -207,26 +207,56 @@ class Classifier(L.LightningModule):
         return max(1, math.ceil(total / epochs)) if math.isfinite(total) else 1
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory (as resume= takes it): its checkpoints/best.ckpt; `~` expanded."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        best = path / "checkpoints" / "best.ckpt"
+        if not best.is_file():
+            raise FinetuneError(f"{path} is a folder without checkpoints/best.ckpt: give a checkpoint file "
+                                f"(ckpt=RUN_DIR/checkpoints/last.ckpt) or a finetune run directory")
+        return best
+    return path
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load with weights_only=True: tensors and plain containers only, so no code in the file ever runs."""
+    """torch.load with weights_only=True: tensors and plain containers only, so no code in the file ever runs.
+    A missing, empty, truncated or foreign file is one clear FinetuneError naming it."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"{path}: no such checkpoint")
+    size = path.stat().st_size
+    if size == 0:
+        raise FinetuneError(f"{path} is empty (0 bytes): a save that never finished, or a copy that failed")
+    if not zipfile.is_zipfile(path):
+        raise FinetuneError(f"{path} is not a PyTorch checkpoint ({size:,} bytes that are not the zip archive "
+                            f"torch.save writes): truncated, or another kind of file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0][:200]
         raise UnsafeCheckpoint(f"{path} holds more than weights and plain data, and was not loaded (nothing in it "
                                f"ran): {reason}. Load only checkpoints you trust to be finetune's own.") from None
-    except FileNotFoundError:
-        raise FinetuneError(f"{path}: no such checkpoint") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"{path} is damaged and cannot be read ({reason}): truncated or corrupted on disk") \
+            from None
 
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
     """A trained Classifier from a finetune checkpoint alone, in eval mode."""
     checkpoint = load_checkpoint(path, map_location)
-    hp = checkpoint.get("hyper_parameters")
+    hp = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not hp or "classes" not in hp:
         raise FinetuneError(f"{path} is not a finetune checkpoint (it has no class names)")
     pool = hp["head_config"].get("pool", "avg")
     backbone = create_backbone(hp["backbone_config"]["name"], pretrained=False, pool=pool)
     model = Classifier(backbone, **hp)
     model.load_state_dict(checkpoint["state_dict"])
+    broken = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise FinetuneError(f"{path} holds NaN or infinite weights ({broken[0]}, and {len(broken) - 1} more): a model "
+                            f"that diverged gives no predictions; use an earlier checkpoint")
     return model.eval()
