@@ -35,11 +35,11 @@ def trained(tmp_path_factory, shapes):
     return run_dir, run(cfg, overrides=given(cfg))
 
 
-def test_damaged_checkpoints_are_named_for_what_they_are(tmp_path, trained):
+def test_damaged_checkpoints_are_named_for_what_they_are(tmp_path, trained, shapes):
     run_dir, _ = trained
     good = (run_dir / "checkpoints" / "best.ckpt").read_bytes()
     cases = {"empty.ckpt": b"", "truncated.ckpt": good[: len(good) // 2], "notes.ckpt": b"my notes, not weights\n"}
-    messages = {"empty.ckpt": "is empty (0 bytes)", "truncated.ckpt": "is not a PyTorch checkpoint",
+    messages = {"empty.ckpt": r"is empty \(0 bytes\)", "truncated.ckpt": "is not a PyTorch checkpoint",
                 "notes.ckpt": "is not a PyTorch checkpoint"}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
@@ -48,8 +48,14 @@ def test_damaged_checkpoints_are_named_for_what_they_are(tmp_path, trained):
         assert "pickle" not in str(error.value)
     with pytest.raises(FinetuneError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.ckpt")
-    # and as a user meets it: evaluate, predict and export each say it in one line, exit status 2
-    for tool, args in (("evaluate", []), ("predict", [f"inputs={tmp_path}"]), ("export", [])):
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_one_line_from_every_tool(tmp_path, trained, shapes):
+    run_dir, _ = trained
+    good = (run_dir / "checkpoints" / "best.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(good[: len(good) // 2])
+    for tool, args in (("evaluate", []), ("predict", [f"inputs={shapes / 'red'}"]), ("export", [])):
         result, output = script(tool, tmp_path, f"ckpt={tmp_path / 'truncated.ckpt'}", *args)
         assert result.returncode == 2 and "is not a PyTorch checkpoint" in output and "Traceback" not in output, \
             (tool, output[-2000:])
@@ -65,6 +71,7 @@ def test_resume_with_a_damaged_last_checkpoint_names_an_intact_one(tmp_path, tra
         run(compose(tmp_path / "ignored", f"resume={copy}"), overrides=[])
 
 
+@pytest.mark.slow
 def test_a_run_directory_is_taken_as_its_best_checkpoint(tmp_path, trained, shapes):
     run_dir, _ = trained
     assert resolve_checkpoint(run_dir) == run_dir / "checkpoints" / "best.ckpt"
@@ -155,3 +162,91 @@ def test_lr_find_with_the_default_logger_trains(tmp_path, shapes):
     metrics = run(cfg, overrides=given(cfg))
     assert metrics["epochs"] == 2 and (tmp_path / "run" / "lr_find.png").is_file()
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+
+
+def test_a_fresh_run_never_writes_over_a_finished_one(tmp_path, trained, shapes):
+    run_dir, _ = trained
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    cfg = compose(run_dir, "dataset=image_folder", f"dataset.root={shapes}", *TINY, "logger=none")
+    with pytest.raises(ConfigError, match=f"{run_dir} already holds a run .*continue it with resume={run_dir}"):
+        run(cfg, overrides=given(cfg))
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_another_runs_checkpoint_naming_both(tmp_path, trained):
+    from fabricate import make_image_folder
+
+    run_dir, _ = trained
+    other_data = make_image_folder(tmp_path / "two", {"cat": "red", "dog": "blue"}, per_class=20)
+    cfg = compose(tmp_path / "other", "dataset=image_folder", f"dataset.root={other_data}", *TINY, "logger=none",
+                  "schedule.epochs=1")
+    run(cfg, overrides=given(cfg))
+    mine = tmp_path / "mine"
+    shutil.copytree(run_dir, mine)
+    shutil.copy(tmp_path / "other" / "checkpoints" / "last.ckpt", mine / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigError, match=r"last.ckpt is not this run's checkpoint: it holds mobilenetv2_100 for 2 "
+                                          r"classes \(cat, dog\), the run is mobilenetv2_100 for 3"):
+        run(compose(tmp_path / "ignored", f"resume={mine}"), overrides=[])
+
+
+def test_a_full_disk_while_saving_is_named_and_the_earlier_checkpoint_stays(tmp_path, monkeypatch):
+    import errno
+
+    import finetune.checkpoints as checkpoints
+
+    io = checkpoints.AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 1}, tmp_path / "ckpts" / "last.ckpt")
+    for error in (RuntimeError("[enforce fail at inline_container.cc:671] unexpected pos 123 vs 456"),
+                  OSError(errno.ENOSPC, "No space left on device")):
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(checkpoints.torch, "save", fail)
+        with pytest.raises(FinetuneError, match=r"No space left on the device while saving .*last.ckpt \(\d+ MB free "
+                                                r"there\): the checkpoints written before are intact"):
+            io.save_checkpoint({"epoch": 2}, tmp_path / "ckpts" / "last.ckpt")
+        monkeypatch.undo()
+        assert os.listdir(tmp_path / "ckpts") == ["last.ckpt"]
+        assert torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=True) == {"epoch": 1}
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_is_one_line_and_exit_status_130(tmp_path, shapes):
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), "dataset=image_folder",
+                                f"dataset.root={shapes}", *TINY, "schedule.epochs=30", "dataset.num_workers=2",
+                                "logger=none"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    start = time.time()
+    while not list(tmp_path.glob("outputs/runs/*/checkpoints/last.ckpt")):
+        assert process.poll() is None and time.time() - start < 300
+        time.sleep(0.1)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output[-3000:]
+    assert "Interrupted (Ctrl-C) in epoch" in output and "Nothing was lost" in output and "resume=" in output
+    assert "Traceback" not in output
+    last = next(tmp_path.glob("outputs/runs/*/checkpoints/last.ckpt"))
+    torch.load(last, weights_only=True)  # whole
+
+
+@pytest.mark.slow
+def test_evaluate_needs_only_the_split_it_evaluates(tmp_path, shapes):
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    cfg = compose(tmp_path / "run", "dataset=image_folder", f"dataset.root={data}", *TINY, "logger=none",
+                  "schedule.epochs=1")
+    metrics = run(cfg, overrides=given(cfg))
+    rows = (tmp_path / "run" / "split.csv").read_text().splitlines()[1:]
+    gone = [row.split(",")[0] for row in rows if row.endswith(",train")][:3]
+    for path in gone:
+        os.remove(path)
+    result, output = script("evaluate", tmp_path, f"ckpt={tmp_path / 'run'}", "num_workers=0")
+    assert result.returncode == 0, output[-3000:]
+    assert "3 images of" in output and "outside its test split are not in the dataset any more" in output
+    evaluated = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert evaluated["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)

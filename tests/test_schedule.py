@@ -199,10 +199,12 @@ def test_ema_weights_are_validated_checkpointed_and_evaluated(tmp_path, shapes):
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert torch.allclose(last["state_dict"]["head.1.weight"], average, atol=1e-6)
     assert not torch.allclose(last["current_model_state"]["head.1.weight"], average, atol=1e-4)  # live weights beside
-    result = script("evaluate", tmp_path, f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}", f"out={tmp_path / 'eval'}",
-                    "num_workers=0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    from test_tools import tool_cfg
+
+    from finetune.evaluate import run as evaluate
+
+    evaluated = evaluate(tool_cfg("evaluate", ckpt=run_dir / "checkpoints" / "best.ckpt", out=tmp_path / "eval",
+                                  num_workers=0))
     assert evaluated["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 

@@ -37,8 +37,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     os.fsync(f.fileno())
             os.replace(hidden, path)
             os.fsync(folder)
+        except (OSError, RuntimeError) as e:
+            hidden.unlink(missing_ok=True)
+            raise _save_failed(path, e) from None
         finally:
             os.close(folder)
+
+
+def _save_failed(path: Path, error: Exception) -> Exception:
+    """What a failed save means for the user: most often a full disk, which torch reports as an 'unexpected pos'."""
+    import errno
+    import shutil
+
+    from finetune.config import FinetuneError
+
+    free = shutil.disk_usage(path.parent).free
+    if getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error) or free < 2**20:
+        return FinetuneError(f"No space left on the device while saving {path} ({free / 2**20:.0f} MB free there): "
+                             f"the checkpoints written before are intact; free some space and continue with "
+                             f"resume={path.parent.parent}")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return FinetuneError(f"Could not save {path} ({reason}); the checkpoints written before are intact")
 
 
 def _save_unnamed(checkpoint: dict[str, Any], folder: int, hidden: Path) -> bool:

@@ -13,6 +13,14 @@ from finetune.config import FinetuneError
 log = logging.getLogger("finetune")
 
 
+def ignore_interrupts() -> None:
+    """For worker processes: Ctrl-C reaches the whole process group; the parent says what happened, once, and its
+    workers stop with it quietly instead of each printing a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def expand_home_in_arguments() -> None:
     """`KEY=~/path` on the command line means the home folder, as `~/path` alone would: bash does not expand `~`
     after `KEY=`, and Hydra's override grammar cannot parse it. Expanded in sys.argv before Hydra reads it."""
@@ -38,9 +46,13 @@ def script():
     _single_console_logging()
     try:
         yield
+    except KeyboardInterrupt:
+        log.error("Interrupted (Ctrl-C). Nothing was lost: files already written (checkpoints, caches) are whole; "
+                  "a training run continues with resume=RUN_DIR")
+        sys.exit(130)
     except FinetuneError as e:
         log.error("%s", e)
-        if not _in_multirun() or e.exit_code == 143:
+        if not _in_multirun() or e.exit_code in (130, 143):  # interrupted or pre-empted: the sweep stops too
             sys.exit(e.exit_code)
         job_error = str(e)
         if not _basic_sweeper():

@@ -94,7 +94,7 @@ def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path
         raise ConfigError(f"{cfg.ckpt} is not in a run directory with config.yaml and split.csv: give the images to "
                           "evaluate on with dataset=NAME dataset.root=DIR")
     d = OmegaConf.load(config).dataset
-    source = apply_split_file(read_source(d.name, d.root, d.get("target")), split_file)
+    source = apply_split_file(read_source(d.name, d.root, d.get("target")), split_file, only=cfg.split)
     if list(source.classes) != list(classes):
         raise DataError(f"the classes of {run_dir}'s dataset changed since training: {source.classes} != {classes}")
     chosen = np.array([s == cfg.split for s in source.splits])

@@ -187,7 +187,7 @@ class Schedule:
                             f"or {fewer}, let it train)")
         warmup = self.config.get("warmup_epochs", 0) or 0
         if warmup > self.epochs:
-            messages.append(f"schedule.warmup_epochs={warmup} is longer than schedule.epochs={self.epochs}: the "
+            messages.append(f"schedule.warmup_epochs={warmup:g} is longer than schedule.epochs={self.epochs}: the "
                             f"learning rate never reaches its peak")
         return messages
 

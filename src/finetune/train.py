@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.callbacks.dashboards import Dashboards
 from finetune.callbacks.mixed_precision import CountSkippedSteps
 from finetune.callbacks.nonfinite import StopOnNonFiniteLoss
-from finetune.callbacks.preemption import Preempted, SaveOnPreemption
+from finetune.callbacks.preemption import Interrupted, Preempted, SaveOnPreemption
 from finetune.callbacks.schedule import EMA, ApplySchedule
 from finetune.checkpoints import AtomicCheckpointIO, remove_leftovers
 from finetune.config import OWN_TRAINER_KEYS, ConfigError, FinetuneError, TrainConfig, validate
@@ -55,6 +55,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     cfg = validate(cfg)
     refuse_multirun_with_ddp(cfg.trainer)
     run_dir = Path(cfg.run_dir)
+    if not resuming:
+        refuse_a_finished_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("Run directory: %s", run_dir)
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg))
@@ -79,7 +81,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     ckpt_path = None
     if resuming:
         ckpt_path = run_dir / "checkpoints" / "last.ckpt"
-        check_resumable(ckpt_path)
+        check_resumable(ckpt_path, data.classes, cfg.backbone.name)
         log.info("Resuming from %s", ckpt_path)
     else:
         if cfg.tune.lr_find:
@@ -92,6 +94,14 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         raise Preempted(f"Stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; the "
                         f"checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} holds that step. Continue with "
                         f"resume={run_dir}") from None
+    except SystemExit:  # Lightning's sys.exit(1) once it has caught a KeyboardInterrupt (Ctrl-C)
+        if not trainer.interrupted:
+            raise
+        last = run_dir / "checkpoints" / "last.ckpt"
+        kept = f"{last} holds the last whole epoch; continue with resume={run_dir}" if last.is_file() else \
+            "no checkpoint had been written yet"
+        raise Interrupted(f"Interrupted (Ctrl-C) in epoch {trainer.current_epoch}. Nothing was lost: {kept}") \
+            from None
     metrics = test_best(trainer, model, data, run_dir)
     log.info("Test accuracy %.4f (best checkpoint). Run directory: %s", metrics.get("test/acc", float("nan")), run_dir)
     # Let this run's model, data and trainer go (they hold reference cycles), so a sweep's jobs do not add up.
@@ -102,12 +112,30 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     return metrics
 
 
-def check_resumable(last: Path) -> None:
-    """Open last.ckpt as resume will (refusing one that would run code, before Lightning opens it); if it is damaged,
-    say which intact checkpoint of the run can take its place."""
+def refuse_a_finished_run(run_dir: Path) -> None:
+    """A fresh run never writes over a run directory that already holds one (hydra.run.dir=an earlier run)."""
+    import os
+
+    if int(os.environ.get("LOCAL_RANK", 0)) > 0:  # a DDP worker started by rank 0, in rank 0's own directory
+        return
+    held = [p.name for p in (run_dir / "metrics.json", *sorted(run_dir.glob("checkpoints/*.ckpt"))) if p.is_file()]
+    if held:
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(held)}), which a new run would overwrite: "
+                          f"continue it with resume={run_dir}, or give the new run another hydra.run.dir")
+
+
+def check_resumable(last: Path, classes: list[str], backbone: str) -> None:
+    """Open last.ckpt as resume will (refusing one that would run code, before Lightning opens it), and check it is
+    this run's: the same class names and backbone. If it is damaged, say which intact checkpoint can take its place."""
     try:
-        load_checkpoint(last)
-    except UnsafeCheckpoint:
+        hp = load_checkpoint(last).get("hyper_parameters", {})
+        theirs = list(hp.get("classes", [])), hp.get("backbone_config", {}).get("name")
+        if theirs != (list(classes), backbone):
+            raise ConfigError(f"{last} is not this run's checkpoint: it holds {theirs[1]} for {len(theirs[0])} classes "
+                              f"({', '.join(theirs[0][:5])}{', ...' if len(theirs[0]) > 5 else ''}), the run is "
+                              f"{backbone} for {len(classes)} ({', '.join(classes[:5])}"
+                              f"{', ...' if len(classes) > 5 else ''}); resume only a run's own checkpoint")
+    except (UnsafeCheckpoint, ConfigError):
         raise
     except FinetuneError as e:
         for other in sorted(last.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):

@@ -16,6 +16,13 @@ class Preempted(FinetuneError):
     exit_code = 143
 
 
+class Interrupted(FinetuneError):
+    """Ctrl-C during training: Lightning stops it; the checkpoints written so far stay. Exit status 130, as for a
+    process SIGINT ends."""
+
+    exit_code = 130
+
+
 class SaveOnPreemption(L.Callback):
     """Lightning turns SIGTERM (what clusters send before pre-empting a job) into a SIGTERMException at the next
     batch boundary, on every rank; this writes last.ckpt there, so resume=RUN_DIR continues from that step.

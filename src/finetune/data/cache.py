@@ -125,7 +125,9 @@ def _build(paths: list[str], pixels: Path, index: Path, short_side: int, interpo
     rows = np.zeros((len(paths), 3), dtype=np.int64)
     offset = 0
     jobs = [(p, short_side, interpolation, max_pixels) for p in paths]
-    pool = get_context("fork").Pool(workers) if workers > 1 else None
+    from finetune.cli import ignore_interrupts
+
+    pool = get_context("fork").Pool(workers, initializer=ignore_interrupts) if workers > 1 else None
     try:
         decoded = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
         with open(tmp, "wb") as f:

@@ -364,12 +364,19 @@ def subset(source: Source, keep: np.ndarray) -> Source:
                   passed_over=source.passed_over)
 
 
-def apply_split_file(source: Source, split_file: Path) -> Source:
-    """The samples of `source` named in `split_file`, with its splits; every one of them must still be there."""
+def apply_split_file(source: Source, split_file: Path, only: str | None = None) -> Source:
+    """The samples of `source` named in `split_file`, with its splits; every one of them (of split `only`, if given)
+    must still be there."""
     if not split_file.is_file():
         raise DataError(f"split file {split_file}: no such file")
     rows = read_split(split_file)
     position = {path: i for i, path in enumerate(source.paths)}
+    if only is not None:
+        elsewhere = sum(1 for path, _, split in rows if split != only and path not in position)
+        if elsewhere:
+            log.warning("%d images of %s outside its %s split are not in the dataset any more (not needed here)",
+                        elsewhere, split_file, only)
+        rows = [row for row in rows if row[2] == only]
     missing = [path for path, _, _ in rows if path not in position]
     if missing:
         raise DataError(f"{len(missing)} images of {split_file} are not in the dataset any more, e.g. {missing[0]}")
@@ -377,7 +384,7 @@ def apply_split_file(source: Source, split_file: Path) -> Source:
     wrong = [path for (path, label, _), j in zip(rows, keep) if source.classes[source.labels[j]] != label]
     if wrong:
         raise DataError(f"{len(wrong)} images of {split_file} have another class now, e.g. {wrong[0]}")
-    if len(keep) < len(source):
+    if len(keep) < len(source) and only is None:
         log.warning("%d images of the dataset are not in %s and are left out", len(source) - len(keep), split_file)
     chosen = subset(source, keep)
     chosen.splits = [split for _, _, split in rows]

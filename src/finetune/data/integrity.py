@@ -103,7 +103,9 @@ def scan(paths: list[str], root: str | Path, max_pixels: int, workers: int = 0,
 def _check_all(paths: list[str], max_pixels: int, workers: int, draft: int | None) -> list[str | None]:
     if workers <= 1 or len(paths) < 64:
         return [check_image(p, max_pixels, draft) for p in paths]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    from finetune.cli import ignore_interrupts
+
+    with ProcessPoolExecutor(max_workers=workers, initializer=ignore_interrupts) as pool:
         return list(pool.map(check_image, paths, [max_pixels] * len(paths), [draft] * len(paths),
                              chunksize=max(1, min(256, len(paths) // (workers * 8)))))
 
