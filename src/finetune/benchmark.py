@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 log = logging.getLogger(__name__)
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def fabricate_jpegs(root: Path, images: int, classes: int = 4, seed: int = 0) -> Path:
@@ -100,7 +99,7 @@ def _config(device: str, overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import finetune.config  # noqa: F401
+    from finetune.config import CONF  # also registers the config schema that conf/train.yaml builds on
 
     overrides = overrides + [f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "trainer.devices=1",
                              "callbacks.progress_bar=false", "+trainer.enable_model_summary=false",

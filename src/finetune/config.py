@@ -15,6 +15,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+# conf/: the Hydra configs the scripts compose, read also for presets (schedule=scratch, a resumed run's groups)
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
 
 class FinetuneError(Exception):
     """An error the user can fix; scripts print its message as one line instead of a traceback."""

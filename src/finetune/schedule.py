@@ -13,17 +13,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from finetune.config import ConfigError
+from finetune.config import CONF, ConfigError
 
 log = logging.getLogger(__name__)
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 # schedule.optimizer: the torch optimizer and the config keys it takes besides lr and weight decay.
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], tuple[str, ...]]] = {

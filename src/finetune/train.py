@@ -24,7 +24,7 @@ from finetune.callbacks.nonfinite import StopOnNonFiniteLoss
 from finetune.callbacks.preemption import Interrupted, Preempted, SaveOnPreemption
 from finetune.callbacks.schedule import EMA, ApplySchedule
 from finetune.checkpoints import AtomicCheckpointIO, remove_leftovers
-from finetune.config import OWN_TRAINER_KEYS, ConfigError, FinetuneError, TrainConfig, validate
+from finetune.config import CONF, OWN_TRAINER_KEYS, ConfigError, FinetuneError, TrainConfig, validate
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.transforms import Preprocessing, resolve_preprocessing
 from finetune.models.backbone import backbone_blocks, create_backbone
@@ -33,7 +33,6 @@ from finetune.schedule import Schedule, use_scratch_when_nothing_to_protect
 
 log = logging.getLogger(__name__)
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 # The metrics each run reports in TensorBoard's HPARAMS tab, to compare the runs of a sweep.
 HPARAM_METRICS = ("val/acc", "val/acc_best", "val/loss", "train/loss", "test/acc", "test/loss")
 GROUPS = ("dataset", "backbone", "head", "schedule", "augment", "trainer", "logger", "callbacks", "debug", "experiment",
