@@ -123,3 +123,10 @@ class SigtermAt(L.Callback):
 
         if trainer.global_step == self.step:
             raise SIGTERMException()
+
+
+class Boom(L.Callback):
+    """An error finetune has no message for: raised when training starts."""
+
+    def on_train_start(self, trainer, pl_module):
+        raise RuntimeError("boom: something nobody foresaw")

@@ -250,3 +250,16 @@ def test_evaluate_needs_only_the_split_it_evaluates(tmp_path, shapes):
     assert "3 images of" in output and "outside its test split are not in the dataset any more" in output
     evaluated = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert evaluated["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_an_unexpected_error_is_one_line_naming_the_log_that_holds_its_traceback(tmp_path, shapes):
+    env = {"PYTHONPATH": str(ROOT / "tests")}
+    result, output = script("train", tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *TINY,
+                            "logger=none", "callbacks.extra=[{_target_: recorders.Boom}]", env=env)
+    assert result.returncode == 1, output[-3000:]
+    assert "Unexpected error: RuntimeError: boom: something nobody foresaw" in output
+    assert "Traceback" not in output
+    log_file = next((tmp_path / "outputs" / "runs").iterdir()) / "train.log"
+    assert f"The full traceback is in {log_file}" in output
+    assert "Traceback (most recent call last)" in log_file.read_text() and "boom" in log_file.read_text()

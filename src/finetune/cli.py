@@ -36,11 +36,13 @@ job_error: str | None = None
 
 @contextlib.contextmanager
 def script():
-    """Run a script's body. A FinetuneError becomes one logged line and its exit status (2; 143 when pre-empted).
+    """Run a script's body. A FinetuneError becomes one logged line and its exit status (2; 130 when interrupted,
+    143 when pre-empted); Ctrl-C elsewhere too (130). Any other exception is one line naming it and the file that
+    holds its traceback (the run's train.log), exit status 1: no traceback reaches the console.
 
     In a multirun, a failed job (any error) is logged and recorded for the sweep's report, and the sweep goes on
     with the next job; it exits non-zero at the end. Sweepers that count failures themselves (Optuna) get the
-    error raised. A pre-empted job stops the whole sweep.
+    error raised. A pre-empted or interrupted job stops the whole sweep.
     """
     global job_error
     _single_console_logging()
@@ -59,11 +61,33 @@ def script():
             raise
     except Exception as e:
         if not _in_multirun():
-            raise
+            where = _keep_traceback()
+            text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            log.error("Unexpected error: %s%s (a case finetune does not handle yet: please report it with the "
+                      "traceback). The full traceback is in %s", type(e).__name__, f": {text}" if text else "", where)
+            sys.exit(1)
         log.exception("The job failed")
         job_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         if not _basic_sweeper():
             raise
+
+
+def _keep_traceback() -> str:
+    """Write the current exception's traceback where it does not reach the console: the run's log file (train.log)
+    when Hydra gave it one, else a file in the temporary folder. Returns where."""
+    import tempfile
+    import traceback
+
+    record = logging.LogRecord("finetune", logging.ERROR, __file__, 0, "Traceback of the unexpected error:\n%s",
+                               (traceback.format_exc(),), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            handler.flush()
+            return handler.baseFilename
+    path = Path(tempfile.gettempdir()) / f"finetune-error-{os.getpid()}.log"
+    path.write_text(traceback.format_exc())
+    return str(path)
 
 
 def _single_console_logging() -> None:
