@@ -141,6 +141,10 @@ def _build(paths: list[str], pixels: Path, index: Path, short_side: int, interpo
         tmp_index = index.with_name(f"{index.stem}.tmp-{os.getpid()}.npy")
         np.save(tmp_index, rows)
         tmp_index.replace(index)  # last: a cache whose index exists is complete
+    except BaseException:
+        if pool is not None:  # Ctrl-C or an error: stop the workers now, not after the rest of the queue
+            pool.terminate()
+        raise
     finally:
         if pool is not None:
             pool.close()

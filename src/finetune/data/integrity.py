@@ -106,8 +106,12 @@ def _check_all(paths: list[str], max_pixels: int, workers: int, draft: int | Non
     from finetune.cli import ignore_interrupts
 
     with ProcessPoolExecutor(max_workers=workers, initializer=ignore_interrupts) as pool:
-        return list(pool.map(check_image, paths, [max_pixels] * len(paths), [draft] * len(paths),
-                             chunksize=max(1, min(256, len(paths) // (workers * 8)))))
+        try:
+            return list(pool.map(check_image, paths, [max_pixels] * len(paths), [draft] * len(paths),
+                                 chunksize=max(1, min(256, len(paths) // (workers * 8)))))
+        except BaseException:  # Ctrl-C: drop the files not yet begun instead of checking them all first
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def cache_path(root: Path) -> Path:
