@@ -114,7 +114,15 @@ def test_evaluate_never_overwrites_and_takes_other_labelled_sets(trained, evalua
                          out=run_dir.parent / "other",
                          dataset={"name": "image_folder", "root": str(shapes), "target": None}))
     assert other["images"] == 120
+    # as README writes it on the command line: a dataset group and its root, composed by Hydra from the overrides
+    again = run(tool_cfg("evaluate", ckpt=run_dir / "checkpoints" / "best.ckpt", num_workers=0,
+                         out=run_dir.parent / "other-2", dataset="image_folder", **{"dataset.root": str(shapes)}))
+    assert again["images"] == 120 and again["accuracy"] == other["accuracy"]
     from finetune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dataset=image_folder: give its folder with dataset.root=DIR"):
+        run(tool_cfg("evaluate", ckpt=run_dir / "checkpoints" / "best.ckpt", out=run_dir.parent / "other-3",
+                     dataset="image_folder"))
 
     with pytest.raises(ConfigError, match="already holds an evaluation"):
         run(tool_cfg("evaluate", ckpt=run_dir / "checkpoints" / "best.ckpt", out=run_dir.parent / "other"))

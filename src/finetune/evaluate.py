@@ -79,6 +79,8 @@ def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path
     """The images to evaluate on, labelled with the model's class indices, and a description of them."""
     if cfg.get("dataset") is not None:
         d = cfg.dataset
+        if OmegaConf.is_missing(d, "root"):
+            raise ConfigError(f"dataset={d.name}: give its folder with dataset.root=DIR")
         source = read_source(d.name, d.root, d.get("target"))
         unknown = [c for c in source.classes if c not in classes]
         if unknown:

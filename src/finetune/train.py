@@ -448,7 +448,10 @@ def _differences_from_preset(group: str, option: str, saved: DictConfig) -> list
     differing = []
 
     def walk(node: DictConfig, prefix: str) -> None:
-        for key, value in node.items():
+        for key in node:
+            if OmegaConf.is_missing(node, key):  # ??? (dataset.root): the preset leaves it to the command line
+                continue
+            value = node[key]
             if isinstance(value, DictConfig):
                 walk(value, f"{prefix}{key}.")
                 continue
