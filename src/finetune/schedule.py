@@ -153,7 +153,7 @@ class Schedule:
 
     def trained_blocks(self, epoch: int) -> int:
         """How many of the backbone's last blocks train at `epoch` (0: frozen, `blocks`: all of it); past the
-        schedule's end (Lightning's learning-rate finder runs on), what the last phase trains."""
+        schedule's end, what its last phase trained."""
         return self._trained(self.phase_at(epoch) or self.phases[-1])
 
     def _trained(self, phase: Phase) -> int:
