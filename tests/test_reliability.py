@@ -235,7 +235,7 @@ def test_ctrl_c_during_training_is_one_line_and_exit_status_130(tmp_path, shapes
 
 
 @pytest.mark.slow
-def test_evaluate_needs_only_the_split_it_evaluates(tmp_path, shapes):
+def test_evaluate_needs_only_the_split_it_evaluates_and_follows_a_moved_dataset(tmp_path, shapes):
     data = tmp_path / "data"
     shutil.copytree(shapes, data)
     cfg = compose(tmp_path / "run", "dataset=image_folder", f"dataset.root={data}", *TINY, "logger=none",
@@ -250,6 +250,14 @@ def test_evaluate_needs_only_the_split_it_evaluates(tmp_path, shapes):
     assert "3 images of" in output and "outside its test split are not in the dataset any more" in output
     evaluated = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert evaluated["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    shutil.move(data, tmp_path / "moved")  # the dataset moved: evaluate reads the run's split from its new folder
+    result, output = script("evaluate", tmp_path, f"ckpt={tmp_path / 'run'}", "num_workers=0")
+    assert result.returncode == 2 and "if the dataset moved, give its new folder with root=DIR" in output, output
+    result, output = script("evaluate", tmp_path, f"ckpt={tmp_path / 'run'}", "num_workers=0",
+                            f"root={tmp_path / 'moved'}")
+    assert result.returncode == 0, output[-3000:]
+    again = json.loads((tmp_path / "run" / "eval-2" / "metrics.json").read_text())
+    assert again["accuracy"] == evaluated["accuracy"] and again["images"] == evaluated["images"]
 
 
 @pytest.mark.slow

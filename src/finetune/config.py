@@ -42,6 +42,7 @@ class DatasetConfig:
     val_fraction: float = 0.1  # of all images; of the training images where the dataset has an official test split
     test_fraction: float = 0.1  # ignored where the dataset has an official test split
     split_file: Optional[str] = None  # a split.csv of an earlier run, to train and test on exactly its images
+    duplicate_ids: str = "refuse"  # a label file (labels.csv) giving one id two labels: refuse | first (keep the first)
     limit_per_class: Optional[int] = None  # a seeded subset of N images per class (and official split)
     balance: str = "none"  # none | weights (class-weighted loss) | sampler (class-balanced batches)
     max_bad_fraction: float = 0.05  # stop before training if more of the files than this cannot be used
@@ -214,6 +215,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"{key or 'config'}: {str(e).splitlines()[0]}") from None
 
     from finetune import schedule
+    from finetune.data.sources import DUPLICATE_IDS
 
     _check_finite(cfg)
     d, s, h, a = cfg.dataset, cfg.schedule, cfg.head, cfg.augment
@@ -233,6 +235,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(not d.download or d.root is not None, "dataset.download=true needs dataset.root: where to put it")
     _check(d.cache_size is None or d.cache_size >= 8, f"dataset.cache_size must be >= 8 or null (got {d.cache_size})")
     _check(d.decode in ("cpu", "device"), f"dataset.decode must be cpu or device (got {d.decode})")
+    _check(d.duplicate_ids in DUPLICATE_IDS,
+           f"dataset.duplicate_ids must be one of {', '.join(DUPLICATE_IDS)} (got {d.duplicate_ids})")
     cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else None
     _check(cache_dir is None or not cache_dir.exists() or cache_dir.is_dir(),
            f"dataset.cache_dir={d.cache_dir} is a file, not a folder: give a folder for the decoded-image cache")

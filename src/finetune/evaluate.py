@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.cli import free_path
 from finetune.config import ConfigError
 from finetune.data.datamodule import apply_split_file, drop_unusable, load_image, subset
-from finetune.data.sources import DataError, Source, read_source
+from finetune.data.sources import DataError, Source, read_dataset
 from finetune.inference import probabilities, resolve_device
 from finetune.models.classifier import load_classifier, resolve_checkpoint
 from finetune.plots import confusion_matrix_figure, curves_figure, image_grid_figure
@@ -30,7 +30,12 @@ def run(cfg: DictConfig) -> dict:
     model = load_classifier(ckpt, map_location="cpu")
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     out = output_folder(cfg.out, run_dir)
-    source, indices, described = evaluation_set(cfg, model.classes, run_dir, out)
+    try:
+        source, indices, described = evaluation_set(cfg, model.classes, run_dir, out)
+    except BaseException:
+        if not any(out.iterdir()):  # nothing to evaluate on: no empty eval folder is left behind
+            out.rmdir()
+        raise
     log.info("Evaluating %s on %s (%s images)%s; writing into %s", ckpt, described, f"{len(indices):,}",
              " with ten-crop TTA" if cfg.tta else "", out)
 
@@ -81,7 +86,7 @@ def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path
         d = cfg.dataset
         if OmegaConf.is_missing(d, "root"):
             raise ConfigError(f"dataset={d.name}: give its folder with dataset.root=DIR")
-        source = read_source(d.name, d.root, d.get("target"))
+        source = read_dataset(d)
         unknown = [c for c in source.classes if c not in classes]
         if unknown:
             raise DataError(f"dataset={d.name} has classes the model does not know: {', '.join(unknown[:5])} "
@@ -96,7 +101,17 @@ def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path
         raise ConfigError(f"{cfg.ckpt} is not in a run directory with config.yaml and split.csv: give the images to "
                           "evaluate on with dataset=NAME dataset.root=DIR")
     d = OmegaConf.load(config).dataset
-    source = apply_split_file(read_source(d.name, d.root, d.get("target")), split_file, only=cfg.split)
+    moved = None
+    if cfg.get("root") is not None:  # the dataset moved since training: split.csv's paths are read below root=
+        if d.get("root") is None:
+            raise ConfigError(f"root={cfg.root}: dataset={d.name} of {run_dir} has no folder to move")
+        moved = (str(Path(d.root).expanduser()), str(Path(cfg.root).expanduser()))
+        d.root = cfg.root
+    elif d.get("root") is not None and not Path(d.root).expanduser().is_dir():
+        raise DataError(f"the dataset {run_dir} was trained on is not in {d.root} any more: if the dataset moved, "
+                        "give its new folder with root=DIR")
+    source = apply_split_file(read_dataset(d), split_file, only=cfg.split, moved=moved,
+                              hint="; if the dataset moved, give its new folder with root=DIR" if moved is None else "")
     if list(source.classes) != list(classes):
         raise DataError(f"the classes of {run_dir}'s dataset changed since training: {source.classes} != {classes}")
     chosen = np.array([s == cfg.split for s in source.splits])

@@ -22,7 +22,7 @@ from finetune.data.cache import ImageCache, default_cache_dir, open_or_build
 from finetune.data.features import FrozenFeatures
 from finetune.data.images import open_rgb
 from finetune.data.integrity import scan
-from finetune.data.sources import DataError, Source, read_source
+from finetune.data.sources import DataError, Source, read_dataset
 from finetune.data.splits import SPLITS, read_split, stratified_split, write_split
 from finetune.data.transforms import Preprocessing, eval_transform, train_transform
 
@@ -39,12 +39,18 @@ def load_image(source: Source, j: int, max_pixels: int, draft: int | None = None
 class ImageDataset(Dataset):
     """Samples `indices` of `source`, decoded to RGB (or read from the decoded-image cache) and transformed to uint8
     CHW tensors. With `raw`, JPEG files come as their bytes (1-D uint8), to be decoded on the device, and other
-    images as uint8 CHW tensors of their own size; the transform is then applied on the device."""
+    images as uint8 CHW tensors of their own size; the transform is then applied on the device.
+
+    `failed` (one flag per sample of `source`, in shared memory so that every DataLoader worker sees it) marks the
+    files that failed to load since the integrity scan; each is reported once, in `skipped_csv`, and skipped."""
 
     def __init__(self, source: Source, indices: np.ndarray, transform, draft: int | None = None,
-                 max_pixels: int = 100_000_000, cache: ImageCache | None = None, raw: bool = False):
+                 max_pixels: int = 100_000_000, cache: ImageCache | None = None, raw: bool = False,
+                 failed: torch.Tensor | None = None, skipped_csv: Path | None = None):
         self.source, self.indices, self.transform = source, indices, transform
         self.draft, self.max_pixels, self.cache, self.raw = draft, max_pixels, cache, raw
+        self.failed = failed if failed is not None else torch.zeros(len(source), dtype=torch.bool)
+        self.skipped_csv = skipped_csv
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -56,17 +62,44 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         # A file the integrity scan passed can still fail later (replaced or deleted during training): the
-        # epoch goes on with a neighbouring image in its place, and the log says which file failed.
-        for attempt in range(10):
-            k = (i + attempt) % len(self)
+        # epoch goes on with a neighbouring image in its place, and the file is reported once and skipped after.
+        failures = 0
+        for step in range(len(self)):
+            k = (i + step) % len(self)
+            j = int(self.indices[k])
+            if self.failed[j]:
+                continue
             try:
                 if self.raw:
-                    return self.read(k), int(self.source.labels[self.indices[k]])
-                return self.transform(self.load(k)), int(self.source.labels[self.indices[k]])
+                    return self.read(k), int(self.source.labels[j])
+                return self.transform(self.load(k)), int(self.source.labels[j])
             except Exception as e:
-                log.warning("Could not load %s (%s); using another image in its place",
-                            self.source.paths[self.indices[k]], e)
-        raise DataError(f"10 images in a row around {self.source.paths[self.indices[i]]} could not be loaded")
+                self._record_failure(j, e)
+                failures += 1
+                if failures == 10:
+                    break
+        raise DataError(f"{failures} images in a row around {self.source.paths[self.indices[i]]} could not be "
+                        f"loaded{f' (see {self.skipped_csv})' if self.skipped_csv else ''}")
+
+    def _record_failure(self, j: int, error: Exception) -> None:
+        """Mark sample j failed for every worker; say so once, and add it to skipped.csv."""
+        if self.failed[j]:
+            return
+        self.failed[j] = True
+        from finetune.data.integrity import failure_reason
+
+        path = self.source.paths[j]
+        reason = failure_reason(error, path if self.source.images is None else None)
+        where = ""
+        if self.skipped_csv is not None:
+            try:
+                with open(self.skipped_csv, "a", newline="") as f:  # one short append: whole rows across workers
+                    csv.writer(f).writerow([path, f"failed while training: {reason}"])
+                where = f"; listed in {self.skipped_csv}"
+            except OSError:
+                pass
+        log.warning("Could not load %s (%s): another image takes its place, and it is skipped from now on%s",
+                    path, reason, where)
 
     def read(self, i: int) -> torch.Tensor:
         """A JPEG's bytes as they are in its file; any other image decoded here, untransformed."""
@@ -147,6 +180,7 @@ class ImageDataModule(L.LightningDataModule):
         self.split_file = Path(split_file) if split_file else None
         self.source: Source | None = None
         self.splits: np.ndarray | None = None
+        self.failed: torch.Tensor | None = None
         self.cache: ImageCache | None = None
         self.decode_on_device = False  # dataset.decode=device, for datasets of files
         self.features = FrozenFeatures(self, feature_views, ema) if cache_features else None
@@ -168,7 +202,7 @@ class ImageDataModule(L.LightningDataModule):
             return
         if not downloads.has_partial_download(root, self.cfg.name):
             try:
-                read_source(self.cfg.name, self.cfg.root, self.cfg.get("target"))
+                read_dataset(self.cfg)
                 log.info("dataset=%s is already in %s: not downloading", self.cfg.name, root)
                 return
             except DataError:
@@ -180,7 +214,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.source is not None:
             return
         d = self.cfg
-        source = read_source(d.name, d.root, d.get("target"))
+        source = read_dataset(d)
         if self.split_file is not None:
             source = apply_split_file(source, self.split_file)  # its splits become source.splits
         if d.get("limit_per_class"):
@@ -197,6 +231,7 @@ class ImageDataModule(L.LightningDataModule):
                 raise DataError(f"the {split} split is empty: {len(source)} images are too few for "
                                 f"dataset.val_fraction={d.val_fraction}, test_fraction={d.test_fraction}")
         self.source, self.splits = source, splits
+        self.failed = torch.zeros(len(source), dtype=torch.bool).share_memory_()  # files failing from now on
         _record_split(self.run_dir / "split.csv", source, splits)
         log.info("Dataset %s: %s images, %d classes\n%s", d.name, f"{len(source):,}", len(source.classes),
                  self.class_count_table())
@@ -256,7 +291,8 @@ class ImageDataModule(L.LightningDataModule):
         else:
             draft = pre.resize_size
         return ImageDataset(self.source, self.indices(split), transform, draft=draft, max_pixels=self.cfg.max_pixels,
-                            cache=self.cache, raw=self.decode_on_device)
+                            cache=self.cache, raw=self.decode_on_device, failed=self.failed,
+                            skipped_csv=self.run_dir / "skipped.csv")
 
     def device_transform(self, train: bool) -> v2.Compose:
         """What the workers would do after decoding, on uint8 tensors on the device (dataset.decode=device)."""
@@ -364,12 +400,18 @@ def subset(source: Source, keep: np.ndarray) -> Source:
                   passed_over=source.passed_over)
 
 
-def apply_split_file(source: Source, split_file: Path, only: str | None = None) -> Source:
+def apply_split_file(source: Source, split_file: Path, only: str | None = None,
+                     moved: tuple[str, str] | None = None, hint: str = "") -> Source:
     """The samples of `source` named in `split_file`, with its splits; every one of them (of split `only`, if given)
-    must still be there."""
+    must still be there. `moved` = (old folder, new folder): the dataset was moved, and the paths of split_file
+    below the old folder are read below the new one. `hint` ends the message when files are missing."""
     if not split_file.is_file():
         raise DataError(f"split file {split_file}: no such file")
     rows = read_split(split_file)
+    if moved is not None:
+        old = moved[0].rstrip("/") + "/"
+        rows = [(moved[1].rstrip("/") + "/" + path[len(old):] if path.startswith(old) else path, label, split)
+                for path, label, split in rows]
     position = {path: i for i, path in enumerate(source.paths)}
     if only is not None:
         elsewhere = sum(1 for path, _, split in rows if split != only and path not in position)
@@ -379,7 +421,8 @@ def apply_split_file(source: Source, split_file: Path, only: str | None = None) 
         rows = [row for row in rows if row[2] == only]
     missing = [path for path, _, _ in rows if path not in position]
     if missing:
-        raise DataError(f"{len(missing)} images of {split_file} are not in the dataset any more, e.g. {missing[0]}")
+        raise DataError(f"{len(missing)} images of {split_file} are not in the dataset any more, e.g. {missing[0]}"
+                        f"{hint}")
     keep = np.array([position[path] for path, _, _ in rows], dtype=np.int64)
     wrong = [path for (path, label, _), j in zip(rows, keep) if source.classes[source.labels[j]] != label]
     if wrong:

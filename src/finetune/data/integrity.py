@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ def scan(paths: list[str], root: str | Path, max_pixels: int, workers: int = 0,
             st = os.stat(path)
         except OSError as e:
             result.bad.append((path, f"unreadable: {e.strerror}"))
+            continue
+        if not stat.S_ISREG(st.st_mode):  # a FIFO named like an image would block the reader for ever
+            result.bad.append((path, "not a regular file (a FIFO, device or socket): not opened"))
             continue
         key = (st.st_size, st.st_mtime_ns)
         hit = cached.get(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,12 +102,18 @@ def read_image_folder(root: str | None) -> Source:
     """ROOT/<class>/**/<image>: one folder per class, named for it; files in nested folders count too.
 
     When ROOT holds only split folders (train/, val/ or valid/, test/), each with the class folders inside,
-    those splits are the dataset's official ones.
+    those splits are the dataset's official ones. A split-named folder beside class folders (an unlabelled test/)
+    is no class: it is left out, and said so.
+
+    Every real file is taken once, under the class of the folder it really lies in: links to folders inside the
+    dataset (loops among them) are not followed, a link to a file is read where the file lies, and a FIFO or
+    device named like an image is passed over unopened.
     """
     base = require_dir(root, "image_folder")
     folders = [d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    if folders and all(d.name.lower() in SPLIT_FOLDERS for d in folders):
-        passed_over: list[tuple[str, str]] = []
+    passed_over: list[tuple[str, str]] = []
+    split_named = [d for d in folders if d.name.lower() in SPLIT_FOLDERS]
+    if folders and len(split_named) == len(folders):
         parts = [(_class_folders(d, str(d), passed_over), SPLIT_FOLDERS[d.name.lower()]) for d in sorted(folders)]
         classes = sorted({c for found, _ in parts for c in found})
         paths, labels, splits = [], [], []
@@ -115,37 +122,132 @@ def read_image_folder(root: str | None) -> Source:
                 paths += files
                 labels += [classes.index(name)] * len(files)
                 splits += [split] * len(files)
+        _warn_classes_missing_from_train(classes, labels, splits, root)
         return Source(classes, paths, np.array(labels, dtype=np.int64), splits=splits, passed_over=passed_over)
-    passed_over = []
-    found = _class_folders(base, root, passed_over)
+    for folder in split_named:  # beside class folders: an unlabelled set, or a misplaced split
+        inside = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if inside:
+            others = ", ".join(sorted(d.name for d in folders if d not in split_named)[:3])
+            raise DataError(f"dataset.root={root} mixes class folders ({others}, ...) with a split folder "
+                            f"{folder.name}/ holding folders ({', '.join(inside[:3])}): put the class folders in "
+                            f"{base}/train/ so that {folder.name}/ is the official split, or move {folder.name}/ out")
+        log.warning("dataset.root=%s: %s/ is named like a split and holds no class folders: taken as unlabelled "
+                    "images and left out (classify them with scripts/predict.py)", root, folder.name)
+        passed_over.append((str(folder), "unlabelled folder named like a split: not a class, left out"))
+    found = _class_folders(base, root, passed_over, exclude={d.name for d in split_named})
     paths = [p for files in found.values() for p in files]
     labels = [label for label, files in enumerate(found.values()) for _ in files]
     return Source(list(found), paths, np.array(labels, dtype=np.int64), passed_over=passed_over)
 
 
-def _class_folders(base: Path, root: str | None, passed_over: list[tuple[str, str]]) -> dict[str, list[str]]:
+def _warn_classes_missing_from_train(classes: list[str], labels: list[int], splits: list[str],
+                                     root: str | None) -> None:
+    """A class with images only in the official val/ or test/ folder cannot be learnt: say so before training."""
+    counts = {name: {} for name in classes}
+    for label, split in zip(labels, splits):
+        counts[classes[label]][split] = counts[classes[label]].get(split, 0) + 1
+    for name, where in counts.items():
+        if not where.get("train"):
+            found = ", ".join(f"{n} in {s}/" for s, n in sorted(where.items()))
+            log.warning("dataset.root=%s: class %r has no training images (only %s): the model cannot learn it, and "
+                        "each of its images will count as an error", root, name, found)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _class_folders(base: Path, root: str | None, passed_over: list[tuple[str, str]],
+                   exclude: set[str] = frozenset()) -> dict[str, list[str]]:
     """{class name: image files below base/<class name>} for every class folder that holds images.
 
-    Other files there (Thumbs.db, notes) are added to `passed_over`; hidden files (.DS_Store) are not.
+    Other files there (Thumbs.db, notes) are added to `passed_over`; hidden files (.DS_Store) are not. Each real
+    file is taken once (by device and inode), under the class whose real folder holds it; links to folders inside
+    `base` are not followed (they would read its images again, or loop), links to folders outside are, once each.
     """
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    real_base = os.path.realpath(base)
+    classes = []
+    for d in sorted(base.iterdir(), key=lambda d: d.name):
+        if not d.is_dir() or d.name.startswith(".") or d.name in exclude:
+            continue
+        target = os.path.realpath(d)
+        if d.is_symlink() and (_inside(target, real_base) or _inside(real_base, target)):
+            passed_over.append((str(d), f"link to {target}, inside the dataset: not a class folder"))
+            continue
+        classes.append(d.name)
     if not classes:
         raise DataError(f"dataset.root={root} has no class folders: expected ROOT/<class name>/<image>")
-    found: dict[str, list[str]] = {}
+    real_class = {os.path.realpath(base / name): name for name in classes}
+    seen: dict[tuple[int, int], str] = {}  # (device, inode) -> where the file was taken
+    visited: set[str] = set()  # real folders walked
+    found: dict[str, list[str]] = {name: [] for name in classes}
     for name in classes:
-        files = []
         for folder, dirs, names in os.walk(base / name, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            visited.add(os.path.realpath(folder))
+            keep = []
+            for d in sorted(dirs):
+                path = os.path.join(folder, d)
+                if d.startswith("."):
+                    continue
+                if os.path.islink(path):
+                    target = os.path.realpath(path)
+                    if _inside(target, real_base) or target in visited or _inside(os.path.realpath(folder), target):
+                        passed_over.append((path, f"link to {target}, a folder read elsewhere or a loop: not followed"))
+                        continue
+                    visited.add(target)  # claimed now: another link to it in this folder is not followed either
+                keep.append(d)
+            dirs[:] = keep
             for n in sorted(names):
-                if is_image_file(n):
-                    files.append(os.path.join(folder, n))
-                elif not n.startswith("."):
-                    passed_over.append((os.path.join(folder, n), "not an image file (by its name)"))
-        if files:
-            found[name] = files
-        else:
+                path = os.path.join(folder, n)
+                if n.startswith("."):
+                    continue
+                if not is_image_file(n):
+                    passed_over.append((path, "not an image file (by its name)"))
+                    continue
+                owner = _take_file(path, name, seen, real_class, passed_over)
+                if owner is not None:
+                    found[owner].append(path)
+    for name in classes:
+        if not found[name]:
             log.warning("dataset.root=%s: class folder %r holds no images and is left out", root, name)
-    return found
+    return {name: files for name, files in found.items() if files}
+
+
+def _class_holding(real: str, real_class: dict[str, str]) -> str | None:
+    """The class whose real folder holds the real path `real`, if any: a look-up per parent folder."""
+    folder = os.path.dirname(real)
+    while folder not in real_class:
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+    return real_class[folder]
+
+
+def _take_file(path: str, found_in: str, seen: dict[tuple[int, int], str], real_class: dict[str, str],
+               passed_over: list[tuple[str, str]]) -> str | None:
+    """The class `path` (found below class folder `found_in`) belongs to: the class whose real folder holds the real
+    file, else `found_in`. None when it is passed over: not a regular file, unreadable, a link to a file inside a
+    class folder (taken there), or a file already taken under another name (a hard link)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        passed_over.append((path, f"unreadable: {e.strerror}" + (" (a broken link)" if os.path.islink(path) else "")))
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        passed_over.append((path, "not a regular file (a FIFO, device or socket): not opened"))
+        return None
+    real = os.path.realpath(path)
+    owner = _class_holding(real, real_class)
+    if os.path.islink(path) and owner is not None:
+        passed_over.append((path, f"link to {real}: taken there, as class {owner!r}"))
+        return None
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        passed_over.append((path, f"the same file as {seen[key]}"))
+        return None
+    seen[key] = path
+    return owner if owner is not None else found_in
 
 
 def read_pet_images(root: str | None) -> Source:
@@ -163,10 +265,11 @@ def read_pet_images(root: str | None) -> Source:
     return read_image_folder(str(pets))
 
 
-def read_dog_breeds(root: str | None) -> Source:
+def read_dog_breeds(root: str | None, duplicate_ids: str = "refuse") -> Source:
     """Kaggle dog-breed-identification: ROOT/labels.csv (id,breed) and ROOT/train/<id>.jpg; ROOT/test/ unlabelled.
 
-    Rows of labels.csv whose image is missing are left out with a warning.
+    labels.csv may come from Excel (a byte-order mark, spaces after the commas). Rows of it whose image is missing
+    are passed over (skipped.csv); an id given two breeds is refused, or its first row kept (duplicate_ids=first).
     """
     import csv
 
@@ -174,23 +277,67 @@ def read_dog_breeds(root: str | None) -> Source:
     labels_csv = base / "labels.csv"
     if not labels_csv.is_file():
         raise DataError(f"dataset.root={root}: expected {labels_csv} (id,breed) and {base}/train/<id>.jpg")
-    with open(labels_csv, newline="") as f:
-        reader = csv.DictReader(f)
-        if not {"id", "breed"} <= set(reader.fieldnames or []):
-            raise DataError(f"{labels_csv} must have the columns id,breed (it has {reader.fieldnames})")
-        rows = [(row["id"], row["breed"]) for row in reader]
+    with open(labels_csv, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM
+        reader = csv.reader(f, skipinitialspace=True)
+        header = [h.strip() for h in next(reader, [])]
+        if not {"id", "breed"} <= set(header):
+            raise DataError(f"{labels_csv} must have the columns id,breed (it has {','.join(header)})")
+        i, b = header.index("id"), header.index("breed")
+        rows, passed_over = [], []
+        for line, row in enumerate(reader, start=2):
+            row = [x.strip() for x in row]
+            if not any(row):
+                continue
+            if len(row) <= max(i, b) or not row[i] or not row[b]:
+                passed_over.append((f"{labels_csv}:{line}", "row without an id or a breed"))
+            else:
+                rows.append((row[i], row[b], line))
+    rows = one_label_per_id(rows, labels_csv, duplicate_ids, passed_over)
     classes = sorted({breed for _, breed in rows})
     index = {name: i for i, name in enumerate(classes)}
-    paths, labels, missing = [], [], []
+    paths, labels = [], []
     for image_id, breed in rows:
         path = base / "train" / f"{image_id}.jpg"
         if path.is_file():
             paths.append(str(path))
             labels.append(index[breed])
         else:
-            missing.append(str(path))
-    return Source(classes, paths, np.array(labels, dtype=np.int64),
-                  passed_over=[(path, "missing: named in labels.csv") for path in missing])
+            passed_over.append((str(path), "missing: named in labels.csv"))
+    return Source(classes, paths, np.array(labels, dtype=np.int64), passed_over=passed_over)
+
+
+DUPLICATE_IDS = ("refuse", "first")  # dataset.duplicate_ids: what an id listed twice with two labels does
+
+
+def one_label_per_id(rows: list[tuple[str, str, int]], file: Path, duplicate_ids: str,
+                     passed_over: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(id, label) once per id, from (id, label, line) rows of a label file. Repeats with the same label are
+    passed over; an id with two labels is a DataError naming them, or keeps its first row (duplicate_ids=first)."""
+    first: dict[str, tuple[str, int]] = {}
+    conflicts: dict[str, list[str]] = {}
+    for image_id, label, line in rows:
+        if image_id not in first:
+            first[image_id] = (label, line)
+            continue
+        kept, kept_line = first[image_id]
+        if label == kept:
+            passed_over.append((f"{file}:{line}", f"id {image_id} again, as on line {kept_line}"))
+        else:
+            conflicts.setdefault(image_id, [kept]).append(label)
+            passed_over.append((f"{file}:{line}", f"id {image_id} as {label!r}, but {kept!r} on line {kept_line} "
+                                                  "(the first kept: dataset.duplicate_ids=first)"))
+    if conflicts:
+        examples = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(conflicts.items())[:3])
+        if duplicate_ids != "first":
+            raise DataError(f"{file} gives {len(conflicts)} ids more than one label ({examples}): the same image "
+                            "would be trained and tested under two classes. Fix the file, or keep each id's first "
+                            "row with dataset.duplicate_ids=first")
+        log.warning("%s gives %d ids more than one label (%s): each keeps its first (dataset.duplicate_ids=first)",
+                    file, len(conflicts), examples)
+    repeats = len(rows) - len(first)
+    if repeats > len(conflicts):
+        log.warning("%s lists %d ids more than once; each is taken once (the rows are in skipped.csv)", file, repeats)
+    return [(image_id, label) for image_id, (label, _) in first.items()]
 
 
 def read_stanford_dogs(root: str | None) -> Source:
@@ -260,32 +407,50 @@ def read_cifar10(root: str | None) -> Source:
     return Source(classes, paths, np.array(labels, dtype=np.int64), images=np.concatenate(images), splits=splits)
 
 
-def read_oxford_pets(root: str | None, target: str = "breed") -> Source:
+def read_oxford_pets(root: str | None, target: str = "breed", duplicate_ids: str = "refuse") -> Source:
     """Oxford-IIIT Pet in torchvision's layout: ROOT/oxford-iiit-pet/{images/*.jpg, annotations/{trainval,test}.txt}
-    (or ROOT is that folder). target=breed: 37 classes named as torchvision names them; target=species: Cat, Dog.
-    trainval.txt is the training split (divided into train and val), test.txt the test split."""
+    (or ROOT is that folder). target=breed: the breeds present, named as torchvision names them (37 in the full set);
+    target=species: Cat, Dog. trainval.txt is the training split (divided into train and val), test.txt the test
+    split. Annotated images missing from images/ are passed over (skipped.csv)."""
     base = require_dir(root, "oxford_pets")
     pets = base / "oxford-iiit-pet" if (base / "oxford-iiit-pet").is_dir() else base
     annotations, images = pets / "annotations", pets / "images"
     if not ((annotations / "trainval.txt").is_file() and (annotations / "test.txt").is_file() and images.is_dir()):
         raise DataError(f"dataset.root={root}: expected {images}/ and {annotations}/trainval.txt, test.txt "
                         "(torchvision's OxfordIIITPet layout; dataset.download=true fetches it)")
-    rows = []
+    rows, passed_over, parsed = [], [], {}
     for split, file in (("train", "trainval.txt"), ("test", "test.txt")):
-        for line in (annotations / file).read_text().splitlines():
-            if line.strip() and not line.startswith("#"):
-                image_id, class_id, species, _ = line.split()
-                rows.append((image_id, int(class_id), int(species), split))
+        for line, text in enumerate((annotations / file).read_text().splitlines(), start=1):
+            if not text.strip() or text.startswith("#"):
+                continue
+            fields = text.split()
+            if len(fields) < 3 or not (fields[1].isdigit() and fields[2] in ("1", "2")):
+                passed_over.append((f"{annotations / file}:{line}", "not an annotation line (ID CLASS SPECIES ...)"))
+                continue
+            label = f"class {int(fields[1])} in {file}"
+            rows.append((fields[0], label, line))
+            parsed[fields[0], label] = (int(fields[1]), int(fields[2]), split)
+    # One label per image: an image in both trainval.txt and test.txt would sit in train and test at once.
+    kept = one_label_per_id(rows, annotations, duplicate_ids, passed_over)
+    present = []
+    for image_id, label in kept:
+        path = images / f"{image_id}.jpg"
+        if path.is_file():
+            present.append((image_id, *parsed[image_id, label]))
+        else:
+            passed_over.append((str(path), "missing: named in the annotations"))
     if target == "species":
         classes = ["Cat", "Dog"]
-        label_of = {r[0]: r[2] - 1 for r in rows}
-    else:
-        names = {r[1]: " ".join(part.title() for part in r[0].rsplit("_", 1)[0].split("_")) for r in rows}
-        classes = [names[k] for k in sorted(names)]
-        label_of = {r[0]: r[1] - 1 for r in rows}
-    rows = [r for r in rows if (images / f"{r[0]}.jpg").is_file()]
-    return Source(classes, [str(images / f"{r[0]}.jpg") for r in rows],
-                  np.array([label_of[r[0]] for r in rows], dtype=np.int64), splits=[r[3] for r in rows])
+        labels = [species - 1 for _, _, species, _ in present]
+    else:  # dense over the breeds that have images: a subset of the 37 breeds is a dataset of its own
+        names = {class_id: " ".join(part.title() for part in image_id.rsplit("_", 1)[0].split("_"))
+                 for image_id, class_id, _, _ in present}
+        order = sorted(names)
+        classes = [names[k] for k in order]
+        index = {k: i for i, k in enumerate(order)}
+        labels = [index[class_id] for _, class_id, _, _ in present]
+    return Source(classes, [str(images / f"{r[0]}.jpg") for r in present], np.array(labels, dtype=np.int64),
+                  splits=[r[3] for r in present], passed_over=passed_over)
 
 
 READERS: dict[str, Callable[..., Source]] = {
@@ -302,9 +467,16 @@ READERS: dict[str, Callable[..., Source]] = {
 
 # Readers that take dataset.target, and the values they take; the first is the default.
 TARGETS = {"oxford_pets": ("breed", "species")}
+# Readers of a label file, which take dataset.duplicate_ids.
+LABEL_FILES = ("dog_breeds", "oxford_pets")
 
 
-def read_source(name: str, root: str | None, target: str | None = None) -> Source:
+def read_dataset(d) -> Source:
+    """read_source with the keys of a `dataset` config."""
+    return read_source(d.name, d.root, d.get("target"), duplicate_ids=d.get("duplicate_ids") or "refuse")
+
+
+def read_source(name: str, root: str | None, target: str | None = None, duplicate_ids: str = "refuse") -> Source:
     """Read dataset `name` from `root`; a DataError if it has fewer than two classes with images."""
     if name not in READERS:
         from finetune.config import suggest
@@ -314,7 +486,10 @@ def read_source(name: str, root: str | None, target: str | None = None) -> Sourc
     if target is not None and target not in TARGETS.get(name, ()):
         options = f"one of {', '.join(TARGETS[name])}" if name in TARGETS else "not used (leave it null)"
         raise DataError(f"dataset.target={target}: for dataset={name} it is {options}")
-    source = READERS[name](root, target) if target is not None else READERS[name](root)
+    options = {"target": target} if target is not None else {}
+    if name in LABEL_FILES:
+        options["duplicate_ids"] = duplicate_ids
+    source = READERS[name](root, **options)
     counts = np.bincount(source.labels, minlength=len(source.classes))
     present = [c for c, n in zip(source.classes, counts) if n > 0]
     if len(present) < 2:
