@@ -70,6 +70,76 @@ def test_unavailable_pretrained_weights_name_the_three_ways_on():
     assert "backbone.pretrained=false" in message
 
 
+def _no_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a network connection was attempted: {args}")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_offline_without_cached_weights_fails_at_once_without_trying_the_network(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _no_network(monkeypatch)  # HF_HUB_OFFLINE=1 (conftest): not even one connection attempt
+    tried = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: tried.append(k) or pytest.fail("timm was asked"))
+    with pytest.raises(WeightsUnavailable, match="HF_HUB_OFFLINE is set"):
+        create_backbone("mobilenetv2_100", pretrained=True)
+    assert tried == []
+
+
+def test_an_unreachable_hub_is_one_short_try_then_the_message(monkeypatch, tmp_path):
+    import socket
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for proxy in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    attempts = []
+
+    def unreachable(address, timeout=None):
+        attempts.append((address, timeout))
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("timm was asked to download"))
+    with pytest.raises(WeightsUnavailable, match="huggingface.co is unreachable: Network is unreachable"):
+        create_backbone("mobilenetv2_100", pretrained=True)
+    assert attempts == [(("huggingface.co", 443), 5.0)]
+
+
+def _hub_cache(hf_home, repo, state_dict, revision="0123abcd"):
+    """The Hugging Face hub cache as a download leaves it: blobs, a snapshot and refs/main."""
+    from safetensors.torch import save_file
+
+    folder = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    (folder / "snapshots" / revision).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, folder / "snapshots" / revision / "model.safetensors")
+
+
+@pytest.mark.parametrize("cache", ["huggingface", "torch hub"])
+def test_weights_in_a_local_cache_load_offline_without_the_network(monkeypatch, tmp_path, cache):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(3)
+    trained = timm.create_model("mobilenetv2_100")  # stands for the published weights, classifier included
+    if cache == "huggingface":
+        _hub_cache(tmp_path / "hf", "timm/mobilenetv2_100.ra_in1k", trained.state_dict())
+    else:
+        (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+        torch.save(trained.state_dict(), tmp_path / "torch" / "hub" / "checkpoints" / "mobilenetv2_100_ra-b33bc2c4.pth")
+    _no_network(monkeypatch)
+    backbone = create_backbone("mobilenetv2_100", pretrained=True)
+    loaded = backbone.state_dict()
+    assert loaded.keys() and all(torch.equal(loaded[k], trained.state_dict()[k]) for k in loaded)
+
+
 def _classifier(head="linear", k=3):
     pre = {"image_size": 32, "crop_pct": 1.0, "interpolation": "bicubic", "mean": [0.4, 0.5, 0.6], "std": [0.2] * 3}
     schedule = {**SCHEDULE, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "momentum": 0.9,

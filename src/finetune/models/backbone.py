@@ -14,7 +14,12 @@ class WeightsUnavailable(FinetuneError):
 
 
 def create_backbone(name: str, pretrained: bool = False, weights: str | None = None, pool: str = "avg") -> nn.Module:
-    """timm `name` with `num_classes=0` (pooled features out), from ImageNet weights, a local file, or random init."""
+    """timm `name` with `num_classes=0` (pooled features out), from ImageNet weights, a local file, or random init.
+
+    Pretrained weights already in the Hugging Face or torch hub cache are loaded from there without any network
+    call. Weights not cached need the hub: when it is off (HF_HUB_OFFLINE=1) or unreachable in a few seconds, the
+    run stops at once with the ways on, instead of after timm's retries.
+    """
     kwargs = {"num_classes": 0, "global_pool": pool}
     if weights is not None:
         try:
@@ -24,16 +29,99 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | None = N
             raise ConfigError(f"backbone.weights={weights} does not load into {name}: {first}") from None
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
+    cached = cached_weights(name)
+    if cached is not None:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+    cause = hub_unavailable(name)
+    if cause is None:
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:  # hub errors, a download cut off: all end the same way for the user
+            cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise WeightsUnavailable(
+        f"ImageNet weights for {name} are not in timm's cache and cannot be downloaded ({cause}). Either "
+        f"connect to the internet once (timm caches them), or pass a local file with "
+        f"backbone.weights=/path/to/file, "
+        f"or train from random init with backbone.pretrained=false."
+    )
+
+
+OFFLINE_VALUES = ("1", "ON", "YES", "TRUE")
+
+
+def _pretrained_cfg(name: str):
+    from timm.models import get_pretrained_cfg
+
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as e:  # offline, no cache, hub errors: all end the same way for the user
-        cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise WeightsUnavailable(
-            f"ImageNet weights for {name} are not in timm's cache and cannot be downloaded ({cause}). Either "
-            f"connect to the internet once (timm caches them), or pass a local file with "
-            f"backbone.weights=/path/to/file, "
-            f"or train from random init with backbone.pretrained=false."
-        ) from None
+        return get_pretrained_cfg(name)
+    except (RuntimeError, KeyError, ValueError):
+        return None
+
+
+def cached_weights(name: str) -> str | None:
+    """The file of `name`'s pretrained weights if a download put it in the Hugging Face hub cache (HF_HOME,
+    HF_HUB_CACHE) or torch hub's (TORCH_HOME), else None. timm tries the Hub first, then the release URL."""
+    import os
+
+    cfg = _pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        from timm.models._hub import hf_split
+
+        repo, revision = hf_split(cfg.hf_hub_id)
+        hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+            os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+        for filename in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
+            found = try_to_load_from_cache(repo, filename, cache_dir=hub, revision=revision)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    if cfg.url:
+        from urllib.parse import urlparse
+
+        import torch
+
+        found = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))
+        if os.path.isfile(found):
+            return found
+    return None
+
+
+def hub_unavailable(name: str, seconds: float = 5.0) -> str | None:
+    """Why `name`'s weights cannot be downloaded now (the hub is off, or its host does not answer within
+    `seconds`), or None when a download may be tried: one short connection attempt, not timm's retries."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in OFFLINE_VALUES:
+        return "HF_HUB_OFFLINE is set"
+    cfg = _pretrained_cfg(name)
+    host = "huggingface.co" if cfg is None or cfg.hf_hub_id else urlparse(cfg.url or "").hostname
+    if not host:
+        return None
+    port = 443
+    import urllib.request
+
+    proxy = urllib.request.getproxies().get("https")
+    if proxy and not urllib.request.proxy_bypass(host):  # behind a proxy, the proxy is what must answer
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = parsed.hostname or host, parsed.port or 8080
+    answer: list[str | None] = []
+
+    def connect():  # in a thread: a name lookup that hangs is not bounded by the socket's timeout
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            answer.append(None)
+        except OSError as e:
+            answer.append(f"{host} is unreachable: {e.strerror or e}")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return answer[0] if answer else f"{host} did not answer within {seconds:.0f} s"
 
 
 def backbone_blocks(backbone: nn.Module) -> list[list[str]]:
