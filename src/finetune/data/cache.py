@@ -9,9 +9,10 @@ lives next to the data, in DATASET_ROOT/.finetune-cache/ (or dataset.cache_dir),
 
 <name> holds a hash of the file list (path, size and modification time of every file) and the size, so a changed
 dataset gets a new cache and an unchanged one is found again. The index is written last, so a cache whose index
-exists is complete. Builders take a file lock: concurrent runs (the ranks of a DDP run, the jobs of a sweep)
-build it once and the others wait for it. Readers map the file: the pages are the operating system's page cache,
-shared by every DataLoader worker, so host memory per worker does not grow with the dataset.
+exists is complete; on opening, the .u8 must be as long as its index says, or the cache is rebuilt. Builders take
+a file lock: concurrent runs (the ranks of a DDP run, the jobs of a sweep) build it once and the others wait for
+it. Readers map the file: the pages are the operating system's page cache, shared by every DataLoader worker, so
+host memory per worker does not grow with the dataset.
 """
 
 from __future__ import annotations
@@ -82,7 +83,11 @@ class ImageCache:
             return None
         if self._map is None:
             self._map = np.memmap(self.pixels_path, dtype=np.uint8, mode="r")
-        return Image.fromarray(np.array(self._map[offset:offset + height * width * 3]).reshape(height, width, 3))
+        pixels = self._map[offset:offset + height * width * 3]
+        if len(pixels) != height * width * 3:
+            raise OSError(f"the image cache {self.pixels_path} was cut short after it was opened; the file itself "
+                          f"is not at fault (remove the cache and run again to rebuild it)")
+        return Image.fromarray(np.array(pixels).reshape(height, width, 3))
 
     @property
     def nbytes(self) -> int:
@@ -107,13 +112,34 @@ def open_or_build(paths: list[str], directory: Path, name: str, short_side: int,
     pixels, index = directory / f"{stem}.u8", directory / f"{stem}.index.npy"
     with open(directory / f"{stem}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if index.is_file() and pixels.is_file():
-            cache = ImageCache(pixels, index)
-            if len(cache) == len(paths):
-                log.info("Image cache: %s (%s images, %.1f MB)", pixels, f"{len(paths):,}", cache.nbytes / 1e6)
-                return cache
+        if index.is_file():
+            damage = _damage(pixels, index, len(paths))
+            if damage is None:
+                log.info("Image cache: %s (%s images, %.1f MB)", pixels, f"{len(paths):,}",
+                         pixels.stat().st_size / 1e6)
+                return ImageCache(pixels, index)
+            log.warning("Image cache %s is damaged (%s): rebuilding it", pixels, damage)
+            index.unlink()
         _build(paths, pixels, index, short_side, interpolation, max_pixels, workers)
     return ImageCache(pixels, index)
+
+
+def _damage(pixels: Path, index: Path, count: int) -> str | None:
+    """Why the cache with this index cannot be trusted for `count` images, or None when it is whole."""
+    try:
+        rows = np.load(index)
+    except Exception as e:
+        return f"its index {index.name} cannot be read: {e}"
+    if rows.ndim != 2 or rows.shape[1:] != (3,) or len(rows) != count:
+        return f"its index {index.name} has {len(rows)} rows for {count} images"
+    end = int((rows[:, 0] + rows[:, 1] * rows[:, 2] * 3).max(initial=0))
+    try:
+        size = pixels.stat().st_size
+    except FileNotFoundError:
+        return f"{pixels.name} is missing"
+    if size != end:
+        return f"{pixels.name} is {size:,} bytes where its index needs {end:,}"
+    return None
 
 
 def _build(paths: list[str], pixels: Path, index: Path, short_side: int, interpolation: str, max_pixels: int,
