@@ -1,16 +1,22 @@
-"""The decoded-image cache over time: a damaged cache is rebuilt instead of blaming the images."""
+"""The decoded-image cache over time: what a killed build leaves is removed, a damaged cache is rebuilt instead of
+blaming the images, and concurrent runs build a cache once."""
 
 import logging
+import multiprocessing
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
 from fabricate import make_image_folder
 
-from finetune.data.cache import ImageCache, open_or_build, resize_short_side
+from finetune.data import cache as cache_module
+from finetune.data.cache import ImageCache, open_or_build, remove_stale_temporaries, resize_short_side
 from finetune.data.images import open_rgb
 
 SIZE, INTERPOLATION = 36, "bilinear"
+FORK = multiprocessing.get_context("fork")
 
 
 def build(paths, directory, name="set", size=SIZE) -> ImageCache:
@@ -53,3 +59,119 @@ def test_a_cache_cut_short_after_it_was_opened_names_the_cache(tmp_path):
     os.truncate(cache.pixels_path, 10)
     with pytest.raises(OSError, match="image cache .* was cut short after it was opened"):
         cache.image(len(paths) - 1)
+
+
+def test_ctrl_c_during_a_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    paths = jpegs(tmp_path / "data")
+    decode = cache_module._decode
+
+    def interrupted(args):
+        if args[0] == paths[3]:
+            raise KeyboardInterrupt
+        return decode(args)
+
+    monkeypatch.setattr(cache_module, "_decode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(paths, tmp_path / "cache")
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".lock"]
+
+
+def hold_lock(path, held, release):
+    import fcntl
+
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        held.set()
+        release.wait(30)
+
+
+def test_temporaries_of_a_stopped_build_go_and_those_of_a_running_build_stay(tmp_path):
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    dead, running = "set-36px-0123456789abcdef", "set-36px-fedcba9876543210"
+    left = [f"{dead}.u8.tmp-99999", f"{dead}.index.tmp-99999.npy",
+            f"{dead}.u8"]  # pixels renamed into place, killed before the index was written
+    building = [f"{running}.u8.tmp-99998", f"{running}.u8"]
+    for name in [*left, *building, "notes.tmp-1", "mine.u8"]:  # the last two: not the cache's
+        (directory / name).write_bytes(b"x" * 1000)
+    (directory / f"{dead}.lock").touch()  # its builder died: nothing holds the lock
+    held, release = FORK.Event(), FORK.Event()
+    holder = FORK.Process(target=hold_lock, args=(directory / f"{running}.lock", held, release))
+    holder.start()
+    try:
+        assert held.wait(30)
+        paths = jpegs(tmp_path / "data")
+        build(paths, directory)
+        assert not any((directory / name).exists() for name in left)
+        assert all((directory / name).exists() for name in [*building, "notes.tmp-1", "mine.u8"])
+    finally:
+        release.set()
+        holder.join(30)
+    remove_stale_temporaries(directory)
+    assert not any((directory / name).exists() for name in building)
+
+
+def build_slowly(paths, directory):
+    """A build that decodes one image and then hangs, until it is killed."""
+    decode = cache_module._decode
+
+    def slow(args):
+        if args[0] != paths[0]:
+            time.sleep(60)
+        return decode(args)
+
+    cache_module._decode = slow
+    build(paths, directory)
+
+
+def test_a_build_killed_with_sigkill_leaves_nothing_the_next_open_does_not_remove(tmp_path):
+    paths = jpegs(tmp_path / "data")
+    directory = tmp_path / "cache"
+    child = FORK.Process(target=build_slowly, args=(paths, directory))
+    child.start()
+    try:
+        for _ in range(300):
+            if list(directory.glob("*.u8.tmp-*")):
+                break
+            time.sleep(0.1)
+        temporaries = list(directory.glob("*.u8.tmp-*"))
+        assert temporaries and temporaries[0].stat().st_size > 0
+        remove_stale_temporaries(directory)  # while the build runs, its temporary stays
+        assert temporaries[0].exists()
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+    assert temporaries[0].exists()  # kill -9: nothing of the builder ran
+    cache = build(paths, directory)
+    assert not list(directory.glob("*.tmp-*")) and len(cache) == len(paths)
+    assert np.array_equal(np.asarray(cache.image(1)), fresh(paths[1]))
+
+
+def build_and_report(paths, directory, start):
+    start.wait(30)
+    cache = build(paths, directory)
+    assert len(cache) == len(paths)
+
+
+def test_concurrent_runs_build_a_cache_once(tmp_path, monkeypatch):
+    paths = jpegs(tmp_path / "data")
+    directory = tmp_path / "cache"
+    log = tmp_path / "decoded.txt"
+    decode = cache_module._decode
+
+    def logged(args):
+        with open(log, "a") as f:
+            f.write(args[0] + "\n")
+        return decode(args)
+
+    monkeypatch.setattr(cache_module, "_decode", logged)
+    start = FORK.Event()
+    runs = [FORK.Process(target=build_and_report, args=(paths, directory, start)) for _ in range(3)]
+    for run in runs:
+        run.start()
+    start.set()
+    for run in runs:
+        run.join(60)
+    assert [run.exitcode for run in runs] == [0, 0, 0]
+    assert sorted(log.read_text().split()) == paths  # each image decoded once, by one of them
+    assert len(list(directory.glob("*.u8"))) == 1 and not list(directory.glob("*.tmp-*"))

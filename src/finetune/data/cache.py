@@ -12,7 +12,8 @@ dataset gets a new cache and an unchanged one is found again. The index is writt
 exists is complete; on opening, the .u8 must be as long as its index says, or the cache is rebuilt. Builders take
 a file lock: concurrent runs (the ranks of a DDP run, the jobs of a sweep) build it once and the others wait for
 it. Readers map the file: the pages are the operating system's page cache, shared by every DataLoader worker, so
-host memory per worker does not grow with the dataset.
+host memory per worker does not grow with the dataset. What a build that was killed left behind (its temporaries)
+is removed when a cache in the same folder is next opened.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import time
 from multiprocessing import get_context
 from pathlib import Path
@@ -35,6 +37,8 @@ from finetune.data.images import open_rgb
 log = logging.getLogger(__name__)
 
 VERSION = 1
+STEM = re.compile(r".+-\d+px-[0-9a-f]{16}")  # <dataset name>-<short side>px-<key>
+TEMPORARY = re.compile(r"(?P<stem>.+-\d+px-[0-9a-f]{16})\.(u8\.tmp-\d+|index\.tmp-\d+\.npy)")
 
 
 def cache_key(paths: list[str], short_side: int, interpolation: str) -> str:
@@ -106,10 +110,12 @@ def default_cache_dir(root: str | None) -> Path:
 def open_or_build(paths: list[str], directory: Path, name: str, short_side: int, interpolation: str,
                   max_pixels: int, workers: int = 0) -> ImageCache:
     """The cache of `paths` at `short_side` in `directory`: found, or built now (decoding with `workers`
-    processes) while holding a lock, so that concurrent runs build it once."""
+    processes) while holding a lock, so that concurrent runs build it once. What builds that were stopped left in
+    `directory` is removed on the way."""
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{short_side}px-{cache_key(paths, short_side, interpolation)}"
     pixels, index = directory / f"{stem}.u8", directory / f"{stem}.index.npy"
+    remove_stale_temporaries(directory)
     with open(directory / f"{stem}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if index.is_file():
@@ -122,6 +128,54 @@ def open_or_build(paths: list[str], directory: Path, name: str, short_side: int,
             index.unlink()
         _build(paths, pixels, index, short_side, interpolation, max_pixels, workers)
     return ImageCache(pixels, index)
+
+
+def _lock(path: Path, operation: int, create: bool = True) -> int | None:
+    """A descriptor of `path` holding flock `operation`; None when LOCK_NB is asked and another process holds it
+    (or, without `create`, when there is no such file). If the file is removed while this process waits for it,
+    it is opened again: the lock held is always that of the file now at `path`."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, operation)
+            held, now = os.fstat(fd), os.stat(path)
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                return fd
+        except (BlockingIOError, FileNotFoundError):
+            if not create or operation & fcntl.LOCK_NB:
+                os.close(fd)
+                return None
+        os.close(fd)
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Remove what builds that were stopped (kill -9, Ctrl-C at the wrong moment, a lost node) left in `directory`:
+    temporaries, and pixels whose index was never written, of caches whose lock no builder holds. A build in
+    progress holds its lock, so its files stay."""
+    left: dict[str, list[Path]] = {}
+    for path in sorted(directory.iterdir()):
+        match = TEMPORARY.fullmatch(path.name)
+        stem = match["stem"] if match else path.name.removesuffix(".u8")
+        if match or (STEM.fullmatch(stem) and stem != path.name and not (directory / f"{stem}.index.npy").exists()):
+            left.setdefault(stem, []).append(path)
+    for stem, paths in left.items():
+        lock = _lock(directory / f"{stem}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
+        if lock is None and (directory / f"{stem}.lock").exists():
+            continue  # being built now
+        try:
+            for path in paths:
+                try:
+                    size = path.stat().st_size
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                log.info("Image cache: removed %s (%.1f MB), left by a build that was stopped", path, size / 1e6)
+        finally:
+            if lock is not None:
+                os.close(lock)
 
 
 def _damage(pixels: Path, index: Path, count: int) -> str | None:
@@ -148,6 +202,7 @@ def _build(paths: list[str], pixels: Path, index: Path, short_side: int, interpo
     log.info("Image cache: decoding %s images once, to a %d px short side, into %s", f"{len(paths):,}",
              short_side, pixels)
     tmp = pixels.with_name(f"{pixels.name}.tmp-{os.getpid()}")
+    tmp_index = index.with_name(f"{index.stem}.tmp-{os.getpid()}.npy")
     rows = np.zeros((len(paths), 3), dtype=np.int64)
     offset = 0
     jobs = [(p, short_side, interpolation, max_pixels) for p in paths]
@@ -164,7 +219,6 @@ def _build(paths: list[str], pixels: Path, index: Path, short_side: int, interpo
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(pixels)
-        tmp_index = index.with_name(f"{index.stem}.tmp-{os.getpid()}.npy")
         np.save(tmp_index, rows)
         tmp_index.replace(index)  # last: a cache whose index exists is complete
     except BaseException:
@@ -176,6 +230,7 @@ def _build(paths: list[str], pixels: Path, index: Path, short_side: int, interpo
             pool.close()
             pool.join()
         tmp.unlink(missing_ok=True)
+        tmp_index.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     log.info("Image cache: %.1f MB written in %.1f s (%.0f images/s)", offset / 1e6, seconds,
              len(paths) / max(seconds, 1e-9))
