@@ -1,4 +1,7 @@
-"""Train, test and record one run (or one per value with -m): uv run scripts/train.py [GROUP=OPTION] [KEY=VALUE]"""
+"""Train, test and record one run (or one per value with -m): uv run scripts/train.py [GROUP=OPTION] [KEY=VALUE]
+`uv run scripts/train.py --backbones [PATTERN]` lists the timm backbones with pretrained weights that match."""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -16,5 +19,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--backbones"]:
+        from finetune.models.backbone import backbones_table
+
+        print(backbones_table(sys.argv[2] if len(sys.argv) > 2 else "*"))
+        sys.exit(0)
     expand_home_in_arguments()
     main()

@@ -1,6 +1,7 @@
 """Backbone, heads, the Classifier's normalisation and parameter groups, and the learning-rate schedule."""
 
 import math
+import shutil
 
 import pytest
 import timm
@@ -222,3 +223,78 @@ def test_mixup_and_cutmix_train_on_soft_targets():
     assert not torch.equal(x, mixed.normalize(images))
     loss = mixed.training_step((images, labels), 0)
     assert torch.isfinite(loss)
+
+
+def test_every_kind_of_timm_name_is_checked_before_any_work(tmp_path):
+    from omegaconf import OmegaConf
+
+    from finetune.config import _validate_backbone
+
+    def check(name):
+        _validate_backbone(OmegaConf.create({"name": name, "pretrained": True, "weights": None}))
+
+    for name in ("mobilenetv2_100", "mobilenetv2_100.ra_in1k", "efficientnet_b0.ra4_e3600_r224_in1k",
+                 "convnext_tiny.fb_in22k_ft_in1k", "vit_small_patch14_dinov2.lvd142m",
+                 "hf-hub:timm/eva02_small_patch14_336.mim_in22k_ft_in1k"):
+        check(name)
+    with pytest.raises(ConfigError, match=r"efficientnet_b0 has no pretrained tag 'ra4'; its tags: .*ra_in1k.*"
+                                          r"ra4_e3600_r224_in1k"):
+        check("efficientnet_b0.ra4")
+    with pytest.raises(ConfigError, match="mobilnetv2_100 is not a timm model. Closest timm names: mobilenetv2_100"):
+        check("mobilnetv2_100.ra_in1k")
+    with pytest.raises(ConfigError, match="a Hub model is named hf-hub:ORG/NAME"):
+        check("hf-hub:eva02")
+    with pytest.raises(ConfigError, match="expected a folder holding config.json"):
+        check(f"local-dir:{tmp_path}")
+
+
+def test_the_preprocessing_is_the_tags_own():
+    from finetune.data.transforms import resolve_preprocessing
+
+    ra4 = resolve_preprocessing(create_backbone("efficientnet_b0.ra4_e3600_r224_in1k"), None, None)
+    ra = resolve_preprocessing(create_backbone("efficientnet_b0.ra_in1k"), None, None)
+    assert (ra4.crop_pct, ra4.mean) == (0.9, (0.5, 0.5, 0.5))
+    assert (ra.crop_pct, ra.mean) == (0.875, (0.485, 0.456, 0.406))
+
+
+def test_a_hub_model_in_the_local_cache_loads_offline_and_rebuilds_from_the_checkpoint_alone(monkeypatch, tmp_path):
+    import json
+
+    from finetune.models.backbone import architecture, rebuild_backbone
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    torch.manual_seed(5)
+    published = timm.create_model("mobilenetv2_100.ra_in1k")
+    _hub_cache(tmp_path / "hf", "someone/pet-mobilenet", published.state_dict())
+    snapshot = next((tmp_path / "hf" / "hub").glob("models--someone--pet-mobilenet/snapshots/*"))
+    timm.models.save_for_hf(published, snapshot / "unused")  # timm's own config.json for it
+    (snapshot / "config.json").write_text((snapshot / "unused" / "config.json").read_text())
+    assert json.loads((snapshot / "config.json").read_text())["architecture"] == "mobilenetv2_100"
+    _no_network(monkeypatch)
+    name = "hf-hub:someone/pet-mobilenet"
+    backbone = create_backbone(name, pretrained=True)
+    assert all(torch.equal(v, published.state_dict()[k]) for k, v in backbone.state_dict().items())
+    record = architecture(backbone, name)
+    assert record["architecture"] == "mobilenetv2_100"
+    shutil.rmtree(tmp_path / "hf")  # evaluate, predict, export: from the checkpoint, with nothing cached
+    rebuilt = rebuild_backbone({"name": name, **record})
+    assert rebuilt.state_dict().keys() == backbone.state_dict().keys()
+    with pytest.raises(WeightsUnavailable, match="not in the Hugging Face cache .*HF_HUB_OFFLINE is set"):
+        create_backbone(name, pretrained=True)
+
+
+def test_backbones_lists_the_pretrained_names_that_match_with_size_and_parameters(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--backbones", "mobilenetv2_1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["backbone.name", "input", "crop", "params"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows["mobilenetv2_100.ra_in1k"] == ["224x224", "0.875", "2.2M"]  # 2.2M without the classifier
+    assert "mobilenetv2_140.ra_in1k" in rows and not any(name.startswith("resnet") for name in rows)
+    assert not list(tmp_path.iterdir())  # no run directory: nothing was trained

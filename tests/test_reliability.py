@@ -271,3 +271,21 @@ def test_an_unexpected_error_is_one_line_naming_the_log_that_holds_its_traceback
     log_file = next((tmp_path / "outputs" / "runs").iterdir()) / "train.log"
     assert f"The full traceback is in {log_file}" in output
     assert "Traceback (most recent call last)" in log_file.read_text() and "boom" in log_file.read_text()
+
+
+def test_a_local_dir_backbone_trains_offline_and_its_checkpoint_needs_nothing_else(tmp_path, shapes):
+    import timm
+
+    torch.manual_seed(7)
+    timm.models.save_for_hf(timm.create_model("mobilenetv2_100.ra_in1k"), tmp_path / "my-backbone",
+                            safe_serialization=True)
+    result, output = script("train", tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *TINY,
+                            "schedule.epochs=1", "dataset.limit_per_class=8", "logger=none",
+                            f"backbone.name=local-dir:{tmp_path / 'my-backbone'}",
+                            "backbone.pretrained=true", env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 0, output[-3000:]
+    ckpt = next((tmp_path / "outputs" / "runs").iterdir()) / "checkpoints" / "best.ckpt"
+    shutil.rmtree(tmp_path / "my-backbone")  # the checkpoint alone rebuilds the model
+    model = load_classifier(ckpt)
+    assert model.hparams.backbone_config["architecture"] == "mobilenetv2_100"
+    assert model.hparams.preprocessing["image_size"] == 32

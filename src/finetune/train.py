@@ -27,7 +27,7 @@ from finetune.checkpoints import AtomicCheckpointIO, remove_leftovers
 from finetune.config import CONF, OWN_TRAINER_KEYS, ConfigError, FinetuneError, TrainConfig, validate
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.transforms import Preprocessing, resolve_preprocessing
-from finetune.models.backbone import backbone_blocks, create_backbone
+from finetune.models.backbone import architecture, backbone_blocks, create_backbone
 from finetune.models.classifier import Classifier, UnsafeCheckpoint, load_checkpoint
 from finetune.schedule import Schedule, use_scratch_when_nothing_to_protect
 
@@ -163,7 +163,7 @@ def build_model(cfg: DictConfig, backbone: torch.nn.Module, data: ImageDataModul
     return Classifier(
         backbone,
         classes=data.classes,
-        backbone_config=_plain(cfg.backbone),
+        backbone_config={**_plain(cfg.backbone), **architecture(backbone, cfg.backbone.name)},
         head_config=_plain(cfg.head),
         schedule=_plain(cfg.schedule),
         preprocessing=preprocessing.as_dict(),

@@ -21,14 +21,29 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | None = N
     run stops at once with the ways on, instead of after timm's retries.
     """
     kwargs = {"num_classes": 0, "global_pool": pool}
+    if name.startswith(LOCAL):
+        import os
+
+        name = LOCAL + os.path.expanduser(name[len(LOCAL):])
     if weights is not None:
         try:
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
         except (RuntimeError, KeyError, ValueError, OSError) as e:
             first = str(e).strip().splitlines()[0][:300]
             raise ConfigError(f"backbone.weights={weights} does not load into {name}: {first}") from None
-    if not pretrained:
-        return timm.create_model(name, pretrained=False, **kwargs)
+    if name.startswith(HUB):
+        folder = cached_hub_folder(name)  # config and weights in the local Hugging Face cache: no network
+        if folder is not None:
+            return _create(LOCAL + folder, pretrained, kwargs)
+        cause = hub_unavailable(name)
+        if cause is not None:
+            raise WeightsUnavailable(f"backbone.name={name}: its config and weights are not in the Hugging Face "
+                                     f"cache and cannot be downloaded ({cause}). Either connect to the internet once "
+                                     "(they are cached), or use timm's name of the architecture with "
+                                     "backbone.weights=/path/to/file, or backbone.pretrained=false.")
+        return _create(name, pretrained, kwargs)
+    if name.startswith(LOCAL) or not pretrained:
+        return _create(name, pretrained, kwargs)
     cached = cached_weights(name)
     if cached is not None:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
@@ -47,6 +62,64 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | None = N
 
 
 OFFLINE_VALUES = ("1", "ON", "YES", "TRUE")
+HUB, LOCAL = "hf-hub:", "local-dir:"  # timm's prefixes: a model on the Hugging Face Hub, a folder timm saved
+
+
+def _create(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        if not name.startswith((HUB, LOCAL)):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"backbone.name={name} does not load as a timm model: {first}") from None
+
+
+def architecture(backbone: nn.Module, name: str) -> dict:
+    """What rebuilds `backbone` (created from `name`) with no network: timm's architecture name and the arguments
+    that a Hub or local-dir config adds. Checkpoints record it; weights come from the checkpoint itself."""
+    from timm.models._hub import load_model_config_from_path
+
+    model_args: dict = {}
+    folder = name[len(LOCAL):] if name.startswith(LOCAL) else cached_hub_folder(name) if name.startswith(HUB) else None
+    if folder is not None:
+        _, _, model_args = load_model_config_from_path(folder)
+    arch = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture") or name
+    return {"architecture": arch, "model_args": dict(model_args)}
+
+
+def rebuild_backbone(backbone_config: dict, pool: str = "avg") -> nn.Module:
+    """The backbone of a checkpoint, from its recorded architecture (no download), randomly initialised."""
+    arch = backbone_config.get("architecture")
+    if arch is None:  # a checkpoint of an earlier release: its name is a timm architecture
+        return create_backbone(backbone_config["name"], pretrained=False, pool=pool)
+    return timm.create_model(arch, pretrained=False, **{**backbone_config.get("model_args", {}), "num_classes": 0,
+                                                        "global_pool": pool})
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache, as huggingface_hub finds it (HF_HUB_CACHE, else HF_HOME/hub), read now."""
+    import os
+
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+
+
+def cached_hub_folder(name: str) -> str | None:
+    """For `hf-hub:ORG/NAME[@REVISION]`: its snapshot folder in the local Hugging Face cache when that holds its
+    config.json and weights (a folder timm loads as `local-dir:`), else None."""
+    import os
+
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models._hub import hf_split
+
+    repo, revision = hf_split(name[len(HUB):])
+    config = try_to_load_from_cache(repo, "config.json", cache_dir=hub_cache_dir(), revision=revision)
+    if not isinstance(config, str):
+        return None
+    folder = os.path.dirname(config)
+    weights = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    return folder if any(os.path.isfile(os.path.join(folder, w)) for w in weights) else None
 
 
 def _pretrained_cfg(name: str):
@@ -71,8 +144,7 @@ def cached_weights(name: str) -> str | None:
         from timm.models._hub import hf_split
 
         repo, revision = hf_split(cfg.hf_hub_id)
-        hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-            os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+        hub = hub_cache_dir()
         for filename in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
             found = try_to_load_from_cache(repo, filename, cache_dir=hub, revision=revision)
             if isinstance(found, str) and os.path.isfile(found):
@@ -149,3 +221,41 @@ def parameter_blocks(backbone: nn.Module) -> dict[str, int]:
                     layers[name] = i
     last = len(backbone_blocks(backbone)) - 1
     return {name: layers.get(name, last) for name, _ in backbone.named_parameters()}
+
+
+def pretrained_backbones(pattern: str = "*", limit: int = 100) -> tuple[list[dict], int]:
+    """timm's names with pretrained weights matching `pattern` (fnmatch; a bare word matches anywhere in the name),
+    with input size, crop and parameter count (without the classifier, counted on the meta device: nothing is
+    allocated or downloaded); at most `limit` of them, and how many matched."""
+    import torch
+
+    if not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"
+    names = timm.list_pretrained(pattern)
+    rows = []
+    for name in names[:limit]:
+        cfg = _pretrained_cfg(name)
+        try:
+            with torch.device("meta"):
+                params = sum(p.numel() for p in timm.create_model(name, num_classes=0).parameters())
+        except Exception:  # a model that cannot be built on the meta device: its count is unknown, not an error
+            params = None
+        rows.append({"name": name, "input": "x".join(str(v) for v in cfg.input_size[1:]) if cfg else "?",
+                     "crop": cfg.crop_pct if cfg else None, "params": params})
+    return rows, len(names)
+
+
+def backbones_table(pattern: str = "*") -> str:
+    """`uv run scripts/train.py --backbones [PATTERN]`: the table it prints."""
+    rows, total = pretrained_backbones(pattern)
+    if not rows:
+        return f"No timm backbone with pretrained weights matches {pattern!r} (try a shorter pattern: convnext, vit)"
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{'backbone.name':<{width}}  {'input':>9}  {'crop':>5}  {'params':>8}"]
+    for r in rows:
+        params = f"{r['params'] / 1e6:.1f}M" if r["params"] is not None else "?"
+        crop = f"{r['crop']:.3f}" if r["crop"] else "-"
+        lines.append(f"{r['name']:<{width}}  {r['input']:>9}  {crop:>5}  {params:>8}")
+    if total > len(rows):
+        lines.append(f"... and {total - len(rows)} more: narrow the pattern")
+    return "\n".join(lines)

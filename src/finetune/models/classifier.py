@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from finetune.config import FinetuneError
 from finetune.data.features import FeatureBatch
-from finetune.models.backbone import backbone_blocks, create_backbone
+from finetune.models.backbone import backbone_blocks, rebuild_backbone
 from finetune.models.heads import create_head
 from finetune.schedule import Schedule
 
@@ -252,7 +252,7 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     if not hp or "classes" not in hp:
         raise FinetuneError(f"{path} is not a finetune checkpoint (it has no class names)")
     pool = hp["head_config"].get("pool", "avg")
-    backbone = create_backbone(hp["backbone_config"]["name"], pretrained=False, pool=pool)
+    backbone = rebuild_backbone(hp["backbone_config"], pool=pool)
     model = Classifier(backbone, **hp)
     model.load_state_dict(checkpoint["state_dict"])
     broken = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
