@@ -310,3 +310,30 @@ def test_predict_script_exits_2_when_some_inputs_are_broken_and_keeps_the_rest(t
     for path, reason in inputs[1].items():
         assert f"{path}: not classified ({reason}" in result.stdout + result.stderr
     assert not (tmp_path / "outputs").exists()  # the tools make no Hydra folders
+
+
+def test_every_run_has_a_model_card_and_export_copies_it_with_its_own_facts(trained, tmp_path):
+    import yaml
+
+    from finetune.export import run
+
+    run_dir, metrics = trained
+    text = (run_dir / "model_card.md").read_text()
+    _, header, body = text.split("---\n", 2)
+    meta = yaml.safe_load(header)
+    assert meta["library_name"] == "timm" and meta["datasets"] == ["image_folder"] and "base_model" not in meta
+    result = meta["model-index"][0]["results"][0]
+    assert result["metrics"][0]["value"] == pytest.approx(metrics["test/acc"], abs=1e-4)
+    assert f"{metrics['test_images']} images" in result["metrics"][0]["name"]
+    rows = read_csv(run_dir / "split.csv")
+    for name in ("green", "not red or green", "red"):  # the split table is split.csv's
+        counts = [sum(r["label"] == name and r["split"] == s for r in rows) for s in ("train", "val", "test")]
+        assert f"| {name:<16} | {counts[0]} | {counts[1]} | {counts[2]} |" in body
+    assert "`mobilenetv2_100` (timm architecture `mobilenetv2_100`), random initialisation" in body
+    assert f"| test/acc | {metrics['test/acc']:.4f} |" in body
+    assert "It knows only these 3 classes" in body and "32x32 pixels" in body
+    out = tmp_path / "model.onnx"
+    exported = run(tool_cfg("export", ckpt=run_dir, format="onnx", out=out))
+    card = (tmp_path / "model.model_card.md").read_text()
+    assert exported["model_card"] == str(tmp_path / "model.model_card.md") and card.startswith(text)
+    assert "## Export" in card and "| format | onnx |" in card and "parity with PyTorch" in card

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from finetune.cli import free_path
 from finetune.config import ConfigError, FinetuneError
+from finetune.model_card import write_export_card
 from finetune.models.classifier import Classifier, load_classifier, normalize, resolve_checkpoint, two_class_logits
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,16 @@ def run(cfg: DictConfig) -> dict:
     megabytes = out.stat().st_size / 1e6
     print(f"{out}: {megabytes:.1f} MB, CPU latency {latency * 1e3:.1f} ms per image (batch of 1, median)")
     print(f"{sidecar}: input and output description")
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    card = write_export_card(run_dir, out, {
+        "file": f"`{out.name}` ({megabytes:.1f} MB), described in `{sidecar.name}`", "format": cfg.format,
+        "from": f"`{ckpt}`", "input": f"uint8 RGB, NCHW, {size}x{size}, any batch size (`images`)",
+        "output": f"probabilities over {len(model.classes)} classes (`probabilities`)",
+        "parity with PyTorch": f"max abs difference {difference:.2e} on 3 images",
+        "CPU latency": f"{latency * 1e3:.1f} ms per image (batch of 1, median, this machine)"})
+    print(f"{card}: the model card, with this export's facts")
     return {"path": str(out), "sidecar": str(sidecar), "max_abs_difference": difference, "megabytes": megabytes,
-            "cpu_latency_ms": latency * 1e3}
+            "cpu_latency_ms": latency * 1e3, "model_card": str(card)}
 
 
 def output_path(out: str | None, ckpt: Path, fmt: str) -> Path:

@@ -102,6 +102,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         raise Interrupted(f"Interrupted (Ctrl-C) in epoch {trainer.current_epoch}. Nothing was lost: {kept}") \
             from None
     metrics = test_best(trainer, model, data, run_dir)
+    if trainer.is_global_zero:
+        write_model_card(cfg, model, data, metrics, run_dir)
     log.info("Test accuracy %.4f (best checkpoint). Run directory: %s", metrics.get("test/acc", float("nan")), run_dir)
     # Let this run's model, data and trainer go (they hold reference cycles), so a sweep's jobs do not add up.
     del trainer, model, data, backbone
@@ -350,6 +352,19 @@ def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_
     metrics["test_images"] = len(data.indices("test")) or len(data.indices("val"))
     _write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def write_model_card(cfg: DictConfig, model: Classifier, data: ImageDataModule, metrics: dict, run_dir: Path) -> None:
+    """RUN_DIR/model_card.md: the backbone, data, schedule, test metrics, use and limits of this run's model."""
+    from finetune.model_card import train_card
+
+    skipped = run_dir / "skipped.csv"
+    passed_over = max(len(skipped.read_text().splitlines()) - 1, 0) if skipped.is_file() else 0
+    text = train_card(cfg, data.classes, data.class_counts(), metrics, model.hparams.backbone_config,
+                      model.hparams.preprocessing, sum(p.numel() for p in model.parameters()), passed_over, run_dir)
+    tmp = run_dir / "model_card.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(run_dir / "model_card.md")
 
 
 def log_hparams(trainer: L.Trainer, cfg: DictConfig, image_size: int) -> None:

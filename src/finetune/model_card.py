@@ -1,0 +1,134 @@
+"""model_card.md: what a trained model is, what it was trained and tested on, how to use it and where it stops.
+
+Hugging Face's model-card layout: a YAML metadata header (library, tags, datasets, base model, metrics as a
+model-index), then sections. Every run writes one; export copies it beside the exported model with the export's
+own facts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _yaml_list(items: list[str]) -> str:
+    return "".join(f"\n- {json.dumps(item)}" for item in items)
+
+
+def _number(value, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and value == value else "n/a"
+
+
+def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: dict, backbone: dict,
+               preprocessing: dict, parameters: int, skipped: int, run_dir: Path) -> str:
+    """The card of a finished run. `counts`: images per class in each split; `backbone`: the checkpoint's record
+    (name, architecture); `metrics`: metrics.json's values."""
+    name, dataset = cfg.backbone.name, cfg.dataset.name
+    pretrained = bool(cfg.backbone.pretrained) and cfg.backbone.weights is None
+    base = name[len("hf-hub:"):] if name.startswith("hf-hub:") else (f"timm/{name}" if pretrained and "." in name
+                                                                     else None)
+    arch = backbone.get("architecture", name)
+    accuracy = metrics.get("test/acc")
+    test_images = metrics.get("test_images")
+    header = ["---", "library_name: timm", "pipeline_tag: image-classification",
+              f"tags:{_yaml_list(['image-classification', 'timm', 'finetune', 'transfer-learning'])}",
+              f"datasets:{_yaml_list([dataset])}"]
+    if base:
+        header.append(f"base_model: {json.dumps(base)}")
+    header.append(f"metrics:{_yaml_list(['accuracy'])}")
+    if accuracy is not None:
+        header += ["model-index:", f"- name: {json.dumps(f'{dataset}-{arch}')}",
+                   "  results:", "  - task:", "      type: image-classification",
+                   f"    dataset:\n      name: {json.dumps(dataset)}\n      type: {json.dumps(dataset)}\n"
+                   f"      split: test", "    metrics:", "    - type: accuracy", f"      value: {accuracy:.4f}",
+                   f"      name: test accuracy ({test_images} images, best checkpoint)"]
+    header.append("---")
+
+    totals = {s: sum(counts.get(s, [])) for s in SPLIT_NAMES}
+    width = max(len(c) for c in classes + ["class"])
+    rows = [f"| {'class':<{width}} | train | val | test |", f"|{'-' * (width + 2)}|------:|----:|-----:|"]
+    rows += [f"| {c:<{width}} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
+             for i, c in enumerate(classes)]
+    rows.append(f"| {'all':<{width}} | {totals['train']} | {totals['val']} | {totals['test']} |")
+    s = cfg.schedule
+    phases = f"the phases of `schedule={s.name}`" if s.get("phases") else \
+        f"head alone for {s.freeze_epochs} epochs, then the backbone (`unfreeze={s.unfreeze}`) at " \
+        f"{s.backbone_lr_ratio} x the head's rate"
+    size = preprocessing["image_size"]
+    measured = [(key, metrics[key]) for key in ("test/acc", "test/loss", "test/balanced_acc", "test/acc_top5",
+                                                "val/acc_best") if metrics.get(key) is not None]
+    card = "\n".join(header) + f"""
+
+# {dataset} classifier: {name}
+
+An image classifier for {len(classes)} classes ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}),
+fine-tuned with finetune from a timm backbone. Run directory: `{run_dir}`.
+
+## Model
+
+- Backbone: `{name}` (timm architecture `{arch}`), \
+{'pretrained weights' if pretrained else 'a local weights file' if cfg.backbone.weights else 'random initialisation'}\
+{f' from `{base}`' if base else ''}; {parameters / 1e6:.2f}M parameters with the head
+- Head: `{cfg.head.name}` (pool `{cfg.head.pool}`, dropout {cfg.head.dropout})
+- Input: RGB, resized to a short side of {int(size / preprocessing['crop_pct'])} px \
+({preprocessing['interpolation']}), centre-cropped to {size}x{size}; normalised inside the model with mean \
+{[round(x, 4) for x in preprocessing['mean']]} and std {[round(x, 4) for x in preprocessing['std']]}
+
+## Training data
+
+`dataset={dataset}` from `{cfg.dataset.root}`: {sum(totals.values())} images after the integrity scan \
+({skipped} files skipped or passed over: `skipped.csv`); the split is in `split.csv` (seed {cfg.seed}).
+
+{chr(10).join(rows)}
+
+## Training procedure
+
+`schedule={s.name}`: {phases}; optimizer `{s.optimizer}`, peak rate {s.lr}, weight decay {s.weight_decay}, \
+{s.epochs} epochs planned, {metrics.get('epochs', 'n/a')} run ({metrics.get('global_step', 'n/a')} steps); \
+augmentation `{cfg.augment.get('name', 'see config.yaml')}`. Every value is in `config.yaml`.
+
+## Evaluation
+
+On the test split ({test_images} images), with the best checkpoint (`{metrics.get('best_checkpoint')}`):
+
+| metric | value |
+|---|---:|
+{chr(10).join(f'| {key} | {_number(value)} |' for key, value in measured)}
+
+## How to use
+
+    uv run scripts/predict.py ckpt={run_dir} inputs=photo.jpg
+    uv run scripts/evaluate.py ckpt={run_dir}
+    uv run scripts/export.py ckpt={run_dir} format=onnx
+
+In Python: `finetune.models.classifier.load_classifier("{run_dir}/checkpoints/best.ckpt")` rebuilds the model
+from the checkpoint alone (class names and preprocessing included).
+
+## Limitations
+
+- It knows only these {len(classes)} classes: any other image (another animal, an empty room, a drawing) is still
+  given one of them, often with high confidence.
+- It was trained at {size}x{size} pixels on the images of `{cfg.dataset.root}`; photos unlike them (other
+  cameras, lighting, framing) may be classified worse than the test accuracy says.
+- The test accuracy was measured on {test_images} images: each image more or less right moves it by
+  {_number(100 / max(int(test_images or 1), 1), 2)} points.
+"""
+    return card
+
+
+def export_section(facts: dict) -> str:
+    """The section export adds to a copy of the run's card: what was exported and how it measured."""
+    lines = ["", "## Export", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in facts.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_export_card(run_dir: Path, out: Path, facts: dict) -> Path:
+    """RUN_DIR/model_card.md with the export's facts, beside the exported model as <name>.model_card.md."""
+    card = run_dir / "model_card.md"
+    text = card.read_text() if card.is_file() else f"# {out.name}\n\n(The run's model_card.md was not found.)\n"
+    path = out.with_name(f"{out.stem}.model_card.md")
+    path.write_text(text + export_section(facts))
+    return path
