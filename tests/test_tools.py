@@ -331,9 +331,32 @@ def test_every_run_has_a_model_card_and_export_copies_it_with_its_own_facts(trai
         assert f"| {name:<16} | {counts[0]} | {counts[1]} | {counts[2]} |" in body
     assert "`mobilenetv2_100` (timm architecture `mobilenetv2_100`), random initialisation" in body
     assert f"| test/acc | {metrics['test/acc']:.4f} |" in body
+    low, high = metrics["test/acc_ci95"]
+    assert f"| test/acc, 95% interval (Wilson) | {low:.4f} to {high:.4f} |" in body
     assert "It knows only these 3 classes" in body and "32x32 pixels" in body
     out = tmp_path / "model.onnx"
     exported = run(tool_cfg("export", ckpt=run_dir, format="onnx", out=out))
     card = (tmp_path / "model.model_card.md").read_text()
     assert exported["model_card"] == str(tmp_path / "model.model_card.md") and card.startswith(text)
     assert "## Export" in card and "| format | onnx |" in card and "parity with PyTorch" in card
+
+
+def test_runs_and_evaluate_give_95_percent_intervals_for_accuracy_and_each_class(trained, evaluated):
+    from finetune.stats import accuracy_interval, wilson
+
+    run_dir, metrics = trained
+    assert metrics["test/acc_ci95"] == accuracy_interval(metrics["test/acc"], metrics["test_images"])
+    low, high = metrics["test/acc_ci95"]
+    assert low < metrics["test/acc"] < high and high - low > 0.1  # 24 test images: a wide interval
+    assert json.loads((run_dir / "metrics.json").read_text())["val/acc_best_ci95"] == \
+        accuracy_interval(metrics["val/acc_best"], metrics["val_images"])
+    folder, evaluated_metrics = evaluated
+    rows = read_csv(folder / "predictions.csv")
+    per_class = evaluated_metrics["recall_per_class"]
+    assert sum(c["images"] for c in per_class.values()) == len(rows)
+    for name, c in per_class.items():
+        mine = [r for r in rows if r["label"] == name]
+        right = sum(r["predicted"] == name for r in mine)
+        assert c["images"] == len(mine) and c["recall"] == round(right / len(mine), 4)
+        assert c["ci95"] == [round(x, 4) for x in wilson(right, len(mine))]
+    assert json.loads((folder / "metrics.json").read_text())["accuracy_ci95"] == evaluated_metrics["accuracy_ci95"]

@@ -50,6 +50,7 @@ def run(cfg: DictConfig) -> dict:
     probs = probs[ok]
     classes = model.classes
     metrics = compute_metrics(probs, labels, len(classes))
+    metrics.update(intervals(probs.argmax(1), labels, classes))
     metrics.update({"images": int(ok.sum()), "unreadable": len(failed), "checkpoint": str(ckpt),
                     "evaluated_on": described, "tta": bool(cfg.tta)})
 
@@ -120,6 +121,23 @@ def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path
     source = drop_unusable(subset(source, np.flatnonzero(chosen)), d.root, cfg.max_pixels, 1.0, out / "skipped.csv",
                            workers=cfg.num_workers)
     return source, np.arange(len(source)), f"the {cfg.split} split of {run_dir}"
+
+
+def intervals(predicted: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+    """95% Wilson intervals: of the accuracy, and of each class's recall (with its number of images)."""
+    from finetune.stats import wilson
+
+    correct = predicted == labels
+    overall = wilson(int(correct.sum()), len(labels))
+    per_class = {}
+    for k, name in enumerate(classes):
+        members = labels == k
+        n = int(members.sum())
+        if n:
+            low, high = wilson(int(correct[members].sum()), n)
+            per_class[name] = {"recall": round(float(correct[members].mean()), 4), "ci95": [round(low, 4),
+                               round(high, 4)], "images": n}
+    return {"accuracy_ci95": [round(overall[0], 4), round(overall[1], 4)], "recall_per_class": per_class}
 
 
 def compute_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int, bins: int = 15) -> dict:

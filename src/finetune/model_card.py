@@ -21,6 +21,10 @@ def _number(value, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and value == value else "n/a"
 
 
+def _interval_row(interval) -> str:
+    return f"| test/acc, 95% interval (Wilson) | {interval[0]:.4f} to {interval[1]:.4f} |" if interval else ""
+
+
 def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: dict, backbone: dict,
                preprocessing: dict, parameters: int, skipped: int, run_dir: Path) -> str:
     """The card of a finished run. `counts`: images per class in each split; `backbone`: the checkpoint's record
@@ -96,6 +100,7 @@ On the test split ({test_images} images), with the best checkpoint (`{metrics.ge
 | metric | value |
 |---|---:|
 {chr(10).join(f'| {key} | {_number(value)} |' for key, value in measured)}
+{_interval_row(metrics.get('test/acc_ci95'))}
 
 ## How to use
 

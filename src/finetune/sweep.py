@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("job", "overrides", "val_acc_best", "test_acc", "epochs", "wall_time_s", "status", "error")
+COLUMNS = ("job", "overrides", "val_acc_best", "val_acc_best_ci95", "test_acc", "test_acc_ci95", "epochs",
+           "wall_time_s", "status", "error")
 
 
 class SweepReport(Callback):
@@ -51,7 +52,9 @@ class SweepReport(Callback):
             "job": int(config.hydra.job.num),
             "overrides": " ".join(config.hydra.overrides.task),
             "val_acc_best": metrics.get("val/acc_best"),
+            "val_acc_best_ci95": metrics.get("val/acc_best_ci95"),
             "test_acc": metrics.get("test/acc"),
+            "test_acc_ci95": metrics.get("test/acc_ci95"),
             "epochs": metrics.get("epochs"),
             "wall_time_s": round(time.time() - self._started, 1) if self._started else None,
             "status": "failed" if error else "completed",
@@ -93,19 +96,41 @@ def write_summary(sweep_dir: Path) -> list[dict]:
         writer.writeheader()
         writer.writerows({k: r.get(k) for k in COLUMNS} for r in rows)
     tmp.replace(sweep_dir / "summary.csv")
-    lines = ["| job | overrides | val/acc_best | test/acc | epochs | wall time | status |",
+    lines = ["| job | overrides | val/acc_best (95% CI) | test/acc (95% CI) | epochs | wall time | status |",
              "|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
         status = r["status"] if r["status"] == "completed" else f"failed: {r['error']}"
-        lines.append(f"| {r['job']} | {r['overrides'] or '(defaults)'} | {_number(r['val_acc_best'])} | "
-                     f"{_number(r['test_acc'])} | {r['epochs'] if r['epochs'] is not None else ''} | "
-                     f"{_seconds(r['wall_time_s'])} | {status} |")
+        lines.append(f"| {r['job']} | {r['overrides'] or '(defaults)'} | "
+                     f"{_with_interval(r['val_acc_best'], r.get('val_acc_best_ci95'))} | "
+                     f"{_with_interval(r['test_acc'], r.get('test_acc_ci95'))} | "
+                     f"{r['epochs'] if r['epochs'] is not None else ''} | {_seconds(r['wall_time_s'])} | {status} |")
+    lines += ["", *_not_told_apart(rows)]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return rows
 
 
-def _number(x: float | None) -> str:
-    return f"{x:.4f}" if x is not None else ""
+def _not_told_apart(rows: list[dict]) -> list[str]:
+    """A sentence naming the jobs whose val/acc_best interval overlaps the best job's: on this validation set they
+    are not shown to be worse, whatever their order in the table."""
+    from finetune.stats import overlaps
+
+    done = [r for r in rows if r["status"] == "completed" and r.get("val_acc_best_ci95")]
+    if len(done) < 2:
+        return []
+    best = done[0]
+    tied = [str(r["job"]) for r in done[1:] if overlaps(r["val_acc_best_ci95"], best["val_acc_best_ci95"])]
+    intervals = "Intervals are 95% Wilson intervals over the images of each split."
+    if not tied:
+        return [f"{intervals} No other job's val/acc_best interval overlaps job {best['job']}'s."]
+    jobs = ", ".join(tied)
+    return [f"{intervals} The val/acc_best intervals of job{'s' if len(tied) > 1 else ''} {jobs} overlap job "
+            f"{best['job']}'s: on this validation set they are not shown to differ from it."]
+
+
+def _with_interval(x: float | None, interval: list[float] | None) -> str:
+    if x is None:
+        return ""
+    return f"{x:.4f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{x:.4f}"
 
 
 def _seconds(x: float | None) -> str:

@@ -30,6 +30,7 @@ from finetune.data.transforms import Preprocessing, resolve_preprocessing
 from finetune.models.backbone import architecture, backbone_blocks, create_backbone
 from finetune.models.classifier import Classifier, UnsafeCheckpoint, load_checkpoint
 from finetune.schedule import Schedule, use_scratch_when_nothing_to_protect
+from finetune.stats import accuracy_interval
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +351,10 @@ def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_
     metrics["global_step"] = trainer.global_step
     metrics["best_checkpoint"] = str(Path(best).relative_to(run_dir)) if best else None
     metrics["test_images"] = len(data.indices("test")) or len(data.indices("val"))
+    metrics["val_images"] = len(data.indices("val"))
+    # 95% Wilson intervals: how far the accuracies could be from the truth on sets this small
+    metrics["test/acc_ci95"] = accuracy_interval(metrics.get("test/acc"), metrics["test_images"])
+    metrics["val/acc_best_ci95"] = accuracy_interval(metrics.get("val/acc_best"), metrics["val_images"])
     _write_json(run_dir / "metrics.json", metrics)
     return metrics
 
