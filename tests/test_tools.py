@@ -73,8 +73,10 @@ def test_evaluate_writes_every_file_and_each_parses(evaluated):
     assert "precision" in report and "not red or green" in report
     rows = read_csv(out / "classification_report.csv")
     assert [r["class"] for r in rows] == ["green", "not red or green", "red", "macro avg", "weighted avg"]
-    for name in ("confusion_matrix.png", "curves.png"):
+    for name in ("confusion_matrix.png", "curves.png", "reliability.png"):
         assert is_png(out / name), name
+    assert saved["temperature"] > 0 and saved["ece_after"] == saved["expected_calibration_error"]
+    assert saved["nll_after"] == pytest.approx(saved["log_loss"], abs=1e-6)
     assert (out / "top_losses.png").exists() == (saved["accuracy"] < 1)
 
 

@@ -161,6 +161,7 @@ class TuneConfig:
 @dataclass
 class TrainConfig:
     seed: int = 42
+    calibrate: bool = True  # fit a temperature on the validation split after training (calibrated probabilities)
     run_dir: str = "${hydra:runtime.output_dir}"  # where this run writes everything
     resume: Optional[str] = None  # RUN_DIR of an earlier run: continue it from RUN_DIR/checkpoints/last.ckpt
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

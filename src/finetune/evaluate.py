@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.calibration import ece, nll, reliability_figure, rescale
 from finetune.cli import free_path
 from finetune.config import ConfigError
 from finetune.data.datamodule import apply_split_file, drop_unusable, load_image, subset
@@ -39,18 +40,21 @@ def run(cfg: DictConfig) -> dict:
     log.info("Evaluating %s on %s (%s images)%s; writing into %s", ckpt, described, f"{len(indices):,}",
              " with ten-crop TTA" if cfg.tta else "", out)
 
-    probs, failed = probabilities(model, source, indices, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                  device=device, tta=cfg.tta, max_pixels=cfg.max_pixels, progress=True)
+    raw, failed = probabilities(model, source, indices, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                device=device, tta=cfg.tta, max_pixels=cfg.max_pixels, progress=True, temperature=1.0)
     ok = np.array([i not in failed for i in range(len(indices))], dtype=bool)
     for i, reason in failed.items():
         log.warning("Could not evaluate %s: %s", source.paths[indices[i]], reason)
     if not ok.any():
         raise DataError(f"none of the {len(indices)} images could be loaded (see the warnings above)")
     labels = source.labels[indices][ok]
-    probs = probs[ok]
+    raw = raw[ok]
+    probs = rescale(raw, model.temperature)  # what predict and the export give: calibrated
     classes = model.classes
     metrics = compute_metrics(probs, labels, len(classes))
     metrics.update(intervals(probs.argmax(1), labels, classes))
+    metrics.update({"temperature": model.temperature, "nll_before": nll(raw, labels), "nll_after": nll(probs, labels),
+                    "ece_before": ece(raw, labels), "ece_after": ece(probs, labels)})
     metrics.update({"images": int(ok.sum()), "unreadable": len(failed), "checkpoint": str(ckpt),
                     "evaluated_on": described, "tta": bool(cfg.tta)})
 
@@ -59,6 +63,7 @@ def run(cfg: DictConfig) -> dict:
     write_confusion(out, labels, probs.argmax(1), classes)
     write_predictions(out / "predictions.csv", [source.paths[j] for j in indices[ok]], labels, probs, classes)
     write_curves(out / "curves.png", run_dir)
+    _save(reliability_figure(raw, probs, labels, model.temperature), out / "reliability.png")
     write_top_losses(out / "top_losses.png", source, indices[ok], labels, probs, classes, cfg.top_losses,
                      cfg.max_pixels)
     log.info("accuracy %.4f  balanced accuracy %.4f  macro F1 %.4f  log loss %.4f  ECE %.4f%s",

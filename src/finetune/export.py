@@ -31,12 +31,14 @@ class Deployable(nn.Module):
     def __init__(self, model: Classifier):
         super().__init__()
         self.backbone, self.head, self.binary = model.backbone, model.head, model.binary
+        self.temperature = float(model.temperature)  # a constant in the graph: probabilities are calibrated
         self.register_buffer("mean", model.mean.clone())
         self.register_buffer("std", model.std.clone())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.backbone(normalize(images, self.mean, self.std)))
-        return torch.softmax(two_class_logits(logits) if self.binary else logits, dim=1)
+        logits = two_class_logits(logits) if self.binary else logits
+        return torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=1)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -153,6 +155,7 @@ def describe(model: Classifier, fmt: str, filename: str) -> dict:
         "output": {"name": "probabilities", "dtype": "float32", "shape": ["batch", len(model.classes)],
                    "classes": model.classes},
         "inside_the_model": {"normalise": {"mean": pre["mean"], "std": pre["std"], "scale": "x / 255"},
-                             "softmax": True},
+                             "softmax": True, "temperature": float(model.temperature)},
+        "temperature": float(model.temperature),
         "backbone": model.hparams.backbone_config["name"],
     }

@@ -68,10 +68,13 @@ def _collate(items):
 
 def probabilities(model: Classifier, source: Source, indices: np.ndarray, *, batch_size: int = 64,
                   num_workers: int = 0, device: torch.device | None = None, tta: bool = False,
-                  max_pixels: int = 100_000_000, progress: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+                  max_pixels: int = 100_000_000, progress: bool = False,
+                  temperature: float | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """Softmax probabilities (len(indices) x classes; NaN rows for failed images) and {position: reason} of the
-    images that could not be loaded. With `tta`, each image's probabilities are the mean over its ten crops."""
+    images that could not be loaded. With `tta`, each image's probabilities are the mean over its ten crops.
+    The logits are divided by `temperature`, by default the model's own (calibrated after training)."""
     device = device or resolve_device()
+    t = float(model.temperature if temperature is None else temperature)
     pre = preprocessing_of(model)
     transform = TenCropViews(pre) if tta else eval_transform(pre)
     images = InferenceImages(source, indices, transform, max_pixels, draft=pre.resize_size)
@@ -93,8 +96,8 @@ def probabilities(model: Classifier, source: Source, indices: np.ndarray, *, bat
             images = images.to(device, non_blocking=True)
             if images.dim() == 5:  # (batch, views, C, H, W)
                 b, views = images.shape[:2]
-                p = model(images.flatten(0, 1)).float().softmax(1).view(b, views, -1).mean(1)
+                p = (model(images.flatten(0, 1)).float() / t).softmax(1).view(b, views, -1).mean(1)
             else:
-                p = model(images).float().softmax(1)
+                p = (model(images).float() / t).softmax(1)
             out[positions] = p.cpu().numpy()
     return out, failed

@@ -62,7 +62,9 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
         f"{s.backbone_lr_ratio} x the head's rate"
     size = preprocessing["image_size"]
     measured = [(key, metrics[key]) for key in ("test/acc", "test/loss", "test/balanced_acc", "test/acc_top5",
-                                                "val/acc_best") if metrics.get(key) is not None]
+                                                "val/acc_best", "val/temperature", "test/nll_before",
+                                                "test/nll_after", "test/ece_before", "test/ece_after")
+                if metrics.get(key) is not None]
     card = "\n".join(header) + f"""
 
 # {dataset} classifier: {name}

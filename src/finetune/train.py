@@ -104,6 +104,9 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             from None
     metrics = test_best(trainer, model, data, run_dir)
     if trainer.is_global_zero:
+        if cfg.calibrate:
+            metrics.update(calibrate_best(run_dir, data, trainer.strategy.root_device))
+            _write_json(run_dir / "metrics.json", metrics)
         write_model_card(cfg, model, data, metrics, run_dir)
     log.info("Test accuracy %.4f (best checkpoint). Run directory: %s", metrics.get("test/acc", float("nan")), run_dir)
     # Let this run's model, data and trainer go (they hold reference cycles), so a sweep's jobs do not add up.
@@ -357,6 +360,48 @@ def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_
     metrics["val/acc_best_ci95"] = accuracy_interval(metrics.get("val/acc_best"), metrics["val_images"])
     _write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -> dict:
+    """Fit the best checkpoint's temperature on the validation split and store it in best.ckpt, where evaluate,
+    predict and export read it; the test NLL and ECE before and after, for metrics.json."""
+    from finetune.calibration import ece, fit_temperature, nll
+    from finetune.models.classifier import load_classifier
+
+    best = run_dir / "checkpoints" / "best.ckpt"
+    if not best.is_file() or not len(data.indices("val")):
+        return {}
+    model = load_classifier(best).to(device)
+    val_logits, val_labels = split_logits(model, data, "val", device)
+    temperature = fit_temperature(val_logits, val_labels)
+    test_logits, test_labels = split_logits(model, data, "test" if len(data.indices("test")) else "val", device)
+    before, after = test_logits.softmax(1).numpy(), (test_logits / temperature).softmax(1).numpy()
+    labels = test_labels.numpy()
+    checkpoint = load_checkpoint(best)
+    checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "temperature": temperature}
+    tmp = best.with_name(f"{best.name}.tmp-calibration")
+    torch.save(checkpoint, tmp)
+    tmp.replace(best)
+    result = {"val/temperature": temperature, "test/nll_before": nll(before, labels),
+              "test/nll_after": nll(after, labels), "test/ece_before": ece(before, labels),
+              "test/ece_after": ece(after, labels)}
+    log.info("Calibration: temperature %.3f fitted on %d validation images; test NLL %.4f -> %.4f, ECE %.4f -> %.4f "
+             "(stored in %s)", temperature, len(val_labels), result["test/nll_before"], result["test/nll_after"],
+             result["test/ece_before"], result["test/ece_after"], best)
+    return result
+
+
+def split_logits(model: Classifier, data: ImageDataModule, split: str,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's float32 logits for `split`'s images (evaluation transform), and their labels, on the CPU."""
+    loader = data.plain_loader(data.dataset(split, train_transforms=False))
+    logits, labels = [], []
+    with torch.inference_mode():
+        for batch in loader:
+            images, y = data.decode(batch, False, device)
+            logits.append(model(images.to(device)).float().cpu())
+            labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
 
 
 def write_model_card(cfg: DictConfig, model: Classifier, data: ImageDataModule, metrics: dict, run_dir: Path) -> None:

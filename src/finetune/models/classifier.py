@@ -64,10 +64,12 @@ class Classifier(L.LightningModule):
 
     def __init__(self, backbone: nn.Module, classes: list[str], backbone_config: dict, head_config: dict,
                  schedule: dict, preprocessing: dict, class_weights: list[float] | None = None,
-                 mix: dict | None = None):
+                 mix: dict | None = None, temperature: float = 1.0):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"], logger=False)
         self.classes = list(classes)
+        # fitted on the validation split after training (finetune.calibration): probabilities are softmax(z / T)
+        self.temperature = float(temperature)
         self.backbone = backbone.to(memory_format=torch.channels_last)
         # A binary head has one logit, expanded by two_class_logits: everything downstream sees two classes.
         self.binary = bool(head_config.get("binary", False))
