@@ -403,7 +403,8 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     if "schedule" in saved and "norm_bias_decay" not in saved.schedule:
         saved.schedule.norm_bias_decay = True  # a run of a release that decayed every parameter: same groups again
     changes = []
-    for override in overrides:
+    last_of_each = {override.lstrip("+~").partition("=")[0]: override for override in overrides}  # as Hydra: last wins
+    for override in last_of_each.values():
         key, _, value = override.lstrip("+~").partition("=")
         if key in ("resume", "run_dir") or key.startswith("hydra"):
             continue
