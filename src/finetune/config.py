@@ -161,7 +161,9 @@ class TuneConfig:
 class TrainConfig:
     seed: int = 42
     run_dir: str = "${hydra:runtime.output_dir}"  # where this run writes everything
-    resume: Optional[str] = None  # RUN_DIR of an earlier run: continue it from RUN_DIR/checkpoints/last.ckpt
+    # null: a fresh run. RUN_DIR of an earlier run: continue it from RUN_DIR/checkpoints/last.ckpt. auto: continue the
+    # run this run's own directory holds (a requeued job; hydra.run.dir=DIR again), else start a fresh one there.
+    resume: Optional[str] = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -174,12 +176,14 @@ class TrainConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 
-def _if_set(value: Any, then: Any, otherwise: Any) -> Any:
-    return then if value not in (None, "", "None", "null") else otherwise
+def _if_resume_dir(resume: Any, then: Any, otherwise: Any) -> Any:
+    """hydra.run.dir: `then` when resume= names a run directory; `otherwise` when it is unset or auto (which runs in a
+    directory of its own, and looks there for a run to continue)."""
+    return then if resume not in (None, "", "None", "null", "auto") else otherwise
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-OmegaConf.register_new_resolver("if_set", _if_set, replace=True)
+OmegaConf.register_new_resolver("if_resume_dir", _if_resume_dir, replace=True)
 
 HEADS = ("linear", "mlp")
 CROPS = ("random_resized", "center")
