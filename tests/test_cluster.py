@@ -1,11 +1,13 @@
-"""resume=auto: the same command again (a requeued job) continues the run its directory holds."""
+"""Runs on clusters: resume=auto, and SLURM jobs that submitit requeues."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from conftest import CONF, FAST, ROOT, compose, given
 from omegaconf import OmegaConf
 
 from finetune.config import ConfigError
-from finetune.train import run
+from finetune.train import build_trainer, run
 
 LEARN = [*FAST, "schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "dataset.val_fraction=0.2",
          "dataset.test_fraction=0.2"]
@@ -105,3 +107,122 @@ def test_resume_auto_never_writes_over_checkpoints_it_cannot_continue(tmp_path):
                                           r"`cp .*best.ckpt .*last.ckpt`"):
         run(compose(run_dir, "resume=auto"), overrides=["resume=auto"])
     assert (run_dir / "checkpoints" / "best.ckpt").read_bytes() == b"weights"
+
+
+def test_slurm_launcher_requeues_jobs_that_continue_in_their_own_directory(tmp_path, monkeypatch):
+    """hydra/launcher=slurm, through hydra-submitit-launcher's own launch(): the sbatch file submitit writes (time
+    limit, its signal before it, requeue), max_num_timeout, resume=auto in every job, and submitit's checkpoint hook
+    re-running the same job, pickled as submitit pickles it, in the same directory."""
+    import cloudpickle
+    import submitit
+    from hydra.utils import get_class
+    from submitit.slurm.slurm import SlurmExecutor
+
+    monkeypatch.chdir(tmp_path)
+    cfg = hydra_config("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2",
+                       "hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4",
+                       "hydra.launcher.timeout_min=720", "hydra.launcher.cpus_per_task=8", "hydra.launcher.mem_gb=64",
+                       "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2")
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    launcher = get_class(params.pop("_target_"))(**params)
+    launcher.setup(hydra_context=None, task_function=None, config=cfg)
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # srun is on clusters, not here
+    submitted = {}
+
+    class Submitted:
+        def results(self):
+            return [None]
+
+    def map_array(executor, function, *args):
+        submitted.update(executor=executor._executor, function=function, args=list(zip(*args)))
+        return [Submitted() for _ in args[0]]
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", map_array)
+    launcher.launch([["schedule.lr=1e-3"], ["schedule.lr=3e-3"]], initial_job_idx=0)
+
+    executor = submitted["executor"]
+    assert executor.max_num_timeout == 20  # time-limit kills requeue, up to 20 times
+    text = executor._make_submission_file_text("python scripts/train.py", "job")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=720", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "export SUBMITIT_EXECUTOR=slurm"):
+        assert line in text, line
+    assert cfg.trainer.num_nodes * cfg.trainer.devices == 8 == params["nodes"] * params["tasks_per_node"]
+
+    assert cfg.resume is None  # here, where the sweep is submitted; in the jobs (SUBMITIT_EXECUTOR=slurm):
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    assert hydra_config().resume == "auto" and hydra_config("resume=outputs/runs/x").resume == "outputs/runs/x"
+
+    job = submitted["args"][0]
+    sweep_dir = str(cfg.hydra.sweep.dir)
+    time.sleep(0.01)  # the time, resolved again now, would name another folder
+    delayed = cloudpickle.loads(cloudpickle.dumps(submitted["function"].checkpoint(*job)))
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert type(delayed.function) is type(launcher) and delayed.args[:4] == job[:4]  # the same job again...
+    assert str(delayed.function.config.hydra.sweep.dir) == sweep_dir  # ...in the same directory
+
+
+def test_on_slurm_lightning_leaves_requeueing_to_submitit(tmp_path, monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from finetune.cluster import cluster_plugins
+
+    assert cluster_plugins() == []  # not on SLURM: Lightning picks its environment as usual
+    cfg = compose(tmp_path, *FAST, "logger=none")
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    environment = build_trainer(cfg, tmp_path)._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
+
+
+def descendants(pid):
+    """The processes started by `pid`, and by them, ..., from /proc."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found += children.get(todo[-1], [])
+        todo = todo[:-1] + children.get(todo[-1], [])
+    return found
+
+
+def command_line(pid):
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_a_job_that_submitit_requeues_continues_from_the_batch_it_stopped_at(tmp_path, shapes):
+    """SLURM's time limit, simulated by submitit's local executor, which requeues a job on submitit's signal (USR2) as
+    on SLURM: the job stops at the next batch boundary and writes last.ckpt there, submitit's checkpoint hook requeues
+    it, and the requeued job (resume=auto, as in every submitit job) continues from that step to the planned epochs."""
+    sweep = tmp_path / "sweep"
+    driver = start(tmp_path, "-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "dataset=image_folder",
+                   f"dataset.root={shapes}", *LEARN, "dataset.batch_size=4", "schedule.epochs=3",
+                   "schedule.freeze_epochs=1", "logger=none")
+    job_dir = sweep / "0"
+    wait_for(job_dir / "checkpoints" / "last.ckpt", driver)
+    epoch_steps = torch.load(job_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    time.sleep(1.0)
+    job = next(p for p in descendants(driver.pid) if "submitit.core._submit" in command_line(p))
+    os.kill(job, signal.SIGUSR2)
+    output = driver.communicate(timeout=600)[0]
+    assert driver.returncode == 0, output[-3000:]
+
+    log = (job_dir / "train.log").read_text()
+    assert "holds no run yet; starting a fresh one" in log and "holds a run; continuing it from" in log
+    resumed_at = int(re.search(r"Resuming from \S+last.ckpt \(global step (\d+)\)", log).group(1))
+    assert resumed_at > epoch_steps  # saved where the signal stopped it, not only at the end of an epoch
+    metrics = json.loads((job_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["global_step"] == 3 * epoch_steps
+    job_output = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.out"))
+    assert "Calling checkpoint method" in job_output and "Requeued job" in job_output  # submitit's own hook did it
+    assert ",completed," in (sweep / "summary.csv").read_text()

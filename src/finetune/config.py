@@ -163,6 +163,7 @@ class TrainConfig:
     run_dir: str = "${hydra:runtime.output_dir}"  # where this run writes everything
     # null: a fresh run. RUN_DIR of an earlier run: continue it from RUN_DIR/checkpoints/last.ckpt. auto: continue the
     # run this run's own directory holds (a requeued job; hydra.run.dir=DIR again), else start a fresh one there.
+    # conf/train.yaml makes it auto in a job that submitit runs.
     resume: Optional[str] = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -182,8 +183,16 @@ def _if_resume_dir(resume: Any, then: Any, otherwise: Any) -> Any:
     return then if resume not in (None, "", "None", "null", "auto") else otherwise
 
 
+def _if_submitit_job(then: Any, otherwise: Any) -> Any:
+    """`then` in a job that submitit runs (on SLURM, which may stop and requeue it), `otherwise` elsewhere."""
+    from finetune.cluster import in_submitit_job
+
+    return then if in_submitit_job() else otherwise
+
+
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 OmegaConf.register_new_resolver("if_resume_dir", _if_resume_dir, replace=True)
+OmegaConf.register_new_resolver("if_submitit_job", _if_submitit_job, replace=True)
 
 HEADS = ("linear", "mlp")
 CROPS = ("random_resized", "center")

@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.callbacks.dashboards import Dashboards
 from finetune.callbacks.mixed_precision import CountSkippedSteps
 from finetune.callbacks.nonfinite import StopOnNonFiniteLoss
-from finetune.callbacks.preemption import Interrupted, Preempted, SaveOnPreemption
+from finetune.callbacks.preemption import Interrupted, Preempted, RequeueAtBatchBoundary, SaveOnPreemption
 from finetune.callbacks.schedule import EMA, ApplySchedule
 from finetune.checkpoints import AtomicCheckpointIO, remove_leftovers
+from finetune.cluster import cluster_plugins
 from finetune.config import CONF, OWN_TRAINER_KEYS, ConfigError, FinetuneError, TrainConfig, validate
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.transforms import Preprocessing, resolve_preprocessing
@@ -94,12 +95,15 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     except SIGTERMException:
-        raise Preempted(f"Stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; the "
-                        f"checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} holds that step. Continue with "
-                        f"resume={run_dir}") from None
-    except SystemExit:  # Lightning's sys.exit(1) once it has caught a KeyboardInterrupt (Ctrl-C)
-        if not trainer.interrupted:
-            raise
+        kept = f"the checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} holds that step. Continue with resume={run_dir}"
+        for callback in trainer.callbacks:
+            if isinstance(callback, RequeueAtBatchBoundary):
+                callback.requeue(f"stopped at epoch {trainer.current_epoch}, step {trainer.global_step}; {kept}")
+        raise Preempted(f"Stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; {kept}") \
+            from None
+    except SystemExit as e:  # Lightning's sys.exit(1) once it has caught a KeyboardInterrupt (Ctrl-C)
+        if not trainer.interrupted or not isinstance(e.__context__, KeyboardInterrupt):
+            raise  # another exit (submitit's, having requeued the job) goes on as it is
         last = run_dir / "checkpoints" / "last.ckpt"
         kept = f"{last} holds the last whole epoch; continue with resume={run_dir}" if last.is_file() else \
             "no checkpoint had been written yet"
@@ -227,7 +231,7 @@ def refuse_multirun_with_ddp(trainer: DictConfig) -> None:
     if "BasicLauncher" in str(HydraConfig.get().launcher.get("_target_", "")):
         raise ConfigError("-m (a sweep) with trainer=ddp on more than one device: Lightning starts DDP's workers by "
                           "re-running the command, which would start the whole sweep again in each. Run the jobs "
-                          "one at a time, or send the sweep to SLURM with hydra/launcher=submitit_slurm (README)")
+                          "one at a time, or send the sweep to SLURM with hydra/launcher=slurm (README)")
 
 
 def _processes(trainer: DictConfig) -> int:
@@ -302,6 +306,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: ImageDataModule | None =
         # checked at least at every step that may be saved, so no NaN model is written
         StopOnNonFiniteLoss(check_every=math.gcd(8, every) if every else 8),
         SaveOnPreemption(checkpoints / "last.ckpt"),
+        RequeueAtBatchBoundary(),  # in a submitit job: its requeue signal stops at a batch, as SIGTERM does
         best, last,
     ]
     if s.ema is not None:
@@ -340,7 +345,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: ImageDataModule | None =
         callbacks=callbacks,
         logger=loggers or False,
         enable_progress_bar=cfg.callbacks.progress_bar,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         **kwargs,
     )
 
