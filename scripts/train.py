@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 import finetune.config  # noqa: F401  (registers the config schema and resolvers that conf/train.yaml uses)
-from finetune.cli import expand_home_in_arguments, script
+from finetune.cli import expand_home_in_arguments, one_run_directory_under_torchrun, script
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -17,4 +17,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     expand_home_in_arguments()
+    one_run_directory_under_torchrun()
     main()

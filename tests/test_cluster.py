@@ -1,4 +1,4 @@
-"""Runs on clusters: resume=auto, and SLURM jobs that submitit requeues."""
+"""Runs on clusters: resume=auto, SLURM jobs that submitit requeues, and torchrun's processes in one run directory."""
 
 import json
 import os
@@ -155,7 +155,7 @@ def test_slurm_launcher_requeues_jobs_that_continue_in_their_own_directory(tmp_p
 
     job = submitted["args"][0]
     sweep_dir = str(cfg.hydra.sweep.dir)
-    time.sleep(0.01)  # the time, resolved again now, would name another folder
+    time.sleep(0.01)  # a run_name resolved again now would be another folder
     delayed = cloudpickle.loads(cloudpickle.dumps(submitted["function"].checkpoint(*job)))
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     assert type(delayed.function) is type(launcher) and delayed.args[:4] == job[:4]  # the same job again...
@@ -174,6 +174,28 @@ def test_on_slurm_lightning_leaves_requeueing_to_submitit(tmp_path, monkeypatch)
         monkeypatch.setenv(key, value)
     environment = build_trainer(cfg, tmp_path)._accelerator_connector.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
+
+
+def test_torchrun_processes_name_the_run_after_the_rendezvous_id(monkeypatch):
+    from finetune.cluster import torchrun_arguments
+
+    assert torchrun_arguments(["dataset=digits"]) == []  # not under torchrun
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "3f2a")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert torchrun_arguments([]) == []
+    assert hydra_config().hydra.run.dir == "outputs/runs/torchrun-3f2a"
+    assert hydra_config("resume=outputs/runs/x").hydra.run.dir == "outputs/runs/x/resumed/torchrun-3f2a"
+    assert hydra_config("resume=auto").hydra.run.dir == "outputs/runs/torchrun-3f2a"
+    assert hydra_config().hydra.sweep.dir == "outputs/sweeps/torchrun-3f2a"
+    monkeypatch.setenv("RANK", "3")  # leaves .hydra/ to rank 0 and logs beside its train.log
+    assert torchrun_arguments([]) == ["hydra.output_subdir=null", "hydra.job.name=train_rank3"]
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default with a static rendezvous
+    with pytest.raises(ConfigError, match="without a rendezvous id.*--rdzv-id=JOB_ID.*or hydra.run.dir=DIR"):
+        torchrun_arguments(["dataset=digits"])
+    assert torchrun_arguments(["hydra.run.dir=/shared/run"]) == ["hydra.output_subdir=null",
+                                                                 "hydra.job.name=train_rank3"]
 
 
 def descendants(pid):
@@ -226,3 +248,21 @@ def test_a_job_that_submitit_requeues_continues_from_the_batch_it_stopped_at(tmp
     job_output = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.out"))
     assert "Calling checkpoint method" in job_output and "Requeued job" in job_output  # submitit's own hook did it
     assert ",completed," in (sweep / "summary.csv").read_text()
+
+
+@pytest.mark.slow
+def test_the_processes_torchrun_starts_write_one_run_directory(tmp_path, shapes):
+    process = start(tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *FAST, "trainer=ddp",
+                    "trainer.devices=2", "schedule.epochs=2", "schedule.freeze_epochs=1", "dataset.val_fraction=0.2",
+                    "dataset.test_fraction=0.2", module=["torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, output[-4000:]
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["runs"]
+    runs = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("torchrun-")  # one, not one per process
+    run_dir = runs[0]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
+    assert (run_dir / "train_rank1.log").is_file()  # rank 1 logs beside rank 0
+    assert len(list(tmp_path.rglob("checkpoints"))) == 1

@@ -183,6 +183,18 @@ def _if_resume_dir(resume: Any, then: Any, otherwise: Any) -> Any:
     return then if resume not in (None, "", "None", "null", "auto") else otherwise
 
 
+def _run_name(time_format: str) -> str:
+    """The name of a run's (or sweep's) folder: the time now, to the microsecond. Under torchrun, `torchrun-ID` after
+    its rendezvous id, which every process of the run shares on every node (their clocks do not agree to the
+    microsecond) and keeps when torchrun restarts them."""
+    from datetime import datetime
+
+    from finetune.cluster import torchrun_run_id
+
+    run_id = torchrun_run_id()
+    return f"torchrun-{run_id}" if run_id else datetime.now().strftime(time_format)
+
+
 def _if_submitit_job(then: Any, otherwise: Any) -> Any:
     """`then` in a job that submitit runs (on SLURM, which may stop and requeue it), `otherwise` elsewhere."""
     from finetune.cluster import in_submitit_job
@@ -193,6 +205,8 @@ def _if_submitit_job(then: Any, otherwise: Any) -> Any:
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 OmegaConf.register_new_resolver("if_resume_dir", _if_resume_dir, replace=True)
 OmegaConf.register_new_resolver("if_submitit_job", _if_submitit_job, replace=True)
+# cached, as Hydra's `now`: every use in one config (and the jobs of a sweep, which copy its cache) get one name
+OmegaConf.register_new_resolver("run_name", _run_name, replace=True, use_cache=True)
 
 HEADS = ("linear", "mlp")
 CROPS = ("random_resized", "center")
