@@ -173,6 +173,21 @@ def test_on_slurm_lightning_leaves_requeueing_to_submitit(tmp_path, monkeypatch)
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
 
 
+def test_a_job_that_submitit_will_not_requeue_again_ends_in_one_line():
+    from submitit.core.utils import UncompletedJobError
+
+    from finetune.callbacks.preemption import NotRequeued, RequeueAtBatchBoundary
+
+    def submitits_handler(signum, frame):
+        raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    hold = RequeueAtBatchBoundary()
+    hold._submitit, hold.held = submitits_handler, signal.SIGUSR2  # as after a signal held while training
+    with pytest.raises(NotRequeued, match=r"^Stopped near the time limit and not requeued \(Job not requeued because: "
+                                          r"timed-out too many times. See hydra.launcher.max_num_timeout\): last.ckpt"):
+        hold.requeue("last.ckpt holds that step")
+
+
 def test_torchrun_processes_name_the_run_after_the_rendezvous_id(monkeypatch):
     from finetune.cluster import torchrun_arguments
 

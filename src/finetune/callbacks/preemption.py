@@ -51,12 +51,13 @@ class RequeueAtBatchBoundary(L.Callback):
         self._training = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Here, not at on_fit_start: Lightning installs its SIGTERM handler between the two, and restores every
-        # handler as it found it when fitting ends.
-        import os
+        # Here, not at on_fit_start: Lightning installs its SIGTERM handler after that (a signal held before would be
+        # lost), and puts every handler back as it found it when fitting ends.
         import signal
 
-        if not os.environ.get("SUBMITIT_EXECUTOR"):
+        from finetune.cluster import in_submitit_job
+
+        if not in_submitit_job():
             return
         from submitit import JobEnvironment
 
