@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 import finetune.config  # noqa: F401  (registers the config schema and resolvers that conf/train.yaml uses)
-from finetune.cli import expand_home_in_arguments, script
+from finetune.cli import expand_home_in_arguments, one_run_directory_under_torchrun, script
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -25,4 +25,5 @@ if __name__ == "__main__":
         print(backbones_table(sys.argv[2] if len(sys.argv) > 2 else "*"))
         sys.exit(0)
     expand_home_in_arguments()
+    one_run_directory_under_torchrun()
     main()

@@ -1,4 +1,4 @@
-"""Sweeps that report, the learning-rate finder, DDP on CPU, and SLURM job parameters."""
+"""Sweeps that report, the learning-rate finder, and DDP on CPU (SLURM: test_cluster.py)."""
 
 import csv
 import gc
@@ -90,36 +90,6 @@ def test_multirun_with_ddp_is_refused_up_front(tmp_path, shapes):
     rows = summary(next((tmp_path / "outputs" / "sweeps").iterdir()))
     assert len(rows) == 2 and all("re-running the command" in r["error"] for r in rows)
     assert not list(tmp_path.glob("outputs/sweeps/*/*/checkpoints"))
-
-
-def test_slurm_launcher_config_generates_the_job_parameters(tmp_path, monkeypatch):
-    """hydra/launcher=submitit_slurm composes, and submitit turns it into the sbatch file a cluster would get."""
-    import submitit
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from submitit.slurm.slurm import SlurmExecutor
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose("train", return_hydra_config=True, overrides=[
-            "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2",
-            "hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4", "hydra.launcher.timeout_min=720",
-            "hydra.launcher.cpus_per_task=8", "hydra.launcher.mem_gb=64", "trainer=ddp", "trainer.devices=4",
-            "trainer.num_nodes=2"])
-    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
-    assert launcher["_target_"].endswith("SlurmLauncher")
-    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # srun is on clusters, not here
-    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
-    params = {k: v for k, v in launcher.items()
-              if k not in ("_target_", "submitit_folder", "max_num_timeout") and v is not None}
-    base = {"timeout_min", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "name",
-            "stderr_to_stdout"}
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
-    text = executor._executor._make_submission_file_text("python scripts/train.py", "job")
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=720", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB"):
-        assert line in text, line
-    assert cfg.trainer.strategy == "ddp_find_unused_parameters_true"
-    assert cfg.trainer.num_nodes * cfg.trainer.devices == 8 == launcher["nodes"] * launcher["tasks_per_node"]
 
 
 @pytest.mark.slow

@@ -30,6 +30,19 @@ def expand_home_in_arguments() -> None:
             sys.argv[i] = f"{key}={os.path.expanduser(value)}"
 
 
+def one_run_directory_under_torchrun() -> None:
+    """torchrun starts every process of a run itself, and each would name its run directory after its own clock:
+    add the overrides that give them one (finetune.cluster.torchrun_arguments), in sys.argv before Hydra reads it.
+    Where they cannot agree, one line and exit status 2, before any process writes anything."""
+    from finetune.cluster import torchrun_arguments
+
+    try:
+        sys.argv += torchrun_arguments(sys.argv[1:])
+    except FinetuneError as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
 # Set by script() when a job of a multirun fails; finetune.sweep.SweepReport records it for the sweep's report.
 job_error: str | None = None
 

@@ -163,7 +163,10 @@ class TrainConfig:
     seed: int = 42
     calibrate: bool = True  # fit a temperature on the validation split after training (calibrated probabilities)
     run_dir: str = "${hydra:runtime.output_dir}"  # where this run writes everything
-    resume: Optional[str] = None  # RUN_DIR of an earlier run: continue it from RUN_DIR/checkpoints/last.ckpt
+    # null: a fresh run. RUN_DIR of an earlier run: continue it from RUN_DIR/checkpoints/last.ckpt. auto: continue the
+    # run this run's own directory holds (a requeued job; hydra.run.dir=DIR again), else start a fresh one there.
+    # conf/train.yaml makes it auto in a job that submitit runs.
+    resume: Optional[str] = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -176,12 +179,36 @@ class TrainConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 
-def _if_set(value: Any, then: Any, otherwise: Any) -> Any:
-    return then if value not in (None, "", "None", "null") else otherwise
+def _if_resume_dir(resume: Any, then: Any, otherwise: Any) -> Any:
+    """hydra.run.dir: `then` when resume= names a run directory; `otherwise` when it is unset or auto (which runs in a
+    directory of its own, and looks there for a run to continue)."""
+    return then if resume not in (None, "", "None", "null", "auto") else otherwise
+
+
+def _run_name(time_format: str) -> str:
+    """The name of a run's (or sweep's) folder: the time now, to the microsecond. Under torchrun, `torchrun-ID` after
+    its rendezvous id, which every process of the run shares on every node (their clocks do not agree to the
+    microsecond) and keeps when torchrun restarts them."""
+    from datetime import datetime
+
+    from finetune.cluster import torchrun_run_id
+
+    run_id = torchrun_run_id()
+    return f"torchrun-{run_id}" if run_id else datetime.now().strftime(time_format)
+
+
+def _if_submitit_job(then: Any, otherwise: Any) -> Any:
+    """`then` in a job that submitit runs (on SLURM, which may stop and requeue it), `otherwise` elsewhere."""
+    from finetune.cluster import in_submitit_job
+
+    return then if in_submitit_job() else otherwise
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-OmegaConf.register_new_resolver("if_set", _if_set, replace=True)
+OmegaConf.register_new_resolver("if_resume_dir", _if_resume_dir, replace=True)
+OmegaConf.register_new_resolver("if_submitit_job", _if_submitit_job, replace=True)
+# cached, as Hydra's `now`: every use in one config (and the jobs of a sweep, which copy its cache) get one name
+OmegaConf.register_new_resolver("run_name", _run_name, replace=True, use_cache=True)
 
 HEADS = ("linear", "mlp")
 CROPS = ("random_resized", "center")

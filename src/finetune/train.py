@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.callbacks.dashboards import Dashboards
 from finetune.callbacks.mixed_precision import CountSkippedSteps
 from finetune.callbacks.nonfinite import StopOnNonFiniteLoss
-from finetune.callbacks.preemption import Interrupted, Preempted, SaveOnPreemption
+from finetune.callbacks.preemption import Interrupted, Preempted, RequeueAtBatchBoundary, SaveOnPreemption
 from finetune.callbacks.schedule import EMA, ApplySchedule
 from finetune.checkpoints import AtomicCheckpointIO, remove_leftovers
+from finetune.cluster import cluster_plugins
 from finetune.config import CONF, OWN_TRAINER_KEYS, ConfigError, FinetuneError, TrainConfig, validate
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.transforms import Preprocessing, resolve_preprocessing
@@ -47,6 +48,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     schedule.lr was given (then tune.lr_find does not replace it).
     """
     overrides = _command_line_overrides() if overrides is None else overrides
+    if cfg.get("resume") == "auto":
+        finished = continue_or_start(cfg)
+        if finished is not None:
+            return finished
     resuming = cfg.get("resume") is not None
     if resuming:
         cfg = resume_config(cfg, overrides)
@@ -81,8 +86,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     ckpt_path = None
     if resuming:
         ckpt_path = run_dir / "checkpoints" / "last.ckpt"
-        check_resumable(ckpt_path, data.classes, cfg.backbone.name)
-        log.info("Resuming from %s", ckpt_path)
+        step = check_resumable(ckpt_path, data.classes, cfg.backbone.name)
+        log.info("Resuming from %s (global step %d)", ckpt_path, step)
     else:
         if cfg.tune.lr_find:
             find_learning_rate(trainer, model, data, cfg, run_dir, given=_gives(overrides, "schedule.lr"))
@@ -91,12 +96,15 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     except SIGTERMException:
-        raise Preempted(f"Stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; the "
-                        f"checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} holds that step. Continue with "
-                        f"resume={run_dir}") from None
-    except SystemExit:  # Lightning's sys.exit(1) once it has caught a KeyboardInterrupt (Ctrl-C)
-        if not trainer.interrupted:
-            raise
+        kept = f"the checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} holds that step. Continue with resume={run_dir}"
+        for callback in trainer.callbacks:
+            if isinstance(callback, RequeueAtBatchBoundary):
+                callback.requeue(f"stopped at epoch {trainer.current_epoch}, step {trainer.global_step}; {kept}")
+        raise Preempted(f"Stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; {kept}") \
+            from None
+    except SystemExit as e:  # Lightning's sys.exit(1) once it has caught a KeyboardInterrupt (Ctrl-C)
+        if not trainer.interrupted or not isinstance(e.__context__, KeyboardInterrupt):
+            raise  # another exit (submitit's, having requeued the job) goes on as it is
         last = run_dir / "checkpoints" / "last.ckpt"
         kept = f"{last} holds the last whole epoch; continue with resume={run_dir}" if last.is_file() else \
             "no checkpoint had been written yet"
@@ -117,6 +125,31 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     return metrics
 
 
+def continue_or_start(cfg: DictConfig) -> dict | None:
+    """resume=auto: continue the run that cfg.run_dir holds (a requeued SLURM job runs again in its own directory; so
+    does the same command with hydra.run.dir=DIR), start a fresh one where it holds none; cfg.resume says which.
+    A finished run (metrics.json) is not trained again: its metrics are returned, and the command ends well (a requeue
+    that comes after the run finished has nothing left to do)."""
+    run_dir = Path(cfg.run_dir)
+    metrics, last = run_dir / "metrics.json", run_dir / "checkpoints" / "last.ckpt"
+    if metrics.is_file():
+        log.info("resume=auto: %s holds a finished run (metrics.json), so there is nothing to do: it is not trained "
+                 "again. To train it longer: resume=%s schedule.epochs=N", run_dir, run_dir)
+        return json.loads(metrics.read_text())
+    if last.is_file():
+        log.info("resume=auto: %s holds a run; continuing it from %s", run_dir, last)
+        cfg.resume = str(run_dir)
+        return None
+    others = sorted(run_dir.glob("checkpoints/*.ckpt"))
+    if others:
+        raise ConfigError(f"resume=auto: {run_dir} holds {', '.join(p.name for p in others)} but no {last.name} to "
+                          f"continue from, and a fresh run would overwrite it: `cp {others[0]} {last}` continues "
+                          f"from that checkpoint's epoch; or give the new run another hydra.run.dir")
+    log.info("resume=auto: %s holds no run yet; starting a fresh one", run_dir)
+    cfg.resume = None
+    return None
+
+
 def refuse_a_finished_run(run_dir: Path) -> None:
     """A fresh run never writes over a run directory that already holds one (hydra.run.dir=an earlier run)."""
     import os
@@ -129,17 +162,20 @@ def refuse_a_finished_run(run_dir: Path) -> None:
                           f"continue it with resume={run_dir}, or give the new run another hydra.run.dir")
 
 
-def check_resumable(last: Path, classes: list[str], backbone: str) -> None:
+def check_resumable(last: Path, classes: list[str], backbone: str) -> int:
     """Open last.ckpt as resume will (refusing one that would run code, before Lightning opens it), and check it is
-    this run's: the same class names and backbone. If it is damaged, say which intact checkpoint can take its place."""
+    this run's: the same class names and backbone; return its global step. If it is damaged, say which intact
+    checkpoint can take its place."""
     try:
-        hp = load_checkpoint(last).get("hyper_parameters", {})
+        checkpoint = load_checkpoint(last)
+        hp = checkpoint.get("hyper_parameters", {})
         theirs = list(hp.get("classes", [])), hp.get("backbone_config", {}).get("name")
         if theirs != (list(classes), backbone):
             raise ConfigError(f"{last} is not this run's checkpoint: it holds {theirs[1]} for {len(theirs[0])} classes "
                               f"({', '.join(theirs[0][:5])}{', ...' if len(theirs[0]) > 5 else ''}), the run is "
                               f"{backbone} for {len(classes)} ({', '.join(classes[:5])}"
                               f"{', ...' if len(classes) > 5 else ''}); resume only a run's own checkpoint")
+        return int(checkpoint.get("global_step", 0))
     except (UnsafeCheckpoint, ConfigError):
         raise
     except FinetuneError as e:
@@ -201,7 +237,7 @@ def refuse_multirun_with_ddp(trainer: DictConfig) -> None:
     if "BasicLauncher" in str(HydraConfig.get().launcher.get("_target_", "")):
         raise ConfigError("-m (a sweep) with trainer=ddp on more than one device: Lightning starts DDP's workers by "
                           "re-running the command, which would start the whole sweep again in each. Run the jobs "
-                          "one at a time, or send the sweep to SLURM with hydra/launcher=submitit_slurm (README)")
+                          "one at a time, or send the sweep to SLURM with hydra/launcher=slurm (README)")
 
 
 def _processes(trainer: DictConfig) -> int:
@@ -276,6 +312,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: ImageDataModule | None =
         # checked at least at every step that may be saved, so no NaN model is written
         StopOnNonFiniteLoss(check_every=math.gcd(8, every) if every else 8),
         SaveOnPreemption(checkpoints / "last.ckpt"),
+        RequeueAtBatchBoundary(),  # in a submitit job: its requeue signal stops at a batch, as SIGTERM does
         best, last,
     ]
     if s.ema is not None:
@@ -314,7 +351,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: ImageDataModule | None =
         callbacks=callbacks,
         logger=loggers or False,
         enable_progress_bar=cfg.callbacks.progress_bar,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         **kwargs,
     )
 
@@ -468,7 +505,8 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     if "schedule" in saved and "norm_bias_decay" not in saved.schedule:
         saved.schedule.norm_bias_decay = True  # a run of a release that decayed every parameter: same groups again
     changes = []
-    for override in overrides:
+    last_of_each = {override.lstrip("+~").partition("=")[0]: override for override in overrides}  # as Hydra: last wins
+    for override in last_of_each.values():
         key, _, value = override.lstrip("+~").partition("=")
         if key in ("resume", "run_dir") or key.startswith("hydra"):
             continue
@@ -492,7 +530,7 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     merged.run_dir = str(run_dir)
     if changes:
         backup = run_dir / f"config.before-resume-{len(list(run_dir.glob('config.before-resume-*.yaml'))) + 1}.yaml"
-        saved_path.replace(backup)
+        _keep_config(saved_path, backup)
         _save_config(merged, saved_path)
         log.info("Resuming with %s; the previous config is kept as %s", ", ".join(changes), backup.name)
     return merged
@@ -543,7 +581,17 @@ def _plain(node: DictConfig) -> dict:
 
 @rank_zero_only
 def _save_config(cfg: DictConfig, path: Path) -> None:
-    OmegaConf.save(cfg, path, resolve=True)
+    """Written whole or not at all: the other processes of a torchrun run, started with rank 0, may be reading it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    OmegaConf.save(cfg, tmp, resolve=True)
+    tmp.replace(path)
+
+
+@rank_zero_only
+def _keep_config(path: Path, backup: Path) -> None:
+    import shutil
+
+    shutil.copy2(path, backup)
 
 
 @rank_zero_only

@@ -34,3 +34,71 @@ class SaveOnPreemption(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.training:
             trainer.save_checkpoint(self.path)
+
+
+class RequeueAtBatchBoundary(L.Callback):
+    """In a submitit job (hydra/launcher=slurm), submitit's signal (USR2: `signal_delay_s` before the time limit, and on
+    pre-emption where the cluster signals it) makes submitit's handler requeue the job at once, from wherever training
+    is: the steps since the last checkpoint would be lost. While the trainer trains, this holds that signal and treats
+    it as SIGTERM: training stops at the next batch boundary, on every rank, and SaveOnPreemption writes last.ckpt
+    there. Then `requeue()` hands the signal to submitit's handler, which requeues the job (or says why not); the
+    requeued job, with resume=auto, continues from that step. Before and after training (loading data, restoring,
+    testing) the signal goes to submitit's handler at once: there is nothing newer than last.ckpt to save."""
+
+    def __init__(self) -> None:
+        self.held: int | None = None
+        self._submitit = None
+        self._training = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, not at on_fit_start: Lightning installs its SIGTERM handler after that (a signal held before would be
+        # lost), and puts every handler back as it found it when fitting ends.
+        import signal
+
+        from finetune.cluster import in_submitit_job
+
+        if not in_submitit_job():
+            return
+        from submitit import JobEnvironment
+
+        signum = JobEnvironment._usr_sig()
+        handler = signal.getsignal(signum)
+        if callable(handler) and handler != self._hold:
+            self._submitit = handler
+            signal.signal(signum, self._hold)
+        self._training = self._submitit is not None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._training = False
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._training = False
+
+    def _hold(self, signum, frame) -> None:
+        import os
+        import signal
+
+        if not self._training:
+            self._submitit(signum, frame)
+            return
+        self.held = signum
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's way: stop at the next batch boundary, last.ckpt saved there
+
+    def requeue(self, kept: str) -> None:
+        """If training stopped for submitit's signal: hand it to submitit's handler, which requeues the job and exits
+        (on the first task of the job; on the others it returns). When submitit does not requeue it (it timed out more
+        than hydra.launcher.max_num_timeout times), one line saying so and what was `kept`."""
+        if self.held is None:
+            return
+        from submitit.core.utils import UncompletedJobError
+
+        signum, self.held = self.held, None
+        try:
+            self._submitit(signum, None)
+        except UncompletedJobError as e:
+            raise NotRequeued(f"Stopped near the time limit and not requeued ({e} See hydra.launcher.max_num_timeout): "
+                              f"{kept}") from None
+
+
+class NotRequeued(FinetuneError):
+    """submitit's signal stopped the run, and submitit did not requeue it (it timed out too many times)."""
