@@ -52,6 +52,7 @@ def files(run_dir):
             if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
 
 
+@pytest.mark.slow
 def test_the_same_command_with_resume_auto_continues_the_killed_run_then_says_it_is_finished(tmp_path, shapes, caplog):
     """What a requeued job does: the same command again, in the same directory."""
     run_dir = tmp_path / "job"
