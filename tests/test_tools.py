@@ -222,8 +222,9 @@ def test_export_matches_pytorch_and_describes_itself(trained, tmp_path, fmt):
     assert sidecar["input"]["shape"] == ["batch", 3, 32, 32] and sidecar["input"]["dtype"] == "uint8"
     model = load_classifier(run_dir / "checkpoints" / "best.ckpt")
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)  # another batch size: the batch is dynamic
-    with torch.no_grad():
-        expected = model(images).softmax(1).numpy()
+    with torch.no_grad():  # calibrated, as predict's: softmax(logits / T)
+        expected = (model(images) / model.temperature).softmax(1).numpy()
+    assert sidecar["temperature"] == model.temperature != 1.0
     actual = load_exported(out, fmt)(images.numpy())
     assert np.abs(actual - expected).max() < 1e-4
 
