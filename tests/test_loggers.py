@@ -262,7 +262,7 @@ def test_readme_sweep_gives_mlflow_runs_side_by_side_and_a_finished_wandb_run_pe
     sweep = next((tmp_path / "outputs" / "sweeps").iterdir())
     uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
     assert f"MLflow: uv run mlflow ui --backend-store-uri {uri}" in output
-    assert f"uv run wandb sync {sweep}/*/wandb/offline-run-*" in output
+    assert f"W&B (offline): uv run wandb sync {sweep.relative_to(tmp_path)}/*/wandb/offline-run-*" in result.stdout
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("finetune").experiment_id], order_by=["tags.sweep"])

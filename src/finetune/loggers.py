@@ -34,7 +34,6 @@ PROBE_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class Logger:
-    what: str  # where it writes, as README says it
     build: Callable[[DictConfig, Path, dict], Any]  # (cfg, run_dir, the run's earlier trackers.json) -> its logger
     check: Callable[[DictConfig], None] | None = None  # before any work: resolves defaults, probes the store
 
@@ -112,19 +111,17 @@ def _check_wandb(s: DictConfig) -> None:
                           "with logger.offline=true and `uv run wandb sync` later")
 
 
+# logger.NAME switches each on; conf/logger/NAME.yaml is its preset; README's `logger` row and Trackers name them all.
 LOGGERS: dict[str, Logger] = {
-    "tensorboard": Logger("TensorBoard events in RUN_DIR: curves, HPARAMS, and the dashboards' images",
-                          _tensorboard),
-    "csv": Logger("the same scalars as CSV in RUN_DIR/csv (evaluate's curves.png reads them)", _csv),
-    "mlflow": Logger("an MLflow run in logger.tracking_uri (default: sqlite:///outputs/mlflow.db, shared by every "
-                     "run), in experiment logger.experiment", _mlflow, _check_mlflow),
-    "wandb": Logger("a Weights & Biases run in project logger.experiment; offline in RUN_DIR/wandb unless this "
-                    "machine is logged in", _wandb, _check_wandb),
+    "tensorboard": Logger(_tensorboard),  # events in RUN_DIR: curves, HPARAMS, the dashboards' images
+    "csv": Logger(_csv),  # the same scalars in RUN_DIR/csv (evaluate's curves.png reads them)
+    "mlflow": Logger(_mlflow, _check_mlflow),  # a run in logger.tracking_uri (default: outputs/mlflow.db, shared)
+    "wandb": Logger(_wandb, _check_wandb),  # a run in project logger.experiment; offline in RUN_DIR/wandb if no login
 }
 
 
 def check(s: DictConfig) -> None:
-    """The logger settings, before any work: each switched-on logger's own check, then what they share."""
+    """The logger settings, before any work: what the trackers share, then each switched-on logger's own check."""
     if s.log_model and not (s.mlflow or s.wandb):
         raise ConfigError("logger.log_model=true uploads best.ckpt to MLflow or W&B: switch one on (logger.mlflow=true "
                           "or logger.wandb=true)")
