@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import CONF, FAST, ROOT, compose, given
@@ -19,17 +20,18 @@ from finetune.config import ConfigError, LoggerConfig, validate
 from finetune.loggers import LOGGERS
 from finetune.train import run
 
+WANDB = str(Path(sys.executable).parent / "wandb")  # the command-line tool of the environment running the tests
 TINY = [*FAST, "schedule.epochs=2", "schedule.freeze_epochs=1", "dataset.val_fraction=0.2",
         "dataset.test_fraction=0.2"]
 
 
 @pytest.fixture(autouse=True)
 def wandb_in(tmp_path, monkeypatch):
-    """W&B's own folders (settings, cache, staged artifacts) in tmp, and no login: HOME has no netrc."""
+    """W&B's own folders (settings, cache, staged artifacts) in tmp, and no login: a netrc file that is not there."""
     for key in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(key, str(tmp_path / "wandb-home" / key.lower()))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("NETRC", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 def train(tmp_path, shapes, *overrides, name="run"):
@@ -53,14 +55,14 @@ def closed_port() -> int:
 
 def wandb_summary(run_folder) -> dict:
     """The offline run's state, config and latest metrics, as wandb's own reader of .wandb logs gives them."""
-    result = subprocess.run([str(ROOT / ".venv" / "bin" / "wandb"), "leet", "inspect", "--summary", "--json",
+    result = subprocess.run([WANDB, "leet", "inspect", "--summary", "--json",
                              str(run_folder)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout)
 
 
 def wandb_history(run_folder) -> list[dict]:
-    result = subprocess.run([str(ROOT / ".venv" / "bin" / "wandb"), "leet", "inspect", "--json", str(run_folder)],
+    result = subprocess.run([WANDB, "leet", "inspect", "--json", str(run_folder)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -206,6 +208,7 @@ def test_wandb_offline_by_default_holds_the_metrics_config_and_best_checkpoint(t
 
 
 def test_a_resumed_run_continues_its_own_mlflow_run(tmp_path, shapes):
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -221,6 +224,8 @@ def test_a_resumed_run_continues_its_own_mlflow_run(tmp_path, shapes):
     steps = [m.step for m in client.get_metric_history(first, "val/acc")]
     assert len(steps) == 2 and steps[0] < steps[1]  # both epochs, in one run
     assert client.get_run(first).info.status == "FINISHED"
+    # the store was MLflow's global one only while the run lasted: the next run's default is the user's again
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() != uri
 
 
 def test_bad_tracker_settings_are_one_line_before_any_work(tmp_path, monkeypatch):

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 RECORD = "trackers.json"  # RUN_DIR/trackers.json: the run's MLflow and W&B runs
 DEFAULT_STORE = Path("outputs") / "mlflow.db"  # beside outputs/runs and outputs/sweeps: one store for every run
 PROBE_TIMEOUT_S = 5.0
+# The user's own MLFLOW_TRACKING_URI, read before any run: Lightning's MLFlowLogger sets it to the run's store
+# (mlflow.set_tracking_uri), which must not become the default of the next job of a sweep.
+GIVEN_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,9 @@ def _end(trainer, run_dir: Path, status: str, log_model: bool) -> None:
                     if status == "FINISHED" and (run_dir / name).is_file():
                         client.log_artifact(run_id, str(run_dir / name))
                 client.set_terminated(run_id, status)
+                import mlflow
+
+                mlflow.set_tracking_uri(GIVEN_TRACKING_URI)  # None: unset again
             elif isinstance(logger, WandbLogger) and logger._experiment is not None:
                 run = logger.experiment
                 if best is not None:
@@ -343,14 +349,16 @@ def probe_store(uri: str, quick: bool = False) -> str | None:
 
 
 def wandb_logged_in() -> bool:
-    """Whether W&B has a key here: WANDB_API_KEY, or the netrc entry `wandb login` writes for its server."""
+    """Whether W&B has a key here: WANDB_API_KEY, or the netrc entry `wandb login` writes for its server (in $NETRC
+    where that is set, as wandb reads it, else ~/.netrc)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     import netrc
 
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    for path in (os.environ.get("NETRC"), Path.home() / ".netrc", Path.home() / "_netrc"):
-        if path and Path(path).is_file():
+    files = [os.environ["NETRC"]] if os.environ.get("NETRC") else [Path.home() / ".netrc", Path.home() / "_netrc"]
+    for path in files:
+        if Path(path).is_file():
             try:
                 entry = netrc.netrc(str(path)).authenticators(host)
             except (netrc.NetrcParseError, OSError):
