@@ -4,8 +4,13 @@ from pathlib import Path
 
 import pytest
 
-# Nothing in the tests may reach the network: the Hugging Face hub (timm's weights) is told it is offline.
+# Nothing in the tests may reach the network: the Hugging Face hub (timm's weights) is told it is offline, W&B
+# writes its runs to disk only, and MLflow has no server of the user's to reach (tests give their own local stores).
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_ERROR_REPORTING"] = "false"
+for _key in ("WANDB_API_KEY", "WANDB_BASE_URL", "MLFLOW_TRACKING_URI"):
+    os.environ.pop(_key, None)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

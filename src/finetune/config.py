@@ -123,8 +123,17 @@ class AugmentConfig:
 
 @dataclass
 class LoggerConfig:
-    tensorboard: bool = True
-    csv: bool = True
+    # Which loggers write: finetune.loggers.LOGGERS. Each preset (conf/logger/NAME.yaml) switches its own on, so
+    # logger=[tensorboard,mlflow] composes several; logger=none switches every one off.
+    tensorboard: bool = False
+    csv: bool = False
+    mlflow: bool = False
+    wandb: bool = False
+    experiment: str = "finetune"  # the MLflow experiment and the W&B project that runs are grouped in
+    run_name: Optional[str] = None  # null: the run directory's name (SWEEP/JOB for a job of a sweep)
+    tracking_uri: Optional[str] = None  # MLflow's store; null: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db
+    offline: Optional[bool] = None  # W&B: null: offline unless this machine is logged in to W&B (`wandb sync` later)
+    log_model: bool = False  # also upload checkpoints/best.ckpt to MLflow / W&B (its path is always recorded)
 
 
 @dataclass
@@ -302,6 +311,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     b = cfg.callbacks.dashboards
     _check(b.every_n_epochs >= 1 and b.images >= 1 and b.max_classes >= 2,
            "callbacks.dashboards: every_n_epochs and images must be >= 1, max_classes >= 2")
+
+    from finetune import loggers
+
+    loggers.check(cfg.logger)
 
     _check(cfg.checkpoint.every_n_steps is None or cfg.checkpoint.every_n_steps >= 1,
            f"checkpoint.every_n_steps must be >= 1 or null (got {cfg.checkpoint.every_n_steps})")

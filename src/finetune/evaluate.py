@@ -17,6 +17,7 @@ from finetune.config import ConfigError
 from finetune.data.datamodule import apply_split_file, drop_unusable, load_image, subset
 from finetune.data.sources import DataError, Source, read_dataset
 from finetune.inference import probabilities, resolve_device
+from finetune.loggers import log_evaluation
 from finetune.models.classifier import load_classifier, resolve_checkpoint
 from finetune.plots import confusion_matrix_figure, curves_figure, image_grid_figure
 
@@ -71,6 +72,7 @@ def run(cfg: DictConfig) -> dict:
              metrics["expected_calibration_error"],
              f"  top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else "")
     log.info("Evaluation written to %s", out)
+    log_evaluation(run_dir, out, metrics)  # to the run's MLflow run, if it has one
     return metrics
 
 

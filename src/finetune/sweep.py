@@ -20,6 +20,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from finetune import loggers
+
 log = logging.getLogger(__name__)
 
 COLUMNS = ("job", "overrides", "val_acc_best", "val_acc_best_ci95", "test_acc", "test_acc_ci95", "epochs",
@@ -75,8 +77,9 @@ class SweepReport(Callback):
         print((sweep_dir / "summary.md").read_text())
         failed = [r for r in rows if r["status"] != "completed"]
         best = next((r for r in rows if r["status"] == "completed"), None)
-        print(f"Summary: {sweep_dir / 'summary.csv'} and summary.md; TensorBoard: "
-              f"uv run tensorboard --logdir {sweep_dir}")
+        print(f"Summary: {sweep_dir / 'summary.csv'} and summary.md")
+        for line in loggers.hints(config.logger, sweep_dir, sweep=True):
+            print(line)
         if best is not None:
             print(f"Best job ({best['job']}, val/acc_best {best['val_acc_best']:.4f}, test/acc "
                   f"{best['test_acc']:.4f}): {best['overrides'] or '(defaults)'}")

@@ -12,12 +12,13 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import SimpleProfiler
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from finetune import loggers
 from finetune.callbacks.dashboards import Dashboards
 from finetune.callbacks.mixed_precision import CountSkippedSteps
 from finetune.callbacks.nonfinite import StopOnNonFiniteLoss
@@ -82,7 +83,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if cfg.trainer.get("compile"):
         compile_model(model)
 
-    trainer = build_trainer(cfg, run_dir, data)
+    trainer = build_trainer(cfg, run_dir, data, resuming=resuming)
     ckpt_path = None
     if resuming:
         ckpt_path = run_dir / "checkpoints" / "last.ckpt"
@@ -93,6 +94,28 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             find_learning_rate(trainer, model, data, cfg, run_dir, given=_gives(overrides, "schedule.lr"))
         log_hparams(trainer, cfg, preprocessing.image_size)
         log_class_counts(trainer, data)
+    with loggers.ended(trainer, run_dir, cfg.logger.log_model):
+        loggers.start(trainer, run_dir, None if resuming else hyperparameters(cfg, preprocessing.image_size))
+        fit(trainer, model, data, run_dir, ckpt_path)
+        metrics = test_best(trainer, model, data, run_dir)
+        if trainer.is_global_zero:  # before the trackers close: an uploaded best.ckpt holds its temperature
+            if cfg.calibrate:
+                metrics.update(calibrate_best(run_dir, data, trainer.strategy.root_device))
+                _write_json(run_dir / "metrics.json", metrics)
+            write_model_card(cfg, model, data, metrics, run_dir)
+    log.info("Test accuracy %.4f (best checkpoint). Run directory: %s", metrics.get("test/acc", float("nan")), run_dir)
+    for line in loggers.hints(cfg.logger, run_dir):
+        log.info("%s", line)
+    # Let this run's model, data and trainer go (they hold reference cycles), so a sweep's jobs do not add up.
+    del trainer, model, data, backbone
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return metrics
+
+
+def fit(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_dir: Path, ckpt_path: Path | None) -> None:
+    """trainer.fit, with SIGTERM (pre-emption) and Ctrl-C turned into messages that say how to continue."""
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     except SIGTERMException:
@@ -110,19 +133,6 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             "no checkpoint had been written yet"
         raise Interrupted(f"Interrupted (Ctrl-C) in epoch {trainer.current_epoch}. Nothing was lost: {kept}") \
             from None
-    metrics = test_best(trainer, model, data, run_dir)
-    if trainer.is_global_zero:
-        if cfg.calibrate:
-            metrics.update(calibrate_best(run_dir, data, trainer.strategy.root_device))
-            _write_json(run_dir / "metrics.json", metrics)
-        write_model_card(cfg, model, data, metrics, run_dir)
-    log.info("Test accuracy %.4f (best checkpoint). Run directory: %s", metrics.get("test/acc", float("nan")), run_dir)
-    # Let this run's model, data and trainer go (they hold reference cycles), so a sweep's jobs do not add up.
-    del trainer, model, data, backbone
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return metrics
 
 
 def continue_or_start(cfg: DictConfig) -> dict | None:
@@ -295,9 +305,10 @@ def _gives(overrides: list[str], key: str) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, data: ImageDataModule | None = None) -> L.Trainer:
-    """A Lightning Trainer with finetune's callbacks and loggers, and `cfg.trainer` passed through; `data`'s
-    frozen-feature cache joins the callbacks."""
+def build_trainer(cfg: DictConfig, run_dir: Path, data: ImageDataModule | None = None,
+                  resuming: bool = False) -> L.Trainer:
+    """A Lightning Trainer with finetune's callbacks and the loggers cfg.logger switches on (a resumed run continues
+    its tracker runs), and `cfg.trainer` passed through; `data`'s frozen-feature cache joins the callbacks."""
     s = cfg.schedule
     # Two savers: Lightning's save_last writes last.ckpt only in epochs that also write a new best, so on its own
     # it would leave resume an old epoch. The first ModelCheckpoint is the trainer's `checkpoint_callback`.
@@ -322,12 +333,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: ImageDataModule | None =
     if every:
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
                                          every_n_train_steps=every, enable_version_counter=False))
-    loggers = []
-    if cfg.logger.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False))
-    if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=run_dir, name="csv"))
-    if loggers:
+    chosen = loggers.build(cfg, run_dir, resuming)
+    if chosen:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     dashboards = cfg.callbacks.dashboards
     if cfg.logger.tensorboard and dashboards.enabled:
@@ -349,7 +356,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: ImageDataModule | None =
         max_epochs=s.epochs,
         default_root_dir=run_dir,
         callbacks=callbacks,
-        logger=loggers or False,
+        logger=chosen or False,
         enable_progress_bar=cfg.callbacks.progress_bar,
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         **kwargs,
@@ -454,6 +461,17 @@ def write_model_card(cfg: DictConfig, model: Classifier, data: ImageDataModule, 
     tmp.replace(run_dir / "model_card.md")
 
 
+def hyperparameters(cfg: DictConfig, image_size: int) -> dict:
+    """The hyperparameters that compare the runs of a sweep: TensorBoard's HPARAMS, MLflow's params, W&B's config."""
+    return {
+        "dataset": cfg.dataset.name, "backbone": cfg.backbone.name, "pretrained": cfg.backbone.pretrained,
+        "head": cfg.head.name, "dropout": cfg.head.dropout, "image_size": image_size,
+        "batch_size": cfg.dataset.batch_size, "augment": cfg.augment.name, "seed": cfg.seed,
+        "precision": resolve_precision(cfg.trainer),
+        **{f"schedule.{k}": (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in cfg.schedule.items()},
+    }
+
+
 def log_hparams(trainer: L.Trainer, cfg: DictConfig, image_size: int) -> None:
     """Write this run's hyperparameters and metric names for TensorBoard's HPARAMS tab.
 
@@ -465,13 +483,7 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, image_size: int) -> None:
         return
     from torch.utils.tensorboard.summary import hparams
 
-    params = {
-        "dataset": cfg.dataset.name, "backbone": cfg.backbone.name, "pretrained": cfg.backbone.pretrained,
-        "head": cfg.head.name, "dropout": cfg.head.dropout, "image_size": image_size,
-        "batch_size": cfg.dataset.batch_size, "augment": cfg.augment.name, "seed": cfg.seed,
-        "precision": resolve_precision(cfg.trainer),
-        **{f"schedule.{k}": (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in cfg.schedule.items()},
-    }
+    params = hyperparameters(cfg, image_size)
     writer = tensorboard.experiment._get_file_writer()  # reopened if the learning-rate finder's fit closed it
     for summary in hparams(params, {m: 0.0 for m in HPARAM_METRICS}):
         writer.add_summary(summary)
@@ -539,6 +551,9 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 def _differences_from_preset(group: str, option: str, saved: DictConfig) -> list[str]:
     """Where conf/GROUP/OPTION.yaml differs from the saved run's config, as `key: saved -> preset`; [] when the
     preset is what the run already has."""
+    if option.startswith("[") and option.endswith("]"):  # logger=[tensorboard,mlflow]: each of the presets
+        return [d for one in option[1:-1].split(",") if one.strip()
+                for d in _differences_from_preset(group, one.strip(), saved)]
     path = CONF / group / f"{option}.yaml"
     if option in ("null", "None", ""):
         return []
