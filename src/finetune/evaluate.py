@@ -51,6 +51,9 @@ def run(cfg: DictConfig) -> dict:
     labels = source.labels[indices][ok]
     raw = raw[ok]
     probs = rescale(raw, model.temperature)  # what predict and the export give: calibrated
+    if cfg.tta and model.temperature != 1.0:  # predict scales each crop before averaging: so must this
+        probs, _ = probabilities(model, source, indices[ok], batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                 device=device, tta=True, max_pixels=cfg.max_pixels)
     classes = model.classes
     metrics = compute_metrics(probs, labels, len(classes))
     metrics.update(intervals(probs.argmax(1), labels, classes))

@@ -35,6 +35,10 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
                                                                      else None)
     arch = backbone.get("architecture", name)
     accuracy = metrics.get("test/acc")
+    held_out = sum(counts.get("test", [])) > 0  # without a test split, "test" metrics are the validation split's
+    split = "test" if held_out else "validation"
+    where = "the test split" if held_out else ("the validation split (this dataset has no test split: the same "
+                                               "images chose the best checkpoint, so the figures are optimistic)")
     test_images = metrics.get("test_images")
     header = ["---", "library_name: timm", "pipeline_tag: image-classification",
               f"tags:{_yaml_list(['image-classification', 'timm', 'finetune', 'transfer-learning'])}",
@@ -46,8 +50,8 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
         header += ["model-index:", f"- name: {json.dumps(f'{dataset}-{arch}')}",
                    "  results:", "  - task:", "      type: image-classification",
                    f"    dataset:\n      name: {json.dumps(dataset)}\n      type: {json.dumps(dataset)}\n"
-                   f"      split: test", "    metrics:", "    - type: accuracy", f"      value: {accuracy:.4f}",
-                   f"      name: test accuracy ({test_images} images, best checkpoint)"]
+                   f"      split: {split}", "    metrics:", "    - type: accuracy", f"      value: {accuracy:.4f}",
+                   f"      name: {split} accuracy ({test_images} images, best checkpoint)"]
     header.append("---")
 
     totals = {s: sum(counts.get(s, [])) for s in SPLIT_NAMES}
@@ -97,7 +101,7 @@ augmentation `{cfg.augment.get('name', 'see config.yaml')}`. Every value is in `
 
 ## Evaluation
 
-On the test split ({test_images} images), with the best checkpoint (`{metrics.get('best_checkpoint')}`):
+On {where} ({test_images} images), with the best checkpoint (`{metrics.get('best_checkpoint')}`):
 
 | metric | value |
 |---|---:|

@@ -101,8 +101,9 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         if trainer.is_global_zero:  # before the trackers close: an uploaded best.ckpt holds its temperature
             if cfg.calibrate:
                 metrics.update(calibrate_best(run_dir, data, trainer.strategy.root_device))
-                _write_json(run_dir / "metrics.json", metrics)
             write_model_card(cfg, model, data, metrics, run_dir)
+        # Last: resume=auto takes a run with metrics.json for finished, so it is written once all else is done.
+        _write_json(run_dir / "metrics.json", metrics)
     log.info("Test accuracy %.4f (best checkpoint). Run directory: %s", metrics.get("test/acc", float("nan")), run_dir)
     for line in loggers.hints(cfg.logger, run_dir):
         log.info("%s", line)
@@ -387,7 +388,7 @@ def resolve_precision(trainer: DictConfig) -> str:
 
 
 def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_dir: Path) -> dict:
-    """Test the best checkpoint (the current weights when there is none) and write metrics.json."""
+    """Test the best checkpoint (the current weights when there is none): the metrics for metrics.json."""
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     results = trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
@@ -402,7 +403,6 @@ def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_
     # 95% Wilson intervals: how far the accuracies could be from the truth on sets this small
     metrics["test/acc_ci95"] = accuracy_interval(metrics.get("test/acc"), metrics["test_images"])
     metrics["val/acc_best_ci95"] = accuracy_interval(metrics.get("val/acc_best"), metrics["val_images"])
-    _write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -423,9 +423,7 @@ def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -
     labels = test_labels.numpy()
     checkpoint = load_checkpoint(best)
     checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "temperature": temperature}
-    tmp = best.with_name(f"{best.name}.tmp-calibration")
-    torch.save(checkpoint, tmp)
-    tmp.replace(best)
+    AtomicCheckpointIO().save_checkpoint(checkpoint, best)  # as every checkpoint: whole, or the old one stays
     result = {"val/temperature": temperature, "test/nll_before": nll(before, labels),
               "test/nll_after": nll(after, labels), "test/ece_before": ece(before, labels),
               "test/ece_after": ece(after, labels)}

@@ -114,7 +114,9 @@ def read_image_folder(root: str | None) -> Source:
     passed_over: list[tuple[str, str]] = []
     split_named = [d for d in folders if d.name.lower() in SPLIT_FOLDERS]
     if folders and len(split_named) == len(folders):
-        parts = [(_class_folders(d, str(d), passed_over), SPLIT_FOLDERS[d.name.lower()]) for d in sorted(folders)]
+        seen: dict[tuple[int, int], str] = {}  # across the splits too: a file linked into two splits is taken once
+        parts = [(_class_folders(d, str(d), passed_over, seen=seen), SPLIT_FOLDERS[d.name.lower()])
+                 for d in sorted(folders)]
         classes = sorted({c for found, _ in parts for c in found})
         paths, labels, splits = [], [], []
         for found, split in parts:
@@ -158,7 +160,7 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def _class_folders(base: Path, root: str | None, passed_over: list[tuple[str, str]],
-                   exclude: set[str] = frozenset()) -> dict[str, list[str]]:
+                   exclude: set[str] = frozenset(), seen: dict | None = None) -> dict[str, list[str]]:
     """{class name: image files below base/<class name>} for every class folder that holds images.
 
     Other files there (Thumbs.db, notes) are added to `passed_over`; hidden files (.DS_Store) are not. Each real
@@ -178,7 +180,7 @@ def _class_folders(base: Path, root: str | None, passed_over: list[tuple[str, st
     if not classes:
         raise DataError(f"dataset.root={root} has no class folders: expected ROOT/<class name>/<image>")
     real_class = {os.path.realpath(base / name): name for name in classes}
-    seen: dict[tuple[int, int], str] = {}  # (device, inode) -> where the file was taken
+    seen = {} if seen is None else seen  # (device, inode) -> where the file was taken
     visited: set[str] = set()  # real folders walked
     found: dict[str, list[str]] = {name: [] for name in classes}
     for name in classes:
@@ -291,7 +293,7 @@ def read_dog_breeds(root: str | None, duplicate_ids: str = "refuse") -> Source:
             if len(row) <= max(i, b) or not row[i] or not row[b]:
                 passed_over.append((f"{labels_csv}:{line}", "row without an id or a breed"))
             else:
-                rows.append((row[i], row[b], line))
+                rows.append((row[i], row[b], f"{labels_csv}:{line}"))
     rows = one_label_per_id(rows, labels_csv, duplicate_ids, passed_over)
     classes = sorted({breed for _, breed in rows})
     index = {name: i for i, name in enumerate(classes)}
@@ -309,11 +311,11 @@ def read_dog_breeds(root: str | None, duplicate_ids: str = "refuse") -> Source:
 DUPLICATE_IDS = ("refuse", "first")  # dataset.duplicate_ids: what an id listed twice with two labels does
 
 
-def one_label_per_id(rows: list[tuple[str, str, int]], file: Path, duplicate_ids: str,
+def one_label_per_id(rows: list[tuple[str, str, str]], file: Path, duplicate_ids: str,
                      passed_over: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(id, label) once per id, from (id, label, line) rows of a label file. Repeats with the same label are
+    """(id, label) once per id, from (id, label, FILE:LINE) rows of label files. Repeats with the same label are
     passed over; an id with two labels is a DataError naming them, or keeps its first row (duplicate_ids=first)."""
-    first: dict[str, tuple[str, int]] = {}
+    first: dict[str, tuple[str, str]] = {}
     conflicts: dict[str, list[str]] = {}
     for image_id, label, line in rows:
         if image_id not in first:
@@ -321,11 +323,11 @@ def one_label_per_id(rows: list[tuple[str, str, int]], file: Path, duplicate_ids
             continue
         kept, kept_line = first[image_id]
         if label == kept:
-            passed_over.append((f"{file}:{line}", f"id {image_id} again, as on line {kept_line}"))
+            passed_over.append((line, f"id {image_id} again, as at {kept_line}"))
         else:
             conflicts.setdefault(image_id, [kept]).append(label)
-            passed_over.append((f"{file}:{line}", f"id {image_id} as {label!r}, but {kept!r} on line {kept_line} "
-                                                  "(the first kept: dataset.duplicate_ids=first)"))
+            passed_over.append((line, f"id {image_id} as {label!r}, but {kept!r} at {kept_line} "
+                                      "(the first kept: dataset.duplicate_ids=first)"))
     if conflicts:
         examples = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(conflicts.items())[:3])
         if duplicate_ids != "first":
@@ -428,7 +430,7 @@ def read_oxford_pets(root: str | None, target: str = "breed", duplicate_ids: str
                 passed_over.append((f"{annotations / file}:{line}", "not an annotation line (ID CLASS SPECIES ...)"))
                 continue
             label = f"class {int(fields[1])} in {file}"
-            rows.append((fields[0], label, line))
+            rows.append((fields[0], label, f"{annotations / file}:{line}"))
             parsed[fields[0], label] = (int(fields[1]), int(fields[2]), split)
     # One label per image: an image in both trainval.txt and test.txt would sit in train and test at once.
     kept = one_label_per_id(rows, annotations, duplicate_ids, passed_over)

@@ -78,10 +78,15 @@ def _create(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
 def architecture(backbone: nn.Module, name: str) -> dict:
     """What rebuilds `backbone` (created from `name`) with no network: timm's architecture name and the arguments
     that a Hub or local-dir config adds. Checkpoints record it; weights come from the checkpoint itself."""
+    import os
+
     from timm.models._hub import load_model_config_from_path
 
     model_args: dict = {}
-    folder = name[len(LOCAL):] if name.startswith(LOCAL) else cached_hub_folder(name) if name.startswith(HUB) else None
+    if name.startswith(LOCAL):
+        folder = os.path.expanduser(name[len(LOCAL):])
+    else:
+        folder = cached_hub_folder(name) if name.startswith(HUB) else None
     if folder is not None:
         _, _, model_args = load_model_config_from_path(folder)
     arch = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture") or name
@@ -171,7 +176,10 @@ def hub_unavailable(name: str, seconds: float = 5.0) -> str | None:
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in OFFLINE_VALUES:
         return "HF_HUB_OFFLINE is set"
     cfg = _pretrained_cfg(name)
-    host = "huggingface.co" if cfg is None or cfg.hf_hub_id else urlparse(cfg.url or "").hostname
+    from huggingface_hub import constants
+
+    hub = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).hostname or "huggingface.co"  # a mirror too
+    host = hub if cfg is None or cfg.hf_hub_id else urlparse(cfg.url or "").hostname
     if not host:
         return None
     port = 443
