@@ -189,6 +189,23 @@ def test_a_job_that_submitit_will_not_requeue_again_ends_in_one_line():
         hold.requeue("last.ckpt holds that step")
 
 
+def test_a_held_signal_with_no_batch_boundary_in_time_is_handed_to_submitit_at_the_deadline(monkeypatch):
+    import time
+
+    from finetune.callbacks.preemption import RequeueAtBatchBoundary
+
+    handed = []
+    hold = RequeueAtBatchBoundary()
+    hold._submitit, hold._training, hold.deadline_s = lambda signum, frame: handed.append(signum), True, 0.2
+    monkeypatch.setattr(os, "kill", lambda pid, sig: None)  # the SIGTERM to Lightning: no batch boundary comes
+    hold._hold(signal.SIGUSR2, None)
+    assert handed == [] and hold.held == signal.SIGUSR2
+    time.sleep(0.6)
+    assert handed == [signal.SIGUSR2] and hold.held is None  # requeued by the deadline, once
+    hold.requeue("last.ckpt")  # the boundary after all: nothing is handed twice
+    assert handed == [signal.SIGUSR2]
+
+
 def test_torchrun_processes_name_the_run_after_the_rendezvous_id(monkeypatch):
     from finetune.cluster import torchrun_arguments
 

@@ -45,6 +45,11 @@ class RequeueAtBatchBoundary(L.Callback):
     requeued job, with resume=auto, continues from that step. Before and after training (loading data, restoring,
     testing) the signal goes to submitit's handler at once: there is nothing newer than last.ckpt to save."""
 
+    # A held signal goes to submitit after this long even if no batch boundary came (the features of a frozen phase
+    # being computed, a first torch.compile, a slow save): half of conf/hydra/launcher/slurm.yaml's signal_delay_s,
+    # so that the job is still requeued before SLURM kills it at its time limit.
+    deadline_s = 60.0
+
     def __init__(self) -> None:
         self.held: int | None = None
         self._submitit = None
@@ -82,7 +87,15 @@ class RequeueAtBatchBoundary(L.Callback):
             self._submitit(signum, frame)
             return
         self.held = signum
+        signal.signal(signal.SIGALRM, self._deadline)
+        signal.setitimer(signal.ITIMER_REAL, self.deadline_s)
         os.kill(os.getpid(), signal.SIGTERM)  # Lightning's way: stop at the next batch boundary, last.ckpt saved there
+
+    def _deadline(self, signum, frame) -> None:
+        """No batch boundary came in time: requeue now (from last.ckpt, the last whole epoch or step checkpoint)."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            self._submitit(held, frame)
 
     def requeue(self, kept: str) -> None:
         """If training stopped for submitit's signal: hand it to submitit's handler, which requeues the job and exits
@@ -90,8 +103,11 @@ class RequeueAtBatchBoundary(L.Callback):
         than hydra.launcher.max_num_timeout times), one line saying so and what was `kept`."""
         if self.held is None:
             return
+        import signal
+
         from submitit.core.utils import UncompletedJobError
 
+        signal.setitimer(signal.ITIMER_REAL, 0)  # the batch boundary came: the deadline is not needed
         signum, self.held = self.held, None
         try:
             self._submitit(signum, None)
