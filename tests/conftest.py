@@ -70,3 +70,14 @@ def shapes(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dogs_vs_cats(tmp_path_factory) -> Path:
     return make_dogs_vs_cats(tmp_path_factory.mktemp("dogs-vs-cats"), per_class=40)
+
+
+def wait_for(path, process, timeout=300):
+    """Wait until `path` exists while `process` (a Popen with stdout piped) still runs; fail with its output if not."""
+    import time
+
+    started = time.time()
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.time() - started < timeout, f"{path} did not appear"
+        time.sleep(0.05)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, FAST, ROOT, compose, given
+from conftest import CONF, FAST, ROOT, compose, given, wait_for
 from omegaconf import OmegaConf
 
 from finetune.config import ConfigError
@@ -26,13 +26,6 @@ def start(cwd, *args, module=None):
     command = [sys.executable, *(["-m", *module] if module else []), str(ROOT / "scripts" / "train.py"), *args]
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-
-def wait_for(path, process, timeout=300):
-    started = time.time()
-    while not path.exists():
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.time() - started < timeout, f"{path} did not appear"
-        time.sleep(0.05)
 
 
 def hydra_config(*overrides):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, ROOT, compose, given
+from conftest import FAST, ROOT, compose, given, wait_for
 
 from finetune.callbacks.nonfinite import NonFiniteLoss
 from finetune.train import run
@@ -25,13 +25,6 @@ def start_training(cwd, *args):
     return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-
-def wait_for(path, process, timeout=300):
-    start = time.time()
-    while not path.exists():
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.time() - start < timeout, f"{path} did not appear"
-        time.sleep(0.05)
 
 
 def test_sigkill_during_a_save_never_damages_last_ckpt(tmp_path):

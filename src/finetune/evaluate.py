@@ -18,7 +18,7 @@ from finetune.data.datamodule import apply_split_file, drop_unusable, load_image
 from finetune.data.sources import DataError, Source, read_dataset
 from finetune.inference import probabilities, resolve_device
 from finetune.loggers import log_evaluation
-from finetune.models.classifier import load_classifier, resolve_checkpoint
+from finetune.models.classifier import load_classifier, resolve_checkpoint, run_dir_of
 from finetune.plots import confusion_matrix_figure, curves_figure, image_grid_figure
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> dict:
     ckpt = resolve_checkpoint(cfg.ckpt)
     device = resolve_device(cfg.device)
     model = load_classifier(ckpt, map_location="cpu")
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    run_dir = run_dir_of(ckpt)
     out = output_folder(cfg.out, run_dir)
     try:
         source, indices, described = evaluation_set(cfg, model.classes, run_dir, out)

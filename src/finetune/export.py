@@ -16,7 +16,14 @@ from omegaconf import DictConfig
 from finetune.cli import free_path
 from finetune.config import ConfigError, FinetuneError
 from finetune.model_card import write_export_card
-from finetune.models.classifier import Classifier, load_classifier, normalize, resolve_checkpoint, two_class_logits
+from finetune.models.classifier import (
+    Classifier,
+    load_classifier,
+    normalize,
+    resolve_checkpoint,
+    run_dir_of,
+    two_class_logits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,7 @@ def run(cfg: DictConfig) -> dict:
     megabytes = out.stat().st_size / 1e6
     print(f"{out}: {megabytes:.1f} MB, CPU latency {latency * 1e3:.1f} ms per image (batch of 1, median)")
     print(f"{sidecar}: input and output description")
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    run_dir = run_dir_of(ckpt)
     card = write_export_card(run_dir, out, {
         "file": f"`{out.name}` ({megabytes:.1f} MB), described in `{sidecar.name}`", "format": cfg.format,
         "from": f"`{ckpt}`", "input": f"uint8 RGB, NCHW, {size}x{size}, any batch size (`images`)",
@@ -92,7 +99,7 @@ def output_path(out: str | None, ckpt: Path, fmt: str) -> Path:
         if path.exists():
             raise ConfigError(f"out={out} exists already: choose another name (nothing is overwritten)")
     else:
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        run_dir = run_dir_of(ckpt)
         path = free_path(run_dir / "export" / f"{ckpt.stem}{FORMATS[fmt]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path

@@ -221,6 +221,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def run_dir_of(ckpt: Path) -> Path:
+    """The run directory a checkpoint belongs to: RUN_DIR for RUN_DIR/checkpoints/X.ckpt, else the file's folder."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """torch.load with weights_only=True: tensors and plain containers only, so no code in the file ever runs.
     A missing, empty, truncated or foreign file is one clear FinetuneError naming it."""
