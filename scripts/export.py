@@ -12,7 +12,8 @@ def main(cfg: DictConfig) -> None:
     from finetune.export import run
 
     with script():
-        run(validate_tool(cfg, required=("ckpt",)))
+        run(validate_tool(cfg, required=("ckpt",), positive=("calibration_images",),
+                          non_negative=("num_workers", "seed")))
 
 
 if __name__ == "__main__":

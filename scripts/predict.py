@@ -1,4 +1,4 @@
-"""Top-k classes of images from a checkpoint: uv run scripts/predict.py ckpt=... inputs=PATH"""
+"""Top-k classes of images from a checkpoint or an ONNX export: scripts/predict.py ckpt=...|model=... inputs=PATH"""
 
 import sys
 
@@ -14,7 +14,7 @@ def main(cfg: DictConfig) -> None:
     from finetune.predict import run
 
     with script():
-        result = run(validate_tool(cfg, required=("ckpt", "inputs"), positive=("batch_size", "top_k"),
+        result = run(validate_tool(cfg, required=("inputs",), positive=("batch_size", "top_k"),
                                    non_negative=("num_workers",)))
     if result["failed"]:
         sys.exit(2)  # some inputs could not be classified; they are named above

@@ -1,9 +1,14 @@
-"""finetune.export.run: a checkpoint as an ONNX or TorchScript model for mobile and servers, checked for parity."""
+"""finetune.export.run: a checkpoint as an ONNX (float32, fp16 or int8) or TorchScript model for phones and servers,
+checked for parity, and its accuracy, size and CPU latency measured on the run's test split beside PyTorch's."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -11,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.cli import free_path
 from finetune.config import ConfigError, FinetuneError
@@ -28,6 +33,12 @@ from finetune.models.classifier import (
 log = logging.getLogger(__name__)
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+# quantize=: what each choice writes. The config check, the exporter and README read this table.
+QUANTIZE = {
+    "none": "float32 weights and arithmetic",
+    "fp16": "float16 weights and arithmetic (input uint8, output float32 as before); half the size",
+    "int8": "static int8 (onnxruntime QDQ, per-channel weights), calibrated on the run's training images",
+}
 TOLERANCE = 1e-4
 
 
@@ -48,64 +59,137 @@ class Deployable(nn.Module):
         return torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=1)
 
 
-def run(cfg: DictConfig) -> dict:
-    """Export cfg.ckpt as cfg.format; check the export against PyTorch; report size and CPU latency per image."""
+def check(cfg: DictConfig) -> None:
+    """The export's own keys, before any work."""
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format}: one of {', '.join(FORMATS)}")
+    quantize = str(cfg.get("quantize", "none"))
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"quantize={quantize}: one of {', '.join(QUANTIZE)}")
+    if quantize != "none" and cfg.format != "onnx":
+        raise ConfigError(f"quantize={quantize} is for format=onnx (TorchScript models are exported as float32)")
+    drop = cfg.get("max_accuracy_drop")
+    if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not drop >= 0):
+        raise ConfigError(f"max_accuracy_drop must be a number of accuracy points >= 0, or null to accept any drop "
+                          f"(got {drop!r})")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Export cfg.ckpt as cfg.format (quantized as cfg.quantize); check the export against PyTorch; measure both on
+    the run's test split; refuse an export that loses more than cfg.max_accuracy_drop points."""
+    check(cfg)
+    quantize = str(cfg.get("quantize", "none"))
     ckpt = resolve_checkpoint(cfg.ckpt)
     model = load_classifier(ckpt).float().eval()
     size = int(model.hparams.preprocessing["image_size"])
-    out = output_path(cfg.out, ckpt, cfg.format)
+    run_dir = run_dir_of(ckpt)
+    data = RunImages(cfg, model, run_dir)  # refuses now, before any export, when the run's images are not there
+    if quantize == "int8" and data.split_file is None:
+        raise ConfigError(f"quantize=int8 calibrates on the run's training images, but {run_dir} has no config.yaml "
+                          "and split.csv: export from the run directory the checkpoint was trained in")
+    out = output_path(cfg.out, ckpt, cfg.format, quantize)
     deployable = Deployable(model).eval()
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
-    log.info("Exporting %s as %s to %s", ckpt, cfg.format, out)
-    if cfg.format == "onnx":
-        export_onnx(deployable, example, out)
-    else:
-        export_torchscript(deployable, example, out)
     sidecar = out.with_suffix(".json")
-    sidecar.write_text(json.dumps(describe(model, cfg.format, out.name), indent=2) + "\n")
-
-    check = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    run_exported = load_exported(out, cfg.format)
-    with torch.inference_mode():
-        expected = deployable(check).numpy()
-    actual = run_exported(check.numpy())
-    difference = float(np.abs(actual - expected).max())
-    print(f"parity: max abs difference {difference:.2e} on a batch of 3 (tolerance {TOLERANCE:.0e})")
-    if not difference < TOLERANCE:
-        raise FinetuneError(f"the exported model does not match PyTorch: max abs difference {difference:.3e} >= "
-                            f"{TOLERANCE:.0e}; {out} should not be used")
-    latency = median_latency(run_exported, check[:1].numpy())
-    megabytes = out.stat().st_size / 1e6
-    print(f"{out}: {megabytes:.1f} MB, CPU latency {latency * 1e3:.1f} ms per image (batch of 1, median)")
-    print(f"{sidecar}: input and output description")
-    run_dir = run_dir_of(ckpt)
-    card = write_export_card(run_dir, out, {
+    log.info("Exporting %s as %s%s to %s", ckpt, cfg.format, "" if quantize == "none" else f" ({quantize})", out)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent))
+    try:
+        float32 = out if quantize == "none" else work / "float32.onnx"
+        if cfg.format == "onnx":
+            export_onnx(deployable, example, float32)
+        else:
+            export_torchscript(deployable, example, float32)
+        difference = parity(deployable, load_exported(float32, cfg.format), size)
+        if not difference < TOLERANCE:
+            _discard(out, sidecar)
+            raise FinetuneError(f"the exported model does not match PyTorch: max abs difference {difference:.3e} >= "
+                                f"{TOLERANCE:.0e}; nothing was written")
+        if quantize == "int8":
+            quantize_int8(float32, out, data.calibration_batches(cfg.calibration_images, cfg.seed), work)
+        elif quantize == "fp16":
+            convert_fp16(float32, out)
+        models = {"pytorch float32": lambda images: _torch_run(deployable, images)}
+        if quantize != "none":
+            models["onnx float32"] = load_exported(float32, "onnx")
+        name = f"{cfg.format} {'float32' if quantize == 'none' else quantize}"
+        models[name] = load_exported(out, cfg.format)
+        sizes = {"onnx float32": float32.stat().st_size / 1e6, name: out.stat().st_size / 1e6}
+        evaluation = measure(models, sizes, data, name, size)
+    except BaseException:
+        _discard(out, sidecar)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    description = describe(model, cfg.format, out.name, quantize, cfg.get("calibration_images"))
+    description["evaluation"] = evaluation
+    sidecar.write_text(json.dumps(description, indent=2) + "\n")
+    print(table(evaluation))
+    exported = evaluation["models"][name]
+    drop, limit = evaluation.get("accuracy_drop_points"), cfg.get("max_accuracy_drop")
+    if drop is not None and limit is not None and drop > limit:
+        _discard(out, sidecar)
+        raise FinetuneError(
+            f"the {name} model is {drop:.2f} accuracy points below PyTorch's on {evaluation['images']} {data.split} "
+            f"images (the table above), more than max_accuracy_drop={limit}: nothing was written. Use "
+            f"{'quantize=fp16 or quantize=none' if quantize == 'int8' else 'quantize=none'}, more calibration images, "
+            f"or max_accuracy_drop={int(drop) + 1} to accept it")
+    megabytes = exported["megabytes"]
+    print(f"parity of the float32 graph with PyTorch: max abs difference {difference:.2e} on 3 random images "
+          f"(tolerance {TOLERANCE:.0e})")
+    print(f"{out}: {megabytes:.1f} MB, CPU latency {exported['ms_per_image_batch1']:.1f} ms per image (batch of 1, "
+          f"median)")
+    print(f"{sidecar}: input, output, preprocessing and the measurements above")
+    facts = {
         "file": f"`{out.name}` ({megabytes:.1f} MB), described in `{sidecar.name}`", "format": cfg.format,
-        "from": f"`{ckpt}`", "input": f"uint8 RGB, NCHW, {size}x{size}, any batch size (`images`)",
+        "weights": QUANTIZE[quantize], "from": f"`{ckpt}`",
+        "input": f"uint8 RGB, NCHW, {size}x{size}, any batch size (`images`)",
         "output": f"probabilities over {len(model.classes)} classes (`probabilities`)",
-        "parity with PyTorch": f"max abs difference {difference:.2e} on 3 images",
-        "CPU latency": f"{latency * 1e3:.1f} ms per image (batch of 1, median, this machine)"})
+        "parity with PyTorch": f"max abs difference {difference:.2e} on 3 images (float32 graph)",
+        "CPU latency": f"{exported['ms_per_image_batch1']:.1f} ms per image at batch 1, "
+                       f"{exported['ms_per_image_batch32']:.1f} at batch 32 (median, {evaluation['machine']})"}
+    if "accuracy" in exported:
+        facts["accuracy"] = (f"{exported['accuracy']:.4f} on {evaluation['images']} {data.split} images "
+                             f"(PyTorch {evaluation['models']['pytorch float32']['accuracy']:.4f}; top-1 changed on "
+                             f"{exported['top1_changed']:.1%})")
+    card = write_export_card(run_dir, out, facts)
     print(f"{card}: the model card, with this export's facts")
     return {"path": str(out), "sidecar": str(sidecar), "max_abs_difference": difference, "megabytes": megabytes,
-            "cpu_latency_ms": latency * 1e3, "model_card": str(card)}
+            "cpu_latency_ms": exported["ms_per_image_batch1"], "model_card": str(card), "evaluation": evaluation}
 
 
-def output_path(out: str | None, ckpt: Path, fmt: str) -> Path:
-    """out, or RUN_DIR/export/model.onnx (model-2.onnx, ... if taken): an earlier export is never overwritten."""
+def _discard(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _torch_run(model: nn.Module, images: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.from_numpy(images)).numpy()
+
+
+def parity(deployable: nn.Module, run_exported, size: int) -> float:
+    """Max abs difference between PyTorch's and the exported file's probabilities on 3 seeded random images."""
+    images = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return float(np.abs(run_exported(images.numpy()) - _torch_run(deployable, images.numpy())).max())
+
+
+def output_path(out: str | None, ckpt: Path, fmt: str, quantize: str = "none") -> Path:
+    """out, or RUN_DIR/export/best.onnx (best.int8.onnx, best.fp16.onnx; -2, ... if taken): an earlier export is
+    never overwritten."""
     if out is not None:
         path = Path(out)
         if path.exists():
             raise ConfigError(f"out={out} exists already: choose another name (nothing is overwritten)")
     else:
-        run_dir = run_dir_of(ckpt)
-        path = free_path(run_dir / "export" / f"{ckpt.stem}{FORMATS[fmt]}")
+        stem = ckpt.stem if quantize == "none" else f"{ckpt.stem}.{quantize}"
+        path = free_path(run_dir_of(ckpt) / "export" / f"{stem}{FORMATS[fmt]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> None:
+    for name in ("onnx_ir", "onnxscript"):  # their passes log every folded constant at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"],
                                 output_names=["probabilities"], dynamic_shapes=({0: batch},), verbose=False)
@@ -119,6 +203,42 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path) -> No
     torch.jit.save(traced, str(out))
 
 
+def quantize_int8(float32: Path, out: Path, batches, work: Path) -> None:
+    """onnxruntime's static quantization: QDQ, int8 per-channel weights, int8 activations whose ranges come from
+    `batches` (MinMax); the softmax and the temperature stay float, so the probabilities keep their resolution."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = work / "prepared.onnx"
+    quant_pre_process(str(float32), str(prepared), skip_symbolic_shape=True)  # folds, fuses and infers shapes
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    softmax = sorted(node.name for node in graph.node if node.op_type == "Softmax")
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": batch}
+
+    quantize_static(str(prepared), str(out), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=softmax,
+                    extra_options={"CalibMaxIntermediateOutputs": 4})
+
+
+def convert_fp16(float32: Path, out: Path) -> None:
+    """onnxruntime's float16 converter; uint8 images in and float32 probabilities out as before; the softmax in
+    float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    half = convert_float_to_float16(onnx.load(str(float32)), keep_io_types=True,
+                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Softmax"])
+    onnx.save(half, str(out))
+
+
 def load_exported(path: Path, fmt: str):
     """A function from a uint8 numpy batch to probabilities, running the exported file the way a user would."""
     if fmt == "onnx":
@@ -126,6 +246,8 @@ def load_exported(path: Path, fmt: str):
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # no busy-waiting threads after each run: they would take the cores from PyTorch measured beside it
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda images: session.run(["probabilities"], {"images": images})[0]
     module = torch.jit.load(str(path), map_location="cpu").eval()
@@ -137,28 +259,142 @@ def load_exported(path: Path, fmt: str):
     return run_torchscript
 
 
-def median_latency(run, one: np.ndarray, repeats: int = 20) -> float:
-    for _ in range(3):
-        run(one)
+class RunImages:
+    """The run's own images, read as evaluate and predict read them (the evaluation transform, uint8): its test
+    split (or val, where the run has no test split) to measure on, its training split to calibrate on."""
+
+    def __init__(self, cfg: DictConfig, model: Classifier, run_dir: Path):
+        from finetune.data.splits import read_split
+
+        self.cfg, self.model, self.run_dir = cfg, model, run_dir
+        self.split_file = run_dir / "split.csv"
+        if not (self.split_file.is_file() and (run_dir / "config.yaml").is_file()):
+            self.split_file, self.split = None, None
+            return
+        present = {split for _, _, split in read_split(self.split_file)}
+        self.split = "test" if "test" in present else "val"
+        self._read(self.split)  # a moved or deleted dataset is said now, before the export
+
+    def _read(self, split: str):
+        from finetune.evaluate import evaluation_set
+
+        options = OmegaConf.create({"dataset": None, "root": self.cfg.get("root"), "split": split, "ckpt": str(
+            self.cfg.ckpt), "max_pixels": self.cfg.max_pixels, "num_workers": self.cfg.num_workers})
+        with tempfile.TemporaryDirectory() as scratch:  # unreadable images are named in the log, as evaluate does
+            source, indices, _ = evaluation_set(options, self.model.classes, self.run_dir, Path(scratch))
+        return source, indices
+
+    def batches(self, split: str, limit: int | None = None, seed: int = 0, batch_size: int = 32):
+        """(uint8 images (N, 3, H, W), labels) batches of `split`; `limit` images drawn with `seed`."""
+        from torch.utils.data import DataLoader
+
+        from finetune.data.transforms import eval_transform
+        from finetune.inference import InferenceImages, _collate, preprocessing_of
+
+        source, indices = self._read(split)
+        if limit is not None and limit < len(indices):
+            indices = np.sort(np.random.default_rng(seed).choice(indices, limit, replace=False))
+        pre = preprocessing_of(self.model)
+        images = InferenceImages(source, indices, eval_transform(pre), self.cfg.max_pixels, draft=pre.resize_size)
+        loader = DataLoader(images, batch_size=batch_size, num_workers=self.cfg.num_workers, collate_fn=_collate)
+        for batch, positions, _ in loader:
+            if batch is not None:
+                yield batch.numpy(), source.labels[indices[positions]]
+
+    def calibration_batches(self, n: int, seed: int):
+        return (images for images, _ in self.batches("train", limit=n, seed=seed))
+
+
+def measure(models: dict, sizes: dict, data: RunImages, name: str, size: int) -> dict:
+    """Each model's accuracy on the run's test images (the same uint8 batches for all), the exported model's drop
+    in points and its share of changed top-1 against PyTorch, file sizes and CPU latency per image."""
+    result = {"split": data.split, "images": 0, "machine": machine(), "models": {m: {} for m in models}}
+    if data.split_file is not None:
+        predicted = {m: [] for m in models}
+        labels = []
+        for images, y in data.batches(data.split):
+            labels.append(y)
+            for m, forward in models.items():
+                predicted[m].append(forward(images).argmax(1))
+        labels = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+        result["images"] = int(len(labels))
+        if len(labels):
+            reference = np.concatenate(predicted["pytorch float32"])
+            for m in models:
+                p = np.concatenate(predicted[m])
+                result["models"][m]["accuracy"] = float((p == labels).mean())
+                result["models"][m]["top1_changed"] = float((p != reference).mean())
+            result["accuracy_drop_points"] = round(100 * (result["models"]["pytorch float32"]["accuracy"]
+                                                          - result["models"][name]["accuracy"]), 4)
+    else:
+        log.warning("%s has no split.csv and config.yaml: the export's accuracy is not measured", data.run_dir)
+    one = torch.randint(0, 256, (32, 3, size, size), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(1)).numpy()
+    for _ in range(2):  # side by side, alternating, each keeping its best: the machine's drift cancels out
+        for m, forward in models.items():
+            for batch in (1, 32):
+                key = f"ms_per_image_batch{batch}"
+                t = median_latency(forward, one[:batch], repeats=20 if batch == 1 else 5) * 1e3 / batch
+                result["models"][m][key] = min(t, result["models"][m].get(key, float("inf")))
+    for m, megabytes in sizes.items():
+        if m in result["models"]:
+            result["models"][m]["megabytes"] = megabytes
+    if "onnx float32" in models:
+        exported, reference = result["models"][name], result["models"]["onnx float32"]
+        result["ratio_to_onnx_float32"] = {
+            "size": exported["megabytes"] / reference["megabytes"],
+            "latency_batch1": exported["ms_per_image_batch1"] / reference["ms_per_image_batch1"],
+            "latency_batch32": exported["ms_per_image_batch32"] / reference["ms_per_image_batch32"]}
+    return result
+
+
+def table(evaluation: dict) -> str:
+    """The measurements as a small text table."""
+    split = f"{evaluation['images']} {evaluation['split']} images" if evaluation["images"] else "not measured"
+    lines = [f"{'model':<18} {'accuracy':>9} {'drop':>6} {'top-1 changed':>14} {'MB':>7} {'ms/img b1':>10} "
+             f"{'ms/img b32':>11}   (accuracy on {split}; CPU, {evaluation['machine']})"]
+    reference = evaluation["models"]["pytorch float32"].get("accuracy")
+    for m, r in evaluation["models"].items():
+        accuracy = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"
+        drop = f"{100 * (reference - r['accuracy']):.2f}" if "accuracy" in r and m != "pytorch float32" else "-"
+        changed = f"{r['top1_changed']:.1%}" if "top1_changed" in r and m != "pytorch float32" else "-"
+        megabytes = f"{r['megabytes']:.2f}" if "megabytes" in r else "-"
+        lines.append(f"{m:<18} {accuracy:>9} {drop:>6} {changed:>14} {megabytes:>7} {r['ms_per_image_batch1']:>10.2f} "
+                     f"{r['ms_per_image_batch32']:>11.2f}")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def median_latency(run, batch: np.ndarray, repeats: int = 20) -> float:
+    for _ in range(2):
+        run(batch)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run(one)
+        run(batch)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
 
-def describe(model: Classifier, fmt: str, filename: str) -> dict:
+def describe(model: Classifier, fmt: str, filename: str, quantize: str = "none",
+             calibration_images: int | None = None) -> dict:
     """What an app needs to feed the exported model and read its output."""
     pre = model.hparams.preprocessing
     size = int(pre["image_size"])
-    return {
+    resize = int(size / pre["crop_pct"])
+    description = {
         "model": filename,
         "format": fmt,
+        "weights": quantize if quantize != "none" else "float32",
         "input": {"name": "images", "dtype": "uint8", "shape": ["batch", 3, size, size], "layout": "NCHW",
                   "colour": "RGB", "range": [0, 255],
-                  "prepare": f"resize the short side to {int(size / pre['crop_pct'])} px ({pre['interpolation']}), "
+                  "prepare": f"resize the short side to {resize} px ({pre['interpolation']}), "
                              f"centre-crop {size}x{size}"},
+        "preprocessing": {"resize": resize, "interpolation": pre["interpolation"], "crop": size,
+                          "crop_pct": float(pre["crop_pct"])},
         "output": {"name": "probabilities", "dtype": "float32", "shape": ["batch", len(model.classes)],
                    "classes": model.classes},
         "inside_the_model": {"normalise": {"mean": pre["mean"], "std": pre["std"], "scale": "x / 255"},
@@ -166,3 +402,8 @@ def describe(model: Classifier, fmt: str, filename: str) -> dict:
         "temperature": float(model.temperature),
         "backbone": model.hparams.backbone_config["name"],
     }
+    if quantize == "int8":
+        description["quantization"] = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+                                       "weights": "int8, per channel", "activations": "int8, MinMax ranges",
+                                       "calibration_images": calibration_images, "float": ["Softmax"]}
+    return description

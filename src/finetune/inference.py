@@ -1,12 +1,17 @@
-"""Class probabilities for many images, batched, on CPU or GPU; what evaluate and predict share."""
+"""Class probabilities for many images, batched, on CPU or GPU, from a checkpoint or an exported ONNX model; what
+evaluate and predict share."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from finetune.config import ConfigError
 from finetune.data.datamodule import load_image
 from finetune.data.integrity import failure_reason
 from finetune.data.sources import Source
@@ -20,7 +25,52 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def preprocessing_of(model: Classifier) -> Preprocessing:
+class ExportedModel:
+    """An exported ONNX model run by onnxruntime alone, described by its JSON sidecar (written by export): the input
+    size, resize and crop, the class names; normalisation, softmax and temperature are inside the graph."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path).expanduser()
+        sidecar = path.with_suffix(".json")
+        if path.suffix != ".onnx" or not path.is_file():
+            raise ConfigError(f"model={path}: not an ONNX file (export one with scripts/export.py format=onnx)")
+        if not sidecar.is_file():
+            raise ConfigError(f"model={path}: its sidecar {sidecar.name} is not beside it (export writes both; keep "
+                              "them together)")
+        try:
+            meta = json.loads(sidecar.read_text())
+            self.pre = meta["preprocessing"]
+            self.classes = list(meta["output"]["classes"])
+            self.softmax_inside = bool(meta.get("inside_the_model", {}).get("softmax", True))
+            self.temperature = float(meta.get("temperature", 1.0))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{sidecar}: not an export sidecar with preprocessing and classes ({e!r}); export the "
+                              "model again with this version") from None
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.path = path
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The evaluation transform the model was trained with (mean and std are applied inside the graph)."""
+        return Preprocessing(int(self.pre["crop"]), float(self.pre["crop_pct"]), str(self.pre["interpolation"]),
+                             (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities of a uint8 batch (N, 3, H, W)."""
+        out = self.session.run(None, {self.input: images})[0]
+        if not self.softmax_inside:  # logits: calibrate and normalise here
+            out = torch.from_numpy(out / self.temperature).softmax(1).numpy()
+        return out
+
+
+def preprocessing_of(model: Classifier | ExportedModel) -> Preprocessing:
+    if isinstance(model, ExportedModel):
+        return model.preprocessing
     pre = model.hparams.preprocessing
     return Preprocessing(int(pre["image_size"]), float(pre["crop_pct"]), str(pre["interpolation"]),
                          tuple(pre["mean"]), tuple(pre["std"]))
@@ -66,21 +116,31 @@ def _collate(items):
     return images, [i for _, i in good], failed
 
 
-def probabilities(model: Classifier, source: Source, indices: np.ndarray, *, batch_size: int = 64,
+def probabilities(model: Classifier | ExportedModel, source: Source, indices: np.ndarray, *, batch_size: int = 64,
                   num_workers: int = 0, device: torch.device | None = None, tta: bool = False,
                   max_pixels: int = 100_000_000, progress: bool = False,
                   temperature: float | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """Softmax probabilities (len(indices) x classes; NaN rows for failed images) and {position: reason} of the
     images that could not be loaded. With `tta`, each image's probabilities are the mean over its ten crops.
-    The logits are divided by `temperature`, by default the model's own (calibrated after training)."""
-    device = device or resolve_device()
+    The logits are divided by `temperature`, by default the model's own (calibrated after training). An
+    ExportedModel runs on the CPU with onnxruntime, its own temperature inside it."""
+    exported = isinstance(model, ExportedModel)
+    device = torch.device("cpu") if exported else device or resolve_device()
     t = float(model.temperature if temperature is None else temperature)
+    if exported and t != model.temperature:
+        raise ValueError("an exported model's temperature is inside its graph")
     pre = preprocessing_of(model)
     transform = TenCropViews(pre) if tta else eval_transform(pre)
     images = InferenceImages(source, indices, transform, max_pixels, draft=pre.resize_size)
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
-    model = model.to(device).eval()
+    if exported:
+        forward = model
+    else:
+        model = model.to(device).eval()
+
+        def forward(images):
+            return (model(images.to(device, non_blocking=True)).float() / t).softmax(1).cpu().numpy()
     out = np.full((len(indices), len(model.classes)), np.nan, dtype=np.float32)
     failed: dict[int, str] = {}
     batches = loader
@@ -93,11 +153,11 @@ def probabilities(model: Classifier, source: Source, indices: np.ndarray, *, bat
             failed.update(dict(errors))
             if images is None:
                 continue
-            images = images.to(device, non_blocking=True)
             if images.dim() == 5:  # (batch, views, C, H, W)
                 b, views = images.shape[:2]
-                p = (model(images.flatten(0, 1)).float() / t).softmax(1).view(b, views, -1).mean(1)
+                p = forward(images.flatten(0, 1).numpy() if exported else images.flatten(0, 1))
+                p = p.reshape(b, views, -1).mean(1)
             else:
-                p = (model(images).float() / t).softmax(1)
-            out[positions] = p.cpu().numpy()
+                p = forward(images.numpy() if exported else images)
+            out[positions] = p
     return out, failed

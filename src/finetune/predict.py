@@ -1,4 +1,5 @@
-"""finetune.predict.run: the top-k classes of images, files or folders, from a checkpoint alone."""
+"""finetune.predict.run: the top-k classes of images, files or folders, from a checkpoint alone or from an exported
+ONNX model and its sidecar (onnxruntime, no PyTorch model)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from omegaconf import DictConfig
 from finetune.cli import free_path
 from finetune.config import ConfigError
 from finetune.data.sources import Source, is_image_file
-from finetune.inference import probabilities, resolve_device
+from finetune.inference import ExportedModel, probabilities, resolve_device
 from finetune.models.classifier import load_classifier, resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,12 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"format={cfg.format}: one of {', '.join(FORMATS)}")
     if cfg.top_k < 1:
         raise ConfigError(f"top_k must be >= 1 (got {cfg.top_k})")
+    given = [key for key in ("ckpt", "model") if cfg.get(key) is not None]
+    if len(given) != 1:
+        raise ConfigError("give the model to classify with: ckpt=RUN_DIR/checkpoints/best.ckpt or model=PATH.onnx "
+                          "(an export), " + ("not both" if given else "neither was given"))
     paths = find_inputs(str(cfg.inputs))
-    model = load_classifier(resolve_checkpoint(cfg.ckpt))
+    model = ExportedModel(cfg.model) if given == ["model"] else load_classifier(resolve_checkpoint(cfg.ckpt))
     classes = model.classes
     out = output_path(cfg.out, cfg.format)
     if cfg.format == "kaggle":
