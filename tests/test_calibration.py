@@ -32,6 +32,17 @@ def test_a_temperature_fitted_on_validation_logits_lowers_nll_and_ece_on_held_ou
     assert np.allclose(rescale(before, t), after, atol=1e-5)  # from probabilities at T = 1 alone
 
 
+def test_a_validation_split_without_errors_leaves_the_temperature_at_1():
+    """Every validation image right: the NLL only falls as T goes to 0, so a fit would make every probability
+    one-hot (what a fine-tuned model on an easy 60-image val split gives); T stays 1 instead."""
+    logits, labels = overconfident(200, seed=3)
+    right = logits.argmax(1)
+    assert fit_temperature(logits, right) == 1.0
+    assert fit_temperature(logits, labels) != 1.0  # with errors it is fitted
+    one_hot = nll(np.array([[1.0, 0.0]]), np.array([0]))
+    assert one_hot == 0.0 and str(one_hot) == "0.0"  # not -0.0 in metrics.json
+
+
 def test_a_run_calibrates_and_predict_evaluate_and_export_use_its_temperature(tmp_path, shapes):
     from conftest import FAST, compose, given
 

@@ -72,7 +72,7 @@ def test_int8_export_is_smaller_measured_on_the_test_split_and_its_sidecar_numbe
     test_acc = json.loads((run_dir / "metrics.json").read_text())["test/acc"]
     assert evaluation["models"]["pytorch float32"]["accuracy"] == pytest.approx(test_acc, abs=1e-6)
     assert evaluation["models"]["onnx float32"]["accuracy"] == pytest.approx(test_acc, abs=1e-6)
-    assert 0 <= evaluation["accuracy_drop_points"] <= 1.0 or evaluation["accuracy_drop_points"] < 0
+    assert evaluation["accuracy_drop_points"] <= 1.0  # max_accuracy_drop's default: else it was refused
     assert evaluation["accuracy_drop_points"] == pytest.approx(100 * (test_acc - accuracy), abs=1e-3)
     ratio = evaluation["ratio_to_onnx_float32"]
     assert ratio["size"] < 0.4 and ratio["size"] == pytest.approx(

@@ -17,8 +17,12 @@ LIMITS = (0.05, 20.0)  # a T outside these says the validation set is too small 
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> float:
-    """The T that minimises the NLL of softmax(logits / T) on (logits, labels): LBFGS on log T."""
+    """The T that minimises the NLL of softmax(logits / T) on (logits, labels): LBFGS on log T. 1 where every
+    prediction is right: there the NLL only falls as T goes to 0 (one-hot probabilities), which no unseen image
+    would bear out."""
     logits, labels = logits.detach().double(), labels.long()
+    if not can_fit_temperature(logits, labels):
+        return 1.0
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
@@ -33,9 +37,14 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100
     return min(max(t, LIMITS[0]), LIMITS[1]) if math.isfinite(t) else 1.0
 
 
+def can_fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    """True where a temperature can be fitted: some prediction is wrong."""
+    return bool((logits.argmax(1) != labels).any())
+
+
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class (probabilities floored at 1e-15)."""
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1.0)).mean())
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1.0)).mean()) + 0.0  # not -0.0
 
 
 def ece(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:

@@ -409,7 +409,7 @@ def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_
 def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -> dict:
     """Fit the best checkpoint's temperature on the validation split and store it in best.ckpt, where evaluate,
     predict and export read it; the test NLL and ECE before and after, for metrics.json."""
-    from finetune.calibration import ece, fit_temperature, nll
+    from finetune.calibration import can_fit_temperature, ece, fit_temperature, nll
     from finetune.models.classifier import load_classifier
 
     best = run_dir / "checkpoints" / "best.ckpt"
@@ -418,6 +418,9 @@ def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -
     model = load_classifier(best).to(device)
     val_logits, val_labels = split_logits(model, data, "val", device)
     temperature = fit_temperature(val_logits, val_labels)
+    if not can_fit_temperature(val_logits, val_labels):
+        log.info("Calibration: every one of the %d validation images is classified right, so no temperature can be "
+                 "fitted (the NLL only falls as T goes to 0): T stays 1", len(val_labels))
     test_logits, test_labels = split_logits(model, data, "test" if len(data.indices("test")) else "val", device)
     before, after = test_logits.softmax(1).numpy(), (test_logits / temperature).softmax(1).numpy()
     labels = test_labels.numpy()
