@@ -253,7 +253,7 @@ def train_script(cwd, *args):
 def test_train_script_reports_duplicates_and_drops_them(tmp_path, planted):
     root, expected = planted
     result = train_script(tmp_path, "dataset=image_folder", f"dataset.root={root}", *FAST, "schedule.epochs=1",
-                          "schedule.freeze_epochs=0", "dataset.dedup=drop", "logger=none", "calibrate=false")
+                          "schedule.freeze_epochs=0", "dataset.dedup=drop", "calibrate=false")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Duplicates: 7 duplicate groups (2 exact, 5 near) holding 15 images; 2 label conflicts; 0 official-test " \
@@ -261,6 +261,12 @@ def test_train_script_reports_duplicates_and_drops_them(tmp_path, planted):
     run_dir = next((tmp_path / "outputs" / "runs").iterdir())
     assert len(groups_of(read_csv(run_dir / "duplicates.csv"))) == 7
     assert sum(r["reason"].startswith("duplicate of") for r in read_csv(run_dir / "skipped.csv")) == 8
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    (grid,) = events.Images("dataset/duplicate_groups")
+    assert (grid.height, grid.width) == (6 * 96, 4 * 96)  # the first six of the seven groups, a row each
 
 
 @pytest.mark.slow  # three training jobs: about 100 s on 2 cores

@@ -180,6 +180,7 @@ class ImageDataModule(L.LightningDataModule):
         split_file = split_file or dataset.get("split_file")
         self.split_file = Path(split_file) if split_file else None
         self.source: Source | None = None
+        self.duplicates: tuple[Duplicates, Source] | None = None  # the groups found, in the dataset before any drop
         self.splits: np.ndarray | None = None
         self.failed: torch.Tensor | None = None
         self.cache: ImageCache | None = None
@@ -258,6 +259,7 @@ class ImageDataModule(L.LightningDataModule):
         every = np.full(len(source), "dropped", dtype=object)
         every[keep] = splits
         _report_duplicates(duplicates, source, every, self.run_dir)
+        self.duplicates = (duplicates, source)
         return kept, splits
 
     @property
