@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from statistics import mean, stdev
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -132,8 +133,10 @@ def _over_folds(rows: list[dict], sweep_dir: Path) -> list[str]:
     for setting, done in settings.items():
         val = [r["val_acc_best"] for r in done if r["val_acc_best"] is not None]
         test = [r["test_acc"] for r in done if r["test_acc"] is not None]
-        table.append({"overrides": setting, "folds": len(done), "val_acc_best_mean": _mean(val),
-                      "val_acc_best_std": _std(val), "test_acc_mean": _mean(test), "test_acc_std": _std(test)})
+        table.append({"overrides": setting, "folds": len(done), "val_acc_best_mean": mean(val) if val else None,
+                      "val_acc_best_std": stdev(val) if len(val) > 1 else None,
+                      "test_acc_mean": mean(test) if test else None,
+                      "test_acc_std": stdev(test) if len(test) > 1 else None})
     table.sort(key=lambda t: -(t["val_acc_best_mean"] or 0.0))
     with open(sweep_dir / "folds.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FOLD_COLUMNS)
@@ -147,18 +150,6 @@ def _over_folds(rows: list[dict], sweep_dir: Path) -> list[str]:
                      f"{_plus_minus(t['val_acc_best_mean'], t['val_acc_best_std'])} | "
                      f"{_plus_minus(t['test_acc_mean'], t['test_acc_std'])} |")
     return lines
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def _std(xs: list[float]) -> float | None:
-    """The sample standard deviation; None for fewer than two values."""
-    if len(xs) < 2:
-        return None
-    m = sum(xs) / len(xs)
-    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
 
 
 def _plus_minus(mean: float | None, std: float | None) -> str:

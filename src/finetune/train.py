@@ -509,9 +509,10 @@ def log_duplicate_groups(trainer: L.Trainer, data: ImageDataModule, groups: int 
     if tensorboard is None or trainer.global_rank != 0 or data.duplicates is None or not data.duplicates[0].groups:
         return
     from finetune.data.datamodule import load_image
+    from finetune.data.duplicates import is_conflict
 
     duplicates, source = data.duplicates
-    shown = sorted(duplicates.groups, key=lambda m: len(set(source.labels[m].tolist())) == 1)[:groups]
+    shown = sorted(duplicates.groups, key=lambda m: not is_conflict(m, source.labels))[:groups]
     grid = np.full((len(shown) * size, per_group * size, 3), 255, dtype=np.uint8)
     for row, members in enumerate(shown):
         for col, j in enumerate(members[:per_group]):

@@ -251,8 +251,8 @@ class ImageDataModule(L.LightningDataModule):
         dedup = d.get("dedup", "group")
         duplicates = find_duplicates(*image_hashes(source, _common_root(source.paths, d.root), d.max_pixels,
                                                    workers=d.num_workers), d.get("dedup_threshold", 8))
-        keep = duplicates.kept(len(source), source.splits) if dedup == "drop" else np.arange(len(source))
-        groups = None if dedup == "keep" else duplicates.group_ids(len(source))[keep]
+        keep = duplicates.kept(source.splits) if dedup == "drop" else np.arange(len(source))
+        groups = None if dedup == "keep" else duplicates.group_ids()[keep]
         kept = subset(source, keep)
         splits = stratified_split(kept.labels, d.val_fraction, d.test_fraction, self.seed, official=kept.splits,
                                   groups=groups, folds=d.get("folds"), fold=d.get("fold", 0))

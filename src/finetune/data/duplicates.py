@@ -136,9 +136,9 @@ class Duplicates:
     digests: list[str]
     threshold: int
 
-    def group_ids(self, n: int) -> np.ndarray:
+    def group_ids(self) -> np.ndarray:
         """One id per sample, shared by the samples of a group; every other sample has one of its own."""
-        ids = np.arange(n)
+        ids = np.arange(len(self.hashes))
         for members in self.groups:
             ids[members] = members[0]
         return ids
@@ -149,10 +149,10 @@ class Duplicates:
     def distance(self, j: int, members: np.ndarray) -> int:
         return int(np.bitwise_count(self.hashes[j] ^ self.hashes[members[0]]))
 
-    def kept(self, n: int, official: list[str] | None) -> np.ndarray:
+    def kept(self, official: list[str] | None) -> np.ndarray:
         """dataset.dedup=drop: the samples to keep, one per group. An official val or test image is never dropped, and
         a group that has one keeps none of its training images (each would be a copy of it in train)."""
-        keep = np.ones(n, dtype=bool)
+        keep = np.ones(len(self.hashes), dtype=bool)
         for members in self.groups:
             held_out = [j for j in members if official is not None and official[j] in ("val", "test")]
             keep[members] = False
@@ -194,7 +194,7 @@ def report(duplicates: Duplicates, source: Source, splits: np.ndarray, path: Pat
     rows = []
     for g, members in enumerate(duplicates.groups, start=1):
         exact = duplicates.exact(members)
-        conflict = len(set(source.labels[members].tolist())) > 1
+        conflict = is_conflict(members, source.labels)
         counts["exact" if exact else "near"] += 1
         counts["images"] += len(members)
         counts["conflicts"] += conflict
@@ -214,4 +214,9 @@ def report(duplicates: Duplicates, source: Source, splits: np.ndarray, path: Pat
 def conflicts(duplicates: Duplicates, source: Source) -> list[str]:
     """'path (label), path (label)' for each group whose images carry different labels."""
     return [", ".join(f"{source.paths[j]} ({source.classes[source.labels[j]]})" for j in members)
-            for members in duplicates.groups if len(set(source.labels[members].tolist())) > 1]
+            for members in duplicates.groups if is_conflict(members, source.labels)]
+
+
+def is_conflict(members: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether the images of a group carry different labels."""
+    return len(set(labels[members].tolist())) > 1
