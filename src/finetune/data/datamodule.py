@@ -1,5 +1,5 @@
-"""ImageDataModule: source reader -> integrity scan -> seeded stratified split (split.csv) -> decode -> transforms
--> DataLoaders."""
+"""ImageDataModule: source reader -> integrity scan -> duplicate check -> seeded stratified split, duplicates kept on
+one side (split.csv, duplicates.csv) -> decode -> transforms -> DataLoaders."""
 
 from __future__ import annotations
 
