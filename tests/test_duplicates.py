@@ -11,7 +11,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 from conftest import FAST, ROOT, compose
-from fabricate import make_image_folder, plant_copy
+from fabricate import make_cifar10, make_image_folder, plant_copy
 
 from finetune.config import ConfigError, validate
 from finetune.data import duplicates as dups
@@ -142,6 +142,27 @@ def test_official_test_leaks_are_reported_and_the_test_split_is_not_moved(tmp_pa
             in caplog.text
     else:  # the training copy goes; the test image stays
         assert rows == {str(root / "test" / "red" / "0000.jpg"): "test", str(leak): "dropped"}
+
+
+def test_in_memory_images_are_hashed_and_a_cifar_test_image_copied_into_training_is_a_leak(tmp_path, caplog):
+    import pickle
+
+    root = make_cifar10(tmp_path / "cifar", per_batch=30)
+    folder = root / "cifar-10-batches-py"
+    test_batch = pickle.loads((folder / "test_batch").read_bytes())
+    train_batch = pickle.loads((folder / "data_batch_2").read_bytes())
+    train_batch[b"data"][3] = test_batch[b"data"][7]  # the same pixels, under its own label or another
+    (folder / "data_batch_2").write_bytes(pickle.dumps(train_batch))
+    with caplog.at_level(logging.INFO):
+        datamodule(tmp_path / "run", root, dataset="cifar10")
+    rows = read_csv(tmp_path / "run" / "duplicates.csv")
+    assert [(r["path"], r["kind"]) for r in rows] == [(f"{folder}/data_batch_2#3", "exact"),
+                                                       (f"{folder}/test_batch#7", "exact")]
+    assert rows[0]["split"] in ("train", "val") and rows[1]["split"] == "test"
+    assert "1 duplicate groups (1 exact, 0 near) holding 2 images" in caplog.text
+    assert "1 official-test leaks" in caplog.text
+    split = read_split(tmp_path / "run" / "split.csv")
+    assert [p for p, _, s in split if s == "test"] == [f"{folder}/test_batch#{i}" for i in range(30)]  # not moved
 
 
 def test_hashes_are_cached_so_a_second_run_only_stats_the_files(tmp_path, monkeypatch):

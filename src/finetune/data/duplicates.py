@@ -188,7 +188,7 @@ def report(duplicates: Duplicates, source: Source, splits: np.ndarray, path: Pat
     group's first image, the group's kind and whether its labels conflict) and return the summary's counts.
 
     `splits` is each sample's split, or 'dropped'. A leak is an image of the official test split in a group that has
-    an image in the training split."""
+    an image in the training or validation split."""
     counts = {"groups": len(duplicates.groups), "exact": 0, "near": 0, "images": 0, "conflicts": 0, "leaks": 0,
               "dropped": int((splits == "dropped").sum())}
     rows = []
@@ -198,7 +198,7 @@ def report(duplicates: Duplicates, source: Source, splits: np.ndarray, path: Pat
         counts["exact" if exact else "near"] += 1
         counts["images"] += len(members)
         counts["conflicts"] += conflict
-        if source.splits is not None and (splits[members] == "train").any():
+        if source.splits is not None and np.isin(splits[members], ("train", "val")).any():
             counts["leaks"] += sum(source.splits[j] == "test" for j in members)
         for j in members:
             rows.append([g, source.paths[j], source.classes[source.labels[j]], splits[j],
