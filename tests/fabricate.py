@@ -19,7 +19,12 @@ def shape_image(rng: np.random.Generator, colour: tuple[int, int, int],
     """A filled circle, square or triangle of `colour` (jittered) at a random place on grey noise."""
     w, h = size
     noise = rng.integers(90, 170, size=(h, w, 1)).repeat(3, axis=2).astype(np.uint8)
-    image = Image.fromarray(noise, "RGB")
+    return draw_shape(Image.fromarray(noise, "RGB"), rng, colour)
+
+
+def draw_shape(image: Image.Image, rng: np.random.Generator, colour: tuple[int, int, int]) -> Image.Image:
+    """`image` with a filled circle, square or triangle of `colour` (jittered) drawn at a random place."""
+    w, h = image.size
     draw = ImageDraw.Draw(image)
     r = int(min(w, h) * rng.uniform(0.25, 0.4))
     cx, cy = int(rng.integers(r, w - r + 1)), int(rng.integers(r, h - r + 1))
@@ -34,15 +39,25 @@ def shape_image(rng: np.random.Generator, colour: tuple[int, int, int],
     return image
 
 
+def scene_image(rng: np.random.Generator, colour: tuple[int, int, int],
+                size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """A shape as in `shape_image`, on smooth random light and shade instead of noise: images that differ in their
+    coarse structure, as photos do, which is what a perceptual hash sees (shapes on noise look alike to it)."""
+    coarse = Image.fromarray(rng.integers(40, 216, size=(4, 5, 3)).astype(np.uint8), "RGB")
+    return draw_shape(coarse.resize(size, Image.Resampling.BICUBIC), rng, colour)
+
+
 def make_image_folder(root: Path, classes: dict[str, str], per_class: int | dict[str, int], seed: int = 0,
-                      size: tuple[int, int] = (48, 40), ext: str = ".jpg") -> Path:
-    """ROOT/<class>/<n>.jpg for each class name -> colour name; per_class may differ by class."""
+                      size: tuple[int, int] = (48, 40), ext: str = ".jpg", scenes: bool = False) -> Path:
+    """ROOT/<class>/<n>.jpg for each class name -> colour name; per_class may differ by class. `scenes`: shapes on
+    smooth backgrounds (`scene_image`) instead of noise."""
     rng = np.random.default_rng(seed)
+    draw = scene_image if scenes else shape_image
     for name, colour in classes.items():
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class[name] if isinstance(per_class, dict) else per_class):
-            shape_image(rng, COLOURS[colour], size).save(folder / f"{i:04d}{ext}", quality=92)
+            draw(rng, COLOURS[colour], size).save(folder / f"{i:04d}{ext}", quality=92)
     return root
 
 
@@ -211,3 +226,20 @@ def make_oxford_pets(root: Path, breeds: dict[str, tuple[int, str]], per_breed: 
     (pets / "annotations" / "trainval.txt").write_text("\n".join(trainval) + "\n")
     (pets / "annotations" / "test.txt").write_text("\n".join(test) + "\n")
     return root
+
+
+def plant_copy(original: Path, target: Path, kind: str) -> Path:
+    """A copy of `original` at `target`, as duplicates arrive in real datasets: `exact` (the same bytes), `quality`
+    (re-encoded at JPEG quality 60), `resized` (to 3/4 of its size) or `cropped` (2 pixels off the top and left)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "exact":
+        target.write_bytes(original.read_bytes())
+        return target
+    image = Image.open(original).convert("RGB")
+    w, h = image.size
+    if kind == "resized":
+        image = image.resize((w * 3 // 4, h * 3 // 4), Image.Resampling.BICUBIC)
+    elif kind == "cropped":
+        image = image.crop((2, 2, w, h))
+    image.save(target, "JPEG", quality=60 if kind == "quality" else 90)
+    return target

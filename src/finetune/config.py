@@ -51,6 +51,10 @@ class DatasetConfig:
     cache_size: Optional[int] = None  # short side of the cached images; null: image_size / crop_pct (256 for 224)
     cache_dir: Optional[str] = None  # null: DATASET_ROOT/.finetune-cache (~/.cache/finetune if root is read-only)
     decode: str = "cpu"  # cpu: workers decode and augment; device: workers read bytes, the GPU decodes and augments
+    dedup: str = "group"  # same or near-copy images: keep (report only) | group (one side of the split) | drop (one)
+    dedup_threshold: int = 8  # near copies: perceptual hashes (64 bits) at most this many bits apart; 0: same hash only
+    folds: Optional[int] = None  # K: K-fold cross-validation of everything outside the test split; null: off
+    fold: int = 0  # which fold is the validation split, 0..K-1 (-m dataset.fold=range(K) runs them all)
 
 
 @dataclass
@@ -252,6 +256,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"{key or 'config'}: {str(e).splitlines()[0]}") from None
 
     from finetune import schedule
+    from finetune.data.duplicates import DEDUP, MAX_THRESHOLD
     from finetune.data.sources import DUPLICATE_IDS
 
     _check_finite(cfg)
@@ -274,6 +279,15 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(d.decode in ("cpu", "device"), f"dataset.decode must be cpu or device (got {d.decode})")
     _check(d.duplicate_ids in DUPLICATE_IDS,
            f"dataset.duplicate_ids must be one of {', '.join(DUPLICATE_IDS)} (got {d.duplicate_ids})")
+    _check(d.dedup in DEDUP, f"dataset.dedup must be one of {', '.join(DEDUP)} (got {d.dedup})")
+    _check(0 <= d.dedup_threshold <= MAX_THRESHOLD,
+           f"dataset.dedup_threshold must be in 0..{MAX_THRESHOLD} bits (got {d.dedup_threshold})")
+    _check(d.folds is None or d.folds >= 2, f"dataset.folds must be >= 2 or null (got {d.folds})")
+    _check(d.folds is not None or d.fold == 0, f"dataset.fold={d.fold} needs dataset.folds=K, the number of folds")
+    _check(d.folds is None or 0 <= d.fold < d.folds,
+           f"dataset.fold must be in 0..{(d.folds or 0) - 1} for dataset.folds={d.folds} (got {d.fold})")
+    _check(d.folds is None or d.split_file is None,
+           "dataset.folds and dataset.split_file: a split file already fixes the split; choose one")
     cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else None
     _check(cache_dir is None or not cache_dir.exists() or cache_dir.is_dir(),
            f"dataset.cache_dir={d.cache_dir} is a file, not a folder: give a folder for the decoded-image cache")

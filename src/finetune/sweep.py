@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from statistics import mean, stdev
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -61,6 +62,9 @@ class SweepReport(Callback):
             "wall_time_s": round(time.time() - self._started, 1) if self._started else None,
             "status": "failed" if error else "completed",
             "error": error or "",
+            # K-fold: the fold, and the overrides without it, which the folds of one setting share
+            "fold": int(config.dataset.fold) if config.dataset.get("folds") else None,
+            "setting": " ".join(o for o in config.hydra.overrides.task if o.split("=", 1)[0] != "dataset.fold"),
         }
         (job_dir / "job.json").write_text(json.dumps(record, indent=2) + "\n")
         rows = write_summary(Path(config.hydra.sweep.dir))
@@ -77,7 +81,8 @@ class SweepReport(Callback):
         print((sweep_dir / "summary.md").read_text())
         failed = [r for r in rows if r["status"] != "completed"]
         best = next((r for r in rows if r["status"] == "completed"), None)
-        print(f"Summary: {sweep_dir / 'summary.csv'} and summary.md")
+        folds = " and folds.csv (mean and std over the folds)" if (sweep_dir / "folds.csv").is_file() else ""
+        print(f"Summary: {sweep_dir / 'summary.csv'}, summary.md{folds}")
         for line in loggers.hints(config.logger, sweep_dir, sweep=True):
             print(line)
         if best is not None:
@@ -107,9 +112,50 @@ def write_summary(sweep_dir: Path) -> list[dict]:
                      f"{_with_interval(r['val_acc_best'], r.get('val_acc_best_ci95'))} | "
                      f"{_with_interval(r['test_acc'], r.get('test_acc_ci95'))} | "
                      f"{r['epochs'] if r['epochs'] is not None else ''} | {_seconds(r['wall_time_s'])} | {status} |")
-    lines += ["", *_not_told_apart(rows)]
+    lines += ["", *_not_told_apart(rows), *_over_folds(rows, sweep_dir)]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return rows
+
+
+FOLD_COLUMNS = ("overrides", "folds", "val_acc_best_mean", "val_acc_best_std", "test_acc_mean", "test_acc_std")
+
+
+def _over_folds(rows: list[dict], sweep_dir: Path) -> list[str]:
+    """A K-fold sweep (dataset.fold=range(K)): mean and standard deviation of val/acc_best and test/acc over the
+    completed folds of each setting (the other overrides), best mean first, in summary.md and folds.csv."""
+    settings: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("fold") is not None and r["status"] == "completed":
+            settings.setdefault(r["setting"], []).append(r)
+    if not settings:
+        return []
+    table = []
+    for setting, done in settings.items():
+        val = [r["val_acc_best"] for r in done if r["val_acc_best"] is not None]
+        test = [r["test_acc"] for r in done if r["test_acc"] is not None]
+        table.append({"overrides": setting, "folds": len(done), "val_acc_best_mean": mean(val) if val else None,
+                      "val_acc_best_std": stdev(val) if len(val) > 1 else None,
+                      "test_acc_mean": mean(test) if test else None,
+                      "test_acc_std": stdev(test) if len(test) > 1 else None})
+    table.sort(key=lambda t: -(t["val_acc_best_mean"] or 0.0))
+    with open(sweep_dir / "folds.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FOLD_COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    lines = ["", "Over the folds (mean ± standard deviation of the completed folds, n - 1 in its denominator; every "
+             "fold is tested on the same test split):", "",
+             "| overrides | folds | val/acc_best | test/acc |", "|---|---:|---:|---:|"]
+    for t in table:
+        lines.append(f"| {t['overrides'] or '(defaults)'} | {t['folds']} | "
+                     f"{_plus_minus(t['val_acc_best_mean'], t['val_acc_best_std'])} | "
+                     f"{_plus_minus(t['test_acc_mean'], t['test_acc_std'])} |")
+    return lines
+
+
+def _plus_minus(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return ""
+    return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
 
 
 def _not_told_apart(rows: list[dict]) -> list[str]:

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
@@ -94,6 +95,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             find_learning_rate(trainer, model, data, cfg, run_dir, given=_gives(overrides, "schedule.lr"))
         log_hparams(trainer, cfg, preprocessing.image_size)
         log_class_counts(trainer, data)
+        log_duplicate_groups(trainer, data)
     with loggers.ended(trainer, run_dir, cfg.logger.log_model):
         loggers.start(trainer, run_dir, None if resuming else hyperparameters(cfg, preprocessing.image_size))
         fit(trainer, model, data, run_dir, ckpt_path)
@@ -501,6 +503,29 @@ def log_class_counts(trainer: L.Trainer, data: ImageDataModule) -> None:
     rows += [f"| {name} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
              for i, name in enumerate(data.classes)]
     tensorboard.experiment.add_text("dataset/class_counts", "\n".join(rows))
+
+
+def log_duplicate_groups(trainer: L.Trainer, data: ImageDataModule, groups: int = 6, per_group: int = 4,
+                         size: int = 96) -> None:
+    """A few groups of duplicates (label conflicts first), one row of images each, in TensorBoard's IMAGES tab."""
+    tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    if tensorboard is None or trainer.global_rank != 0 or data.duplicates is None or not data.duplicates[0].groups:
+        return
+    from finetune.data.datamodule import load_image
+    from finetune.data.duplicates import is_conflict
+
+    duplicates, source = data.duplicates
+    shown = sorted(duplicates.groups, key=lambda m: not is_conflict(m, source.labels))[:groups]
+    grid = np.full((len(shown) * size, per_group * size, 3), 255, dtype=np.uint8)
+    for row, members in enumerate(shown):
+        for col, j in enumerate(members[:per_group]):
+            try:
+                image = load_image(source, int(j), data.cfg.max_pixels, draft=size)
+            except Exception:  # a file that broke since the scan: its cell stays white
+                continue
+            image.thumbnail((size, size))
+            grid[row * size:row * size + image.height, col * size:col * size + image.width] = np.asarray(image)
+    tensorboard.experiment.add_image("dataset/duplicate_groups", grid, 0, dataformats="HWC")
 
 
 def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:

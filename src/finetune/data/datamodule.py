@@ -1,5 +1,5 @@
-"""ImageDataModule: source reader -> integrity scan -> seeded stratified split (split.csv) -> decode -> transforms
--> DataLoaders."""
+"""ImageDataModule: source reader -> integrity scan -> duplicate check -> seeded stratified split, duplicates kept on
+one side (split.csv, duplicates.csv) -> decode -> transforms -> DataLoaders."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 
 from finetune.data import download as downloads
 from finetune.data.cache import ImageCache, default_cache_dir, open_or_build
+from finetune.data.duplicates import Duplicates, conflicts, find_duplicates, image_hashes, report
 from finetune.data.features import FrozenFeatures
 from finetune.data.images import open_rgb
 from finetune.data.integrity import scan
@@ -179,6 +180,7 @@ class ImageDataModule(L.LightningDataModule):
         split_file = split_file or dataset.get("split_file")
         self.split_file = Path(split_file) if split_file else None
         self.source: Source | None = None
+        self.duplicates: tuple[Duplicates, Source] | None = None  # the groups found, in the dataset before any drop
         self.splits: np.ndarray | None = None
         self.failed: torch.Tensor | None = None
         self.cache: ImageCache | None = None
@@ -221,11 +223,10 @@ class ImageDataModule(L.LightningDataModule):
             source = _limit_per_class(source, d.limit_per_class, self.seed)
         source = drop_unusable(source, d.root, d.max_pixels, d.max_bad_fraction, self.run_dir / "skipped.csv",
                                workers=d.num_workers, draft=self.preprocessing.image_size)
-        if self.split_file is not None:
+        if self.split_file is not None:  # the split is given: no hashing, no re-split
             splits = np.array(source.splits)
         else:
-            splits = stratified_split(source.labels, d.val_fraction, d.test_fraction, self.seed,
-                                      official=source.splits)
+            source, splits = self._split(source)
         for split in ("train", "val"):
             if not (splits == split).any():
                 raise DataError(f"the {split} split is empty: {len(source)} images are too few for "
@@ -241,6 +242,25 @@ class ImageDataModule(L.LightningDataModule):
             self.decode_on_device = source.images is None
             if not self.decode_on_device:
                 log.info("dataset.decode=device: %s is already decoded in memory; nothing to decode", d.name)
+
+    def _split(self, source: Source) -> tuple[Source, np.ndarray]:
+        """The seeded stratified split (a fold of it with dataset.folds), with the groups of duplicates kept on one
+        side (dataset.dedup=group) or reduced to one image (drop); duplicates.csv reports them, skipped.csv the dropped.
+        """
+        d = self.cfg
+        dedup = d.get("dedup", "group")
+        duplicates = find_duplicates(*image_hashes(source, _common_root(source.paths, d.root), d.max_pixels,
+                                                   workers=d.num_workers), d.get("dedup_threshold", 8))
+        keep = duplicates.kept(source.splits) if dedup == "drop" else np.arange(len(source))
+        groups = None if dedup == "keep" else duplicates.group_ids()[keep]
+        kept = subset(source, keep)
+        splits = stratified_split(kept.labels, d.val_fraction, d.test_fraction, self.seed, official=kept.splits,
+                                  groups=groups, folds=d.get("folds"), fold=d.get("fold", 0))
+        every = np.full(len(source), "dropped", dtype=object)
+        every[keep] = splits
+        _report_duplicates(duplicates, source, every, self.run_dir)
+        self.duplicates = (duplicates, source)
+        return kept, splits
 
     @property
     def cache_size(self) -> int:
@@ -448,6 +468,27 @@ def _limit_per_class(source: Source, n: int, seed: int) -> Source:
 
 def _common_root(paths: list[str], root: str | None) -> Path:
     return Path(root).expanduser() if root else Path(paths[0]).parent
+
+
+@rank_zero_only
+def _report_duplicates(duplicates: Duplicates, source: Source, splits: np.ndarray, run_dir: Path) -> None:
+    """duplicates.csv, the dropped images in skipped.csv, and the log's summary and label conflicts."""
+    counts = report(duplicates, source, splits, run_dir / "duplicates.csv")
+    if counts["dropped"]:
+        with open(run_dir / "skipped.csv", "a", newline="") as f:
+            writer = csv.writer(f)
+            for members in duplicates.groups:
+                kept = next(j for j in members if splits[j] != "dropped")
+                writer.writerows([source.paths[j], f"duplicate of {source.paths[kept]} (dataset.dedup=drop)"]
+                                 for j in members if splits[j] == "dropped")
+    log.info("Duplicates: %d duplicate groups (%d exact, %d near) holding %d images; %d label conflicts; %d "
+             "official-test leaks%s; listed in %s", counts["groups"], counts["exact"], counts["near"],
+             counts["images"], counts["conflicts"], counts["leaks"],
+             f"; {counts['dropped']} dropped (skipped.csv)" if counts["dropped"] else "", run_dir / "duplicates.csv")
+    found = conflicts(duplicates, source)
+    if found:
+        log.warning("%d groups of duplicates carry different labels (label conflicts), e.g. %s", len(found),
+                    "; ".join(found[:3]))
 
 
 @rank_zero_only

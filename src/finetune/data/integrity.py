@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,49 +106,71 @@ def scan(paths: list[str], root: str | Path, max_pixels: int, workers: int = 0,
 
 
 def _check_all(paths: list[str], max_pixels: int, workers: int, draft: int | None) -> list[str | None]:
+    return parallel_map(check_image, paths, workers, max_pixels, draft)
+
+
+def parallel_map(fn, paths: list[str], workers: int, *args, progress: str | None = None) -> list:
+    """[fn(path, *args) for path in paths], in `workers` processes when there are enough paths to pay for them; with
+    a progress bar named `progress` when there are many."""
+    from tqdm import tqdm
+
+    def bar(results):
+        quiet = progress is None or len(paths) < 1000
+        return tqdm(results, total=len(paths), desc=progress, unit="image", disable=quiet)
+
     if workers <= 1 or len(paths) < 64:
-        return [check_image(p, max_pixels, draft) for p in paths]
+        return list(bar(fn(p, *args) for p in paths))
     from finetune.cli import ignore_interrupts
 
     with ProcessPoolExecutor(max_workers=workers, initializer=ignore_interrupts) as pool:
         try:
-            return list(pool.map(check_image, paths, [max_pixels] * len(paths), [draft] * len(paths),
-                                 chunksize=max(1, min(256, len(paths) // (workers * 8)))))
+            return list(bar(pool.map(fn, paths, *([a] * len(paths) for a in args),
+                                     chunksize=max(1, min(256, len(paths) // (workers * 8))))))
         except BaseException:  # Ctrl-C: drop the files not yet begun instead of checking them all first
             pool.shutdown(wait=False, cancel_futures=True)
             raise
 
 
-def cache_path(root: Path) -> Path:
-    """ROOT/.finetune-scan.json, or a file in the user's cache when ROOT is not writable (a shared dataset)."""
+def cache_path(root: Path, name: str = CACHE_NAME) -> Path:
+    """ROOT/NAME (.finetune-scan.json), or a file in the user's cache when ROOT is not writable (a shared dataset)."""
     if os.access(root, os.W_OK):
-        return root / CACHE_NAME
+        return root / name
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune" / "scans"
-    return base / f"{digest}.json"
+    return base / (f"{digest}.json" if name == CACHE_NAME else f"{digest}{name}")
 
 
 def _load_cache(path: Path, max_pixels: int) -> dict[str, list]:
-    """The cached results, or nothing when the file is missing, unreadable, of another version, or not what this
-    code writes (any valid-but-wrong JSON): the scan then decodes the files again."""
+    return load_cache(path, {"version": CACHE_VERSION, "max_pixels": max_pixels},
+                      lambda v: len(v) == 3 and (v[2] is None or isinstance(v[2], str)))
+
+
+def _save_cache(path: Path, files: dict[str, list], max_pixels: int) -> None:
+    save_cache(path, {"version": CACHE_VERSION, "max_pixels": max_pixels}, files, "integrity-scan")
+
+
+def load_cache(path: Path, header: dict, valid: Callable[[list], bool]) -> dict[str, list]:
+    """The cached entries ({path: [size, mtime_ns, ...]}), or nothing when the file is missing, unreadable, of another
+    header (version, settings), or not what this code writes (any valid-but-wrong JSON): the files are then read
+    again."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or data.get("max_pixels") != max_pixels:
+    if not isinstance(data, dict) or any(data.get(k) != v for k, v in header.items()):
         return {}
     files = data.get("files")
     if not isinstance(files, dict):
         return {}
-    return {k: v for k, v in files.items() if isinstance(v, list) and len(v) == 3
-            and all(isinstance(x, int) for x in v[:2]) and (v[2] is None or isinstance(v[2], str))}
+    return {k: v for k, v in files.items() if isinstance(v, list) and len(v) >= 2
+            and all(isinstance(x, int) for x in v[:2]) and valid(v)}
 
 
-def _save_cache(path: Path, files: dict[str, list], max_pixels: int) -> None:
+def save_cache(path: Path, header: dict, files: dict[str, list], what: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, "max_pixels": max_pixels, "files": files}))
+        tmp.write_text(json.dumps({**header, "files": files}))
         tmp.replace(path)
     except OSError as e:  # a cache that cannot be written costs time, not correctness
-        log.warning("Could not write the integrity-scan cache %s: %s", path, e)
+        log.warning("Could not write the %s cache %s: %s", what, path, e)

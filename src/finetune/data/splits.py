@@ -11,26 +11,69 @@ SPLITS = ("train", "val", "test")
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
-                     official: list[str] | None = None) -> np.ndarray:
+                     official: list[str] | None = None, groups: np.ndarray | None = None,
+                     folds: int | None = None, fold: int = 0) -> np.ndarray:
     """'train' / 'val' / 'test' per sample: each class divided in the given fractions, the same for the same seed.
 
     Where the dataset has an official split, its test (and val) samples keep it and only its training samples
     are divided; `test_fraction` then applies only when the dataset has no official test split.
+    `groups` (an id per sample: duplicates share one) keeps each group on one side: a group is assigned as one
+    unit, counted in the class most of its images have. With `folds`=K, everything outside the test split (the
+    same test split as without folds, for the same seed) is divided into K stratified folds and fold `fold` is
+    the validation split.
     """
     rng = np.random.default_rng(seed)
     out = np.array(official if official is not None else ["train"] * len(labels), dtype=object)
     has_test = official is not None and "test" in out
     has_val = official is not None and "val" in out
-    pool = np.flatnonzero(out == "train")
-    for label in np.unique(labels[pool]):
-        members = pool[labels[pool] == label]
-        members = members[rng.permutation(len(members))]
-        n = len(members)
+    if folds:
+        out[out == "val"] = "train"  # the folds take the validation split's place
+    groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
+    for members in _units_by_class(np.flatnonzero(out == "train"), labels, groups):
+        units = [members[i] for i in rng.permutation(len(members))]
+        n = sum(len(u) for u in units)
         n_test = 0 if has_test else _share(n, test_fraction)
-        n_val = 0 if has_val else _share(n - n_test, val_fraction / (1 - (0 if has_test else test_fraction)))
-        out[members[:n_test]] = "test"
-        out[members[n_test:n_test + n_val]] = "val"
+        n_val = 0 if has_val or folds else _share(n - n_test, val_fraction / (1 - (0 if has_test else test_fraction)))
+        taken = {"test": 0, "val": 0}
+        for unit in units:
+            for split, target in (("test", n_test), ("val", n_val)):
+                # the unit goes here while it brings the count no further past the target than it is short of it
+                if taken[split] < target and taken[split] + len(unit) - target <= target - taken[split]:
+                    out[unit] = split
+                    taken[split] += len(unit)
+                    break
+    if folds:
+        out[kfold(np.flatnonzero(out == "train"), labels, groups, folds, rng) == fold] = "val"
     return out.astype(str)
+
+
+def kfold(pool: np.ndarray, labels: np.ndarray, groups: np.ndarray, folds: int,
+          rng: np.random.Generator) -> np.ndarray:
+    """A fold number for every sample (-1 outside `pool`): each class of the pool dealt over the folds, a group as
+    one unit, larger units first, each to the fold that holds the fewest images of that class so far."""
+    fold_of = np.full(len(labels), -1)
+    for members in _units_by_class(pool, labels, groups):
+        units = [members[i] for i in rng.permutation(len(members))]
+        counts = np.zeros(folds, dtype=np.int64)
+        for unit in sorted(units, key=len, reverse=True):  # a stable sort: equal sizes stay in the shuffled order
+            f = int(np.argmin(counts))
+            fold_of[unit] = f
+            counts[f] += len(unit)
+    return fold_of
+
+
+def _units_by_class(pool: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> list[list[np.ndarray]]:
+    """The samples of `pool` as units (one per group, in the order of their first sample), listed per class (in label
+    order); a group whose images carry different labels counts in its most common one."""
+    members: dict[int, list[int]] = {}
+    for j in pool:
+        members.setdefault(int(groups[j]), []).append(int(j))
+    by_class: dict[int, list[np.ndarray]] = {}
+    for unit in members.values():
+        unit = np.array(unit, dtype=np.int64)
+        label = int(labels[unit[0]]) if len(unit) == 1 else int(np.bincount(labels[unit]).argmax())
+        by_class.setdefault(label, []).append(unit)
+    return [by_class[label] for label in sorted(by_class)]
 
 
 def _share(n: int, fraction: float) -> int:

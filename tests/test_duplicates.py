@@ -1,0 +1,314 @@
+"""Duplicates and leakage: exact and near copies found, kept on one side of the split, reported; K-fold splits."""
+
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from conftest import FAST, ROOT, compose
+from fabricate import make_cifar10, make_image_folder, plant_copy
+
+from finetune.config import ConfigError, validate
+from finetune.data import duplicates as dups
+from finetune.data.datamodule import ImageDataModule
+from finetune.data.sources import read_source
+from finetune.data.splits import read_split, stratified_split
+from finetune.data.transforms import Preprocessing
+from finetune.sweep import write_summary
+
+PRE = Preprocessing(image_size=32, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.25,) * 3)
+CLASSES = {"red": "red", "green": "green", "blue": "blue"}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Three classes of 24 photo-like images (160x120) and planted copies: the same bytes, re-encoded at JPEG quality
+    60, resized to 3/4, cropped by 2 pixels; two copies put in another class's folder (label conflicts); one image
+    with two copies. Returns the root and {group's paths: (kind, conflict)}."""
+    root = make_image_folder(tmp_path_factory.mktemp("planted"), CLASSES, 24, size=(160, 120), scenes=True)
+    plants = [("red/0000", "red/exact", "exact"), ("red/0001", "red/quality", "quality"),
+              ("red/0002", "red/resized", "resized"), ("red/0003", "red/cropped", "cropped"),
+              ("green/0000", "blue/from_green_exact", "exact"), ("green/0001", "blue/from_green_quality", "quality"),
+              ("blue/0000", "blue/exact", "exact"), ("blue/0000", "blue/resized", "resized")]
+    groups = defaultdict(set)
+    for original, copy, kind in plants:
+        groups[str(root / f"{original}.jpg")] |= {str(root / f"{original}.jpg"),
+                                                  str(plant_copy(root / f"{original}.jpg", root / f"{copy}.jpg", kind))}
+    expected = {}
+    for original, members in groups.items():
+        kinds = {kind for o, _, kind in plants if str(root / f"{o}.jpg") == original}
+        conflict = len({os.path.basename(os.path.dirname(p)) for p in members}) > 1
+        expected[frozenset(members)] = ("exact" if kinds == {"exact"} else "near", conflict)
+    return root, expected
+
+
+def datamodule(run_dir, root, *overrides, seed=0, dataset="image_folder"):
+    cfg = compose(run_dir, *FAST, f"dataset={dataset}", f"dataset.root={root}", "dataset.val_fraction=0.2",
+                  "dataset.test_fraction=0.2", *overrides)
+    validate(cfg)
+    data = ImageDataModule(cfg.dataset, cfg.augment, PRE, seed, run_dir)
+    data.setup()
+    return data
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def groups_of(rows):
+    found = defaultdict(list)
+    for row in rows:
+        found[row["group"]].append(row)
+    return found
+
+
+def test_planted_copies_and_conflicts_are_found_and_each_group_stays_in_one_split(tmp_path, planted, caplog):
+    root, expected = planted
+    with caplog.at_level(logging.INFO):
+        data = datamodule(tmp_path / "a", root)
+    rows = read_csv(tmp_path / "a" / "duplicates.csv")
+    found = {frozenset(r["path"] for r in g): (g[0]["kind"], g[0]["conflict"] == "yes")
+             for g in groups_of(rows).values()}
+    assert found == expected  # every planted group, and nothing else
+    assert "7 duplicate groups (2 exact, 5 near) holding 15 images; 2 label conflicts; 0 official-test leaks" \
+        in caplog.text
+    assert "groups of duplicates carry different labels" in caplog.text
+    split = {path: s for path, _, s in read_split(tmp_path / "a" / "split.csv")}
+    for group in groups_of(rows).values():
+        assert len({split[r["path"]] for r in group}) == 1  # no val or test image has a copy in train
+        assert {r["split"] for r in group} == {split[group[0]["path"]]}
+        assert int(group[0]["distance"]) == 0 and all(0 <= int(r["distance"]) <= 8 for r in group)
+    # the per-class fractions stay close to 0.2 / 0.2 / 0.6
+    counts = data.class_counts()
+    for k in range(3):
+        n = sum(counts[s][k] for s in ("train", "val", "test"))
+        assert abs(counts["val"][k] - 0.2 * n) <= 2 and abs(counts["test"][k] - 0.2 * n) <= 2
+    datamodule(tmp_path / "b", root)  # same seed, same split (and the hashes now come from the cache)
+    assert read_split(tmp_path / "a" / "split.csv") == read_split(tmp_path / "b" / "split.csv")
+
+
+def test_drop_keeps_one_image_per_group_and_lists_the_others_in_skipped_csv(tmp_path, planted):
+    root, expected = planted
+    datamodule(tmp_path, root, "dataset.dedup=drop")
+    kept = {path for path, _, _ in read_split(tmp_path / "split.csv")}
+    skipped = {row["path"]: row["reason"] for row in read_csv(tmp_path / "skipped.csv")}
+    for group in expected:
+        assert len(group & kept) == 1
+        for path in group - kept:
+            assert skipped[path].startswith("duplicate of ") and skipped[path].endswith("(dataset.dedup=drop)")
+    assert len(read_source("image_folder", str(root))) - len(kept) == 15 - 7
+    assert {r["split"] for r in read_csv(tmp_path / "duplicates.csv") if r["path"] not in kept} == {"dropped"}
+
+
+def test_keep_reports_the_groups_and_splits_as_if_there_were_none(tmp_path, planted):
+    root, expected = planted
+    datamodule(tmp_path, root, "dataset.dedup=keep")
+    assert len(groups_of(read_csv(tmp_path / "duplicates.csv"))) == len(expected)
+    source = read_source("image_folder", str(root))
+    plain = stratified_split(source.labels, 0.2, 0.2, seed=0)
+    assert [s for _, _, s in read_split(tmp_path / "split.csv")] == plain.tolist()
+
+
+def test_a_dataset_without_duplicates_reports_none_and_keeps_its_split(tmp_path, shapes, caplog):
+    with caplog.at_level(logging.INFO):
+        datamodule(tmp_path, shapes)
+    assert read_csv(tmp_path / "duplicates.csv") == []
+    assert "0 duplicate groups (0 exact, 0 near) holding 0 images; 0 label conflicts" in caplog.text
+    source = read_source("image_folder", str(shapes))
+    assert [s for _, _, s in read_split(tmp_path / "split.csv")] == \
+        stratified_split(source.labels, 0.2, 0.2, seed=0).tolist()
+
+
+@pytest.mark.parametrize("dedup", ["group", "drop"])
+def test_official_test_leaks_are_reported_and_the_test_split_is_not_moved(tmp_path, dedup, caplog):
+    root = tmp_path / "data"
+    make_image_folder(root / "train", CLASSES, 12, size=(160, 120), scenes=True)
+    make_image_folder(root / "test", CLASSES, 4, seed=1, size=(160, 120), scenes=True)
+    leak = plant_copy(root / "test" / "red" / "0000.jpg", root / "train" / "red" / "leak.jpg", "quality")
+    with caplog.at_level(logging.INFO):
+        datamodule(tmp_path / "run", root, f"dataset.dedup={dedup}")
+    test = {path for path, _, s in read_split(tmp_path / "run" / "split.csv") if s == "test"}
+    assert test == {str(p) for p in (root / "test").rglob("*.jpg")}  # kept as given
+    rows = {r["path"]: r["split"] for r in read_csv(tmp_path / "run" / "duplicates.csv")}
+    if dedup == "group":
+        assert rows == {str(root / "test" / "red" / "0000.jpg"): "test", str(leak): "train"}
+        assert "1 duplicate groups (0 exact, 1 near) holding 2 images; 0 label conflicts; 1 official-test leaks" \
+            in caplog.text
+    else:  # the training copy goes; the test image stays
+        assert rows == {str(root / "test" / "red" / "0000.jpg"): "test", str(leak): "dropped"}
+
+
+def test_in_memory_images_are_hashed_and_a_cifar_test_image_copied_into_training_is_a_leak(tmp_path, caplog):
+    import pickle
+
+    root = make_cifar10(tmp_path / "cifar", per_batch=30)
+    folder = root / "cifar-10-batches-py"
+    test_batch = pickle.loads((folder / "test_batch").read_bytes())
+    train_batch = pickle.loads((folder / "data_batch_2").read_bytes())
+    train_batch[b"data"][3] = test_batch[b"data"][7]  # the same pixels, under its own label or another
+    (folder / "data_batch_2").write_bytes(pickle.dumps(train_batch))
+    with caplog.at_level(logging.INFO):
+        datamodule(tmp_path / "run", root, dataset="cifar10")
+    rows = read_csv(tmp_path / "run" / "duplicates.csv")
+    assert [(r["path"], r["kind"]) for r in rows] == [(f"{folder}/data_batch_2#3", "exact"),
+                                                       (f"{folder}/test_batch#7", "exact")]
+    assert rows[0]["split"] in ("train", "val") and rows[1]["split"] == "test"
+    assert "1 duplicate groups (1 exact, 0 near) holding 2 images" in caplog.text
+    assert "1 official-test leaks" in caplog.text
+    split = read_split(tmp_path / "run" / "split.csv")
+    assert [p for p, _, s in split if s == "test"] == [f"{folder}/test_batch#{i}" for i in range(30)]  # not moved
+
+
+def test_hashes_are_cached_so_a_second_run_only_stats_the_files(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path, CLASSES, 4)
+    source = read_source("image_folder", str(root))
+    first = dups.image_hashes(source, root, 10**8)
+    assert (root / dups.HASH_CACHE_NAME).is_file()
+    hashed = []
+    monkeypatch.setattr(dups, "hash_file", lambda path, max_pixels: hashed.append(path) or (0, "changed"))
+    again = dups.image_hashes(source, root, 10**8)
+    assert hashed == [] and (again[0] == first[0]).all() and again[1] == first[1]
+    os.utime(source.paths[0], ns=(1, 1))  # a changed file is hashed again, and only it
+    dups.image_hashes(source, root, 10**8)
+    assert hashed == [source.paths[0]]
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 8, 12])
+def test_near_pairs_are_exactly_the_brute_force_pairs(threshold):
+    rng = np.random.default_rng(threshold)
+    hashes = rng.integers(0, 2**63, 3000, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 3000, dtype=np.uint64)
+    for i in rng.choice(3000, 300, replace=False):  # planted near pairs: 0 to threshold + 2 bits flipped
+        bits = rng.choice(64, int(rng.integers(0, threshold + 3)), replace=False)
+        hashes[int(rng.integers(3000))] = hashes[i] ^ np.uint64(sum(1 << int(b) for b in bits))
+    i, j = np.triu_indices(len(hashes), 1)
+    close = np.bitwise_count(hashes[i] ^ hashes[j]) <= threshold
+    brute = set(zip(i[close].tolist(), j[close].tolist()))
+    found = dups.near_pairs(hashes, threshold)
+    assert {tuple(p) for p in found.tolist()} == brute and len(found) == len(brute)
+    assert len(brute) >= 50
+
+
+def random_groups(n, rng):
+    """Group ids for n samples: groups of 1 to 4 consecutive samples."""
+    sizes = rng.integers(1, 5, n)
+    return np.repeat(np.arange(n), sizes)[:n]
+
+
+def test_group_aware_split_keeps_groups_whole_and_classes_in_proportion():
+    rng = np.random.default_rng(0)
+    labels = np.sort(rng.integers(0, 4, 2000))
+    groups = random_groups(2000, rng)
+    a = stratified_split(labels, 0.15, 0.2, seed=3, groups=groups)
+    assert (a == stratified_split(labels, 0.15, 0.2, seed=3, groups=groups)).all()
+    assert (a != stratified_split(labels, 0.15, 0.2, seed=4, groups=groups)).any()
+    for g in np.unique(groups):
+        assert len(set(a[groups == g])) == 1
+    for label in range(4):
+        mine = a[labels == label]
+        assert abs((mine == "test").mean() - 0.2) < 0.01 and abs((mine == "val").mean() - 0.15) < 0.01
+
+
+def test_k_folds_cover_the_pool_once_keep_classes_stratified_and_groups_whole():
+    rng = np.random.default_rng(1)
+    labels = np.sort(rng.integers(0, 3, 600))
+    groups = random_groups(600, rng)
+    plain = stratified_split(labels, 0.1, 0.2, seed=7, groups=groups)
+    splits = [stratified_split(labels, 0.1, 0.2, seed=7, groups=groups, folds=5, fold=f) for f in range(5)]
+    for s in splits:
+        assert ((s == "test") == (plain == "test")).all()  # the same test split in every fold, and as without folds
+        for g in np.unique(groups):
+            assert len(set(s[groups == g])) == 1
+    as_val = sum((s == "val").astype(int) for s in splits)
+    assert (as_val[plain != "test"] == 1).all() and (as_val[plain == "test"] == 0).all()
+    for label in range(3):
+        per_fold = [((s == "val") & (labels == label)).sum() for s in splits]
+        assert max(per_fold) - min(per_fold) <= 4  # at most one group's size apart
+
+
+def test_kfold_summary_gives_mean_and_std_per_setting(tmp_path):
+    metrics = {}
+    for job, (lr, fold) in enumerate((lr, f) for lr in ("1e-3", "3e-4") for f in range(3)):
+        (tmp_path / str(job)).mkdir()
+        val, test = 0.6 + 0.05 * job, 0.5 + 0.03 * job * job
+        metrics.setdefault(lr, []).append((val, test))
+        record = {"job": job, "overrides": f"dataset.folds=3 dataset.fold={fold} schedule.lr={lr}",
+                  "val_acc_best": val, "test_acc": test, "epochs": 1, "wall_time_s": 1.0, "status": "completed",
+                  "error": "", "fold": fold, "setting": f"dataset.folds=3 schedule.lr={lr}"}
+        (tmp_path / str(job) / "job.json").write_text(json.dumps(record))
+    write_summary(tmp_path)
+    rows = {r["overrides"]: r for r in read_csv(tmp_path / "folds.csv")}
+    assert set(rows) == {"dataset.folds=3 schedule.lr=1e-3", "dataset.folds=3 schedule.lr=3e-4"}
+    for lr, values in metrics.items():
+        row, val, test = rows[f"dataset.folds=3 schedule.lr={lr}"], *zip(*values)
+        assert int(row["folds"]) == 3
+        assert float(row["val_acc_best_mean"]) == pytest.approx(np.mean(val))
+        assert float(row["val_acc_best_std"]) == pytest.approx(np.std(val, ddof=1))
+        assert float(row["test_acc_std"]) == pytest.approx(np.std(test, ddof=1))
+    assert "mean ± standard deviation" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["dataset.dedup=remove"], "dataset.dedup must be one of keep, group, drop (got remove)"),
+    (["dataset.dedup_threshold=40"], "dataset.dedup_threshold must be in 0..16 bits (got 40)"),
+    (["dataset.folds=1"], "dataset.folds must be >= 2 or null (got 1)"),
+    (["dataset.folds=3", "dataset.fold=3"], "dataset.fold must be in 0..2 for dataset.folds=3 (got 3)"),
+    (["dataset.fold=1"], "dataset.fold=1 needs dataset.folds=K, the number of folds"),
+])
+def test_bad_dedup_and_fold_values_are_one_clear_line(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"):
+        validate(compose(tmp_path, *overrides))
+
+
+def train_script(cwd, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_train_script_reports_duplicates_and_drops_them(tmp_path, planted):
+    root, expected = planted
+    result = train_script(tmp_path, "dataset=image_folder", f"dataset.root={root}", *FAST, "schedule.epochs=1",
+                          "schedule.freeze_epochs=0", "dataset.dedup=drop", "calibrate=false")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Duplicates: 7 duplicate groups (2 exact, 5 near) holding 15 images; 2 label conflicts; 0 official-test " \
+           "leaks; 8 dropped (skipped.csv)" in output
+    run_dir = next((tmp_path / "outputs" / "runs").iterdir())
+    assert len(groups_of(read_csv(run_dir / "duplicates.csv"))) == 7
+    assert sum(r["reason"].startswith("duplicate of") for r in read_csv(run_dir / "skipped.csv")) == 8
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    (grid,) = events.Images("dataset/duplicate_groups")
+    assert (grid.height, grid.width) == (6 * 96, 4 * 96)  # the first six of the seven groups, a row each
+
+
+@pytest.mark.slow  # three training jobs: about 100 s on 2 cores
+def test_k_fold_sweep_validates_on_each_fold_once_and_summarises_the_folds(tmp_path, shapes):
+    result = train_script(tmp_path, "-m", "dataset=image_folder", f"dataset.root={shapes}", *FAST, "schedule.epochs=1",
+                          "schedule.freeze_epochs=0", "logger=none", "calibrate=false", "dataset.folds=3",
+                          "dataset.fold=range(3)")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    sweep = next((tmp_path / "outputs" / "sweeps").iterdir())
+    splits = [read_split(sweep / str(job) / "split.csv") for job in range(3)]
+    tests = [{p for p, _, s in rows if s == "test"} for rows in splits]
+    assert tests[0] == tests[1] == tests[2] and tests[0]
+    vals = [{p for p, _, s in rows if s == "val"} for rows in splits]
+    pool = {p for p, _, _ in splits[0]} - tests[0]
+    assert sorted(p for v in vals for p in v) == sorted(pool)  # every training-pool image validates exactly once
+    metrics = [json.loads((sweep / str(job) / "metrics.json").read_text()) for job in range(3)]
+    (row,) = read_csv(sweep / "folds.csv")
+    assert int(row["folds"]) == 3 and "dataset.folds=3" in row["overrides"] and "dataset.fold=" not in row["overrides"]
+    for key, column in (("val/acc_best", "val_acc_best"), ("test/acc", "test_acc")):
+        values = [m[key] for m in metrics]
+        assert float(row[f"{column}_mean"]) == pytest.approx(np.mean(values))
+        assert float(row[f"{column}_std"]) == pytest.approx(np.std(values, ddof=1))
+    assert "Over the folds (mean ± standard deviation" in (sweep / "summary.md").read_text()
