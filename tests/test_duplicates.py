@@ -231,6 +231,16 @@ def test_k_folds_cover_the_pool_once_keep_classes_stratified_and_groups_whole():
         assert max(per_fold) - min(per_fold) <= 4  # at most one group's size apart
 
 
+def test_many_small_classes_fill_every_fold_and_a_class_of_copies_keeps_a_training_image():
+    labels = np.repeat(np.arange(100), 4)  # 100 classes of 4 images: fewer images than folds after the test split
+    splits = [stratified_split(labels, 0.2, 0.1, seed=0, folds=5, fold=f) for f in range(5)]
+    sizes = [int((s == "val").sum()) for s in splits]
+    assert min(sizes) > 0 and max(sizes) - min(sizes) <= 1
+    for seed in range(30):  # a 3-image class, two of them near copies; a 4-image class of two pairs
+        for labels, groups in ((np.zeros(3, int), np.array([0, 0, 1])), (np.zeros(4, int), np.array([0, 0, 1, 1]))):
+            assert (stratified_split(labels, 0.2, 0.2, seed=seed, groups=groups) == "train").any()
+
+
 def test_kfold_summary_gives_mean_and_std_per_setting(tmp_path):
     metrics = {}
     for job, (lr, fold) in enumerate((lr, f) for lr in ("1e-3", "3e-4") for f in range(3)):

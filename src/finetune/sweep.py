@@ -64,7 +64,8 @@ class SweepReport(Callback):
             "error": error or "",
             # K-fold: the fold, and the overrides without it, which the folds of one setting share
             "fold": int(config.dataset.fold) if config.dataset.get("folds") else None,
-            "setting": " ".join(o for o in config.hydra.overrides.task if o.split("=", 1)[0] != "dataset.fold"),
+            "setting": " ".join(o for o in config.hydra.overrides.task
+                                if o.split("=", 1)[0].lstrip("+~") != "dataset.fold"),
         }
         (job_dir / "job.json").write_text(json.dumps(record, indent=2) + "\n")
         rows = write_summary(Path(config.hydra.sweep.dir))

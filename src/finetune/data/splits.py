@@ -38,7 +38,9 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
         for unit in units:
             for split, target in (("test", n_test), ("val", n_val)):
                 # the unit goes here while it brings the count no further past the target than it is short of it
-                if taken[split] < target and taken[split] + len(unit) - target <= target - taken[split]:
+                # and at least one image of the class stays in train
+                if taken[split] < target and taken[split] + len(unit) - target <= target - taken[split] \
+                        and taken["test"] + taken["val"] + len(unit) < n:
                     out[unit] = split
                     taken[split] += len(unit)
                     break
@@ -50,15 +52,18 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
 def kfold(pool: np.ndarray, labels: np.ndarray, groups: np.ndarray, folds: int,
           rng: np.random.Generator) -> np.ndarray:
     """A fold number for every sample (-1 outside `pool`): each class of the pool dealt over the folds, a group as
-    one unit, larger units first, each to the fold that holds the fewest images of that class so far."""
+    one unit, larger units first, each to the fold that holds the fewest images of that class so far (of all
+    classes, where that ties: small classes do not all fill the first folds and leave the last ones empty)."""
     fold_of = np.full(len(labels), -1)
+    totals = np.zeros(folds, dtype=np.int64)
     for members in _units_by_class(pool, labels, groups):
         units = [members[i] for i in rng.permutation(len(members))]
         counts = np.zeros(folds, dtype=np.int64)
         for unit in sorted(units, key=len, reverse=True):  # a stable sort: equal sizes stay in the shuffled order
-            f = int(np.argmin(counts))
+            f = min(range(folds), key=lambda k: (counts[k], totals[k]))
             fold_of[unit] = f
             counts[f] += len(unit)
+            totals[f] += len(unit)
     return fold_of
 
 
