@@ -191,3 +191,37 @@ def test_predict_needs_exactly_one_model(shapes, tmp_path):
     with pytest.raises(ConfigError, match="its sidecar x.json is not beside it"):
         (tmp_path / "x.onnx").write_bytes(b"onnx")
         predict(tool_cfg("predict", model=tmp_path / "x.onnx", inputs=shapes, out=tmp_path / "p.csv"))
+
+
+def test_an_export_never_overwrites_nor_removes_another_exports_sidecar_or_the_users_files(tmp_path):
+    from finetune.export import output_path
+
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    (tmp_path / "run" / "export").mkdir()
+    (tmp_path / "run" / "export" / "best.json").write_text("{}")  # the sidecar of an earlier best.onnx
+    assert output_path(None, ckpt, "torchscript") == tmp_path / "run" / "export" / "best-2.pt"
+    (tmp_path / "model.json").write_text("mine")
+    with pytest.raises(ConfigError, match="model.json exists already"):
+        output_path(str(tmp_path / "model.onnx"), ckpt, "onnx")
+
+
+@pytest.mark.slow
+def test_a_run_whose_dataset_is_gone_still_exports_unmeasured_but_int8_needs_its_images(run_dir, tmp_path, caplog):
+    import shutil
+
+    from finetune.data.sources import DataError
+    from finetune.export import run
+
+    copy = tmp_path / "copied-run"  # a run folder copied to another machine, without the dataset
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    config = OmegaConf.load(copy / "config.yaml")
+    config.dataset.root = str(tmp_path / "not-here")
+    OmegaConf.save(config, copy / "config.yaml")
+    result = run(tool_cfg("export", ckpt=copy / "checkpoints" / "best.ckpt", num_workers=0))
+    assert result["evaluation"]["images"] == 0 and "accuracy" not in result["evaluation"]["models"]["onnx float32"]
+    assert "accuracy is not measured" in caplog.text and (copy / "export" / "best.onnx").is_file()
+    with pytest.raises(DataError, match="not in .*not-here any more"):
+        run(tool_cfg("export", ckpt=copy / "checkpoints" / "best.ckpt", quantize="int8", num_workers=0))
+    assert sorted(p.name for p in (copy / "export").iterdir()) == ["best.json", "best.model_card.md", "best.onnx"]

@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.cli import free_path
 from finetune.config import ConfigError, FinetuneError
 from finetune.model_card import write_export_card
 from finetune.models.classifier import (
@@ -83,7 +82,7 @@ def run(cfg: DictConfig) -> dict:
     model = load_classifier(ckpt).float().eval()
     size = int(model.hparams.preprocessing["image_size"])
     run_dir = run_dir_of(ckpt)
-    data = RunImages(cfg, model, run_dir)  # refuses now, before any export, when the run's images are not there
+    data = RunImages(cfg, model, run_dir, required=quantize == "int8")  # int8 needs the run's images to calibrate
     if quantize == "int8" and data.split_file is None:
         raise ConfigError(f"quantize=int8 calibrates on the run's training images, but {run_dir} has no config.yaml "
                           "and split.csv: export from the run directory the checkpoint was trained in")
@@ -174,17 +173,27 @@ def parity(deployable: nn.Module, run_exported, size: int) -> float:
 
 
 def output_path(out: str | None, ckpt: Path, fmt: str, quantize: str = "none") -> Path:
-    """out, or RUN_DIR/export/best.onnx (best.int8.onnx, best.fp16.onnx; -2, ... if taken): an earlier export is
-    never overwritten."""
+    """out, or RUN_DIR/export/best.onnx (best.int8.onnx, best.fp16.onnx; -2, ... if taken): a name whose model,
+    sidecar (.json) and card (.model_card.md) are all free, so no earlier export or file of the user's is overwritten
+    (or removed when this export fails)."""
     if out is not None:
         path = Path(out)
-        if path.exists():
-            raise ConfigError(f"out={out} exists already: choose another name (nothing is overwritten)")
+        taken = [p for p in companions(path) if p.exists()]
+        if taken:
+            raise ConfigError(f"out={out}: {taken[0]} exists already: choose another name (nothing is overwritten)")
     else:
         stem = ckpt.stem if quantize == "none" else f"{ckpt.stem}.{quantize}"
-        path = free_path(run_dir_of(ckpt) / "export" / f"{stem}{FORMATS[fmt]}")
+        first = run_dir_of(ckpt) / "export" / f"{stem}{FORMATS[fmt]}"
+        path, n = first, 2
+        while any(p.exists() for p in companions(path)):
+            path, n = first.with_name(f"{first.stem}-{n}{first.suffix}"), n + 1
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def companions(path: Path) -> tuple[Path, Path, Path]:
+    """What an export named `path` writes: the model, its sidecar and its model card."""
+    return path, path.with_suffix(".json"), path.with_name(f"{path.stem}.model_card.md")
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> None:
@@ -264,7 +273,8 @@ class RunImages:
     """The run's own images, read as evaluate and predict read them (the evaluation transform, uint8): its test
     split (or val, where the run has no test split) to measure on, its training split to calibrate on."""
 
-    def __init__(self, cfg: DictConfig, model: Classifier, run_dir: Path):
+    def __init__(self, cfg: DictConfig, model: Classifier, run_dir: Path, required: bool = False):
+        from finetune.data.sources import DataError
         from finetune.data.splits import read_split
 
         self.cfg, self.model, self.run_dir = cfg, model, run_dir
@@ -274,7 +284,13 @@ class RunImages:
             return
         present = {split for _, _, split in read_split(self.split_file)}
         self.split = "test" if "test" in present else "val"
-        self._read(self.split)  # a moved or deleted dataset is said now, before the export
+        try:
+            self._read(self.split)  # a moved or deleted dataset is said now, before the export
+        except DataError as e:
+            if required:
+                raise
+            log.warning("The export's accuracy is not measured: %s", e)
+            self.split_file = None
 
     def _read(self, split: str):
         from finetune.evaluate import evaluation_set
@@ -327,7 +343,7 @@ def measure(models: dict, sizes: dict, data: RunImages, name: str, size: int) ->
                 result["models"][m]["top1_changed"] = float((p != reference).mean())
             result["accuracy_drop_points"] = round(100 * (result["models"]["pytorch float32"]["accuracy"]
                                                           - result["models"][name]["accuracy"]), 4)
-    else:
+    elif data.split is None:
         log.warning("%s has no split.csv and config.yaml: the export's accuracy is not measured", data.run_dir)
     one = torch.randint(0, 256, (32, 3, size, size), dtype=torch.uint8,
                         generator=torch.Generator().manual_seed(1)).numpy()

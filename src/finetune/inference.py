@@ -51,7 +51,11 @@ class ExportedModel:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.path = path
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own errors have no common base class
+            raise ConfigError(f"model={path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]}); export it "
+                              "again") from None
         self.input = self.session.get_inputs()[0].name
 
     @property

@@ -420,9 +420,6 @@ def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -
     model = load_classifier(best).to(device)
     val_logits, val_labels = split_logits(model, data, "val", device)
     temperature = fit_temperature(val_logits, val_labels)
-    if not can_fit_temperature(val_logits, val_labels):
-        log.info("Calibration: every one of the %d validation images is classified right, so no temperature can be "
-                 "fitted (the NLL only falls as T goes to 0): T stays 1", len(val_labels))
     test_logits, test_labels = split_logits(model, data, "test" if len(data.indices("test")) else "val", device)
     before, after = test_logits.softmax(1).numpy(), (test_logits / temperature).softmax(1).numpy()
     labels = test_labels.numpy()
@@ -432,9 +429,13 @@ def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -
     result = {"val/temperature": temperature, "test/nll_before": nll(before, labels),
               "test/nll_after": nll(after, labels), "test/ece_before": ece(before, labels),
               "test/ece_after": ece(after, labels)}
-    log.info("Calibration: temperature %.3f fitted on %d validation images; test NLL %.4f -> %.4f, ECE %.4f -> %.4f "
-             "(stored in %s)", temperature, len(val_labels), result["test/nll_before"], result["test/nll_after"],
-             result["test/ece_before"], result["test/ece_after"], best)
+    if not can_fit_temperature(val_logits, val_labels):
+        log.info("Calibration: every one of the %d validation images is classified right, so no temperature can be "
+                 "fitted (the NLL only falls as T goes to 0): T stays 1", len(val_labels))
+    else:
+        log.info("Calibration: temperature %.3f fitted on %d validation images; test NLL %.4f -> %.4f, ECE %.4f -> "
+                 "%.4f (stored in %s)", temperature, len(val_labels), result["test/nll_before"],
+                 result["test/nll_after"], result["test/ece_before"], result["test/ece_after"], best)
     return result
 
 
