@@ -213,8 +213,9 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path) -> No
 
 
 def quantize_int8(float32: Path, out: Path, batches, work: Path) -> None:
-    """onnxruntime's static quantization: QDQ, int8 per-channel weights, int8 activations whose ranges come from
-    `batches` (MinMax); the softmax and the temperature stay float, so the probabilities keep their resolution."""
+    """onnxruntime's static quantization: QDQ, int8 per-channel weights, uint8 activations (U8S8, onnxruntime's fast
+    path on x86: 2x the speed of S8S8 measured here) whose ranges come from `batches` (MinMax); the softmax stays
+    float, so the probabilities keep their resolution."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -233,7 +234,7 @@ def quantize_int8(float32: Path, out: Path, batches, work: Path) -> None:
             return None if batch is None else {"images": batch}
 
     quantize_static(str(prepared), str(out), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=softmax)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=softmax)
     # Not extra_options CalibMaxIntermediateOutputs: onnxruntime 1.31 discards every full chunk of batches without
     # taking its ranges (and fails when the batches fill the chunks exactly). Memory follows the batch size (8).
 
@@ -421,6 +422,6 @@ def describe(model: Classifier, fmt: str, filename: str, quantize: str = "none",
     }
     if quantize == "int8":
         description["quantization"] = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
-                                       "weights": "int8, per channel", "activations": "int8, MinMax ranges",
+                                       "weights": "int8, per channel", "activations": "uint8, MinMax ranges",
                                        "calibration_images": calibration_images, "float": ["Softmax"]}
     return description
