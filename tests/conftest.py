@@ -81,3 +81,20 @@ def wait_for(path, process, timeout=300):
         assert process.poll() is None, process.stdout.read()[-3000:]
         assert time.time() - started < timeout, f"{path} did not appear"
         time.sleep(0.05)
+
+
+def sigterm_after_first_checkpoint(process, run_dir):
+    """Wait for the training `process` to write RUN_DIR's first last.ckpt (its first epoch), let it go on for a
+    second, send it SIGTERM and check it exits with 143; the global step of that first checkpoint, and the output."""
+    import signal
+    import time
+
+    import torch
+
+    wait_for(run_dir / "checkpoints" / "last.ckpt", process)
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 143, output[-3000:]
+    return step, output

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, FAST, ROOT, compose, given, wait_for
+from conftest import CONF, FAST, ROOT, compose, given, sigterm_after_first_checkpoint, wait_for
 from omegaconf import OmegaConf
 
 from finetune.config import ConfigError
@@ -52,12 +52,7 @@ def test_the_same_command_with_resume_auto_continues_the_killed_run_then_says_it
     args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "dataset.batch_size=4", "schedule.epochs=3",
             "schedule.freeze_epochs=1", "logger=csv", "resume=auto"]
     first = start(tmp_path, *args, f"hydra.run.dir={run_dir}")
-    wait_for(run_dir / "checkpoints" / "last.ckpt", first)  # after the first epoch
-    epoch_steps = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    time.sleep(1.0)
-    first.send_signal(signal.SIGTERM)
-    output = first.communicate(timeout=120)[0]
-    assert first.returncode == 143, output[-3000:]
+    epoch_steps, output = sigterm_after_first_checkpoint(first, run_dir)
     assert "holds no run yet; starting a fresh one" in output
     stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert stopped_at > epoch_steps

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, ROOT, compose, given, wait_for
+from conftest import FAST, ROOT, compose, given, sigterm_after_first_checkpoint, wait_for
 
 from finetune.callbacks.nonfinite import NonFiniteLoss
 from finetune.train import run
@@ -60,12 +60,7 @@ def test_sigterm_saves_at_the_next_batch_and_resume_continues_the_step_count(tmp
     runs = tmp_path / "outputs" / "runs"
     wait_for(runs, process)
     run_dir = next(runs.iterdir())
-    wait_for(run_dir / "checkpoints" / "last.ckpt", process)  # after the first epoch
-    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == 143, output[-3000:]
+    first, output = sigterm_after_first_checkpoint(process, run_dir)
     assert f"Continue with resume={run_dir}" in output
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] > first  # saved where it stopped, not only at the epoch end

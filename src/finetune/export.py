@@ -99,8 +99,7 @@ def run(cfg: DictConfig) -> dict:
         else:
             export_torchscript(deployable, example, float32)
         difference = parity(deployable, load_exported(float32, cfg.format), size)
-        if not difference < TOLERANCE:
-            _discard(out, sidecar)
+        if not difference < TOLERANCE:  # the handler below removes what was written
             raise FinetuneError(f"the exported model does not match PyTorch: max abs difference {difference:.3e} >= "
                                 f"{TOLERANCE:.0e}; nothing was written")
         if quantize == "int8":
@@ -253,13 +252,9 @@ def convert_fp16(float32: Path, out: Path) -> None:
 def load_exported(path: Path, fmt: str):
     """A function from a uint8 numpy batch to probabilities, running the exported file the way a user would."""
     if fmt == "onnx":
-        import onnxruntime as ort
+        from finetune.inference import onnx_session
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # no busy-waiting threads after each run: they would take the cores from PyTorch measured beside it
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnx_session(path, spinning=False)  # timed beside PyTorch
         return lambda images: session.run(["probabilities"], {"images": images})[0]
     module = torch.jit.load(str(path), map_location="cpu").eval()
 
@@ -279,6 +274,7 @@ class RunImages:
         from finetune.data.splits import read_split
 
         self.cfg, self.model, self.run_dir = cfg, model, run_dir
+        self._read_splits: dict[str, tuple] = {}  # each split is read (and its files scanned) once
         self.split_file = run_dir / "split.csv"
         if not (self.split_file.is_file() and (run_dir / "config.yaml").is_file()):
             self.split_file, self.split = None, None
@@ -296,10 +292,13 @@ class RunImages:
     def _read(self, split: str):
         from finetune.evaluate import evaluation_set
 
+        if split in self._read_splits:
+            return self._read_splits[split]
         options = OmegaConf.create({"dataset": None, "root": self.cfg.get("root"), "split": split, "ckpt": str(
             self.cfg.ckpt), "max_pixels": self.cfg.max_pixels, "num_workers": self.cfg.num_workers})
         with tempfile.TemporaryDirectory() as scratch:  # unreadable images are named in the log, as evaluate does
             source, indices, _ = evaluation_set(options, self.model.classes, self.run_dir, Path(scratch))
+        self._read_splits[split] = source, indices
         return source, indices
 
     def batches(self, split: str, limit: int | None = None, seed: int = 0, batch_size: int = 32):

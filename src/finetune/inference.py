@@ -25,6 +25,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def onnx_session(path: Path, spinning: bool = True):
+    """An onnxruntime CPU session of `path`, its own log quiet. Without `spinning`, its threads do not busy-wait
+    after each run (they would take the cores from another model timed beside it)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class ExportedModel:
     """An exported ONNX model run by onnxruntime alone, described by its JSON sidecar (written by export): the input
     size, resize and crop, the class names; normalisation, softmax and temperature are inside the graph."""
@@ -46,13 +58,9 @@ class ExportedModel:
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{sidecar}: not an export sidecar with preprocessing and classes ({e!r}); export the "
                               "model again with this version") from None
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         self.path = path
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = onnx_session(path)
         except Exception as e:  # onnxruntime's own errors have no common base class
             raise ConfigError(f"model={path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]}); export it "
                               "again") from None
