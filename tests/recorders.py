@@ -8,7 +8,8 @@ import torch
 
 class FreezeRecorder(L.Callback):
     """Records, for every optimizer step: the epoch, which backbone parameters got a gradient, whether the
-    backbone's modules were in train mode, a BatchNorm running mean, and the learning rate of each group."""
+    backbone's modules were in train mode (and which BatchNorm layers), the first and last BatchNorm's running mean,
+    and the learning rate of each group."""
 
     instances: list[FreezeRecorder] = []
 
@@ -28,6 +29,9 @@ class FreezeRecorder(L.Callback):
             "with_grad": [name for name, p in backbone.named_parameters() if p.grad is not None],
             "modules_training": [name for name, m in backbone.named_modules() if m.training],
             "bn_running_mean": bn[0].running_mean.detach().clone(),
+            "bn_last_running_mean": bn[-1].running_mean.detach().clone(),
+            "bn_training": [name for name, m in backbone.named_modules()
+                            if isinstance(m, torch.nn.BatchNorm2d) and m.training],
             "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
         })
 

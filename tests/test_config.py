@@ -94,6 +94,7 @@ def test_every_augment_preset_makes_uint8_images_at_the_input_size(tmp_path):
     ("dataset.batch_size=-8", "dataset.batch_size must be > 0"),
     ("schedule.optimizer=adamx", "schedule.optimizer must be one of adamw, adam, sgd"),
     ("schedule.scheduler=linear", "schedule.scheduler must be one of cosine, step, constant"),
+    ("schedule.bn=fixed", "schedule.bn must be one of frozen, train (got fixed)"),
     ("schedule.unfreeze=some", "schedule.unfreeze must be 'all' or a number of blocks"),
     ("schedule.unfreeze=0", "schedule.unfreeze must be 'all' or a number of blocks >= 1"),
     ("schedule.epochs=0", "schedule.epochs must be >= 1"),

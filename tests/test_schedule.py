@@ -116,6 +116,42 @@ def test_patience_ends_a_phase_early_and_the_boundary_survives_a_checkpoint():
     assert restored.bounds() == schedule.bounds()
 
 
+@pytest.mark.parametrize("bn", ["frozen", "train"])
+def test_batchnorm_of_the_blocks_that_train_keeps_its_statistics_unless_told_to_train(bn):
+    from finetune.callbacks.schedule import apply_trainable
+
+    backbone = create_backbone("mobilenetv2_100")
+    norms = {n: m for n, m in backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    before = {n: (m.running_mean.clone(), m.weight.detach().clone()) for n, m in norms.items()}
+    apply_trainable(backbone, 4, bn)
+    top = {m for names in backbone_blocks(backbone)[-4:] for m in names}
+    in_top = [n for n in norms if any(n == m or n.startswith(f"{m}.") for m in top)]
+    assert in_top and all(norms[n].training == (bn == "train") for n in in_top)
+    assert not any(m.training for n, m in norms.items() if n not in in_top)  # frozen blocks: eval in either mode
+    assert all(norms[n].weight.requires_grad for n in in_top)  # scale and shift learn in either mode
+    optimizer = torch.optim.SGD([p for p in backbone.parameters() if p.requires_grad], lr=0.1)
+    backbone(torch.randn(4, 3, 64, 64) * 3 + 1).square().mean().backward()
+    optimizer.step()
+    assert all(torch.equal(norms[n].running_mean, before[n][0]) == (bn == "frozen") for n in in_top)
+    assert sum(not torch.equal(norms[n].weight, before[n][1]) for n in in_top) > len(in_top) // 2
+
+
+def test_each_phase_says_what_it_gained_on_the_best_before_it():
+    schedule = Schedule({**BASE, "epochs": 6, "phases": [{"train": "head", "epochs": 2}, {"train": 4, "epochs": 2},
+                                                         {"train": "all"}]}, 18)
+    for epoch, acc in enumerate([0.80, 0.90, 0.85, 0.95, 0.93, 0.94]):
+        schedule.observe(epoch, acc)
+    assert [(g["epochs"], g["val/acc_end"], g["val/acc_best"]) for g in schedule.gains()] == [
+        ([0, 1], 0.90, 0.90), ([2, 3], 0.95, 0.95), ([4, 5], 0.94, 0.94)]
+    assert [g["gain"] for g in schedule.gains()] == [None, pytest.approx(0.05), pytest.approx(-0.01)]
+    lines = schedule.describe_gains()
+    assert lines[1] == ("phase 2 (epochs 2-3, the head and the last 4 of 18 blocks): val/acc 0.9500 at its end, "
+                        "best 0.9500; +0.0500 on the best of the phases before")
+    restored = Schedule(schedule.config, 18)
+    restored.load_state_dict(json.loads(json.dumps(schedule.state_dict())))  # checkpoints carry it
+    assert restored.gains() == schedule.gains()
+
+
 def test_scratch_is_the_default_only_when_nothing_was_chosen(tmp_path):
     def switched(*overrides):
         cfg = compose(tmp_path, "dataset=dogs_vs_cats", f"dataset.root={tmp_path}", *overrides)
@@ -123,8 +159,14 @@ def test_scratch_is_the_default_only_when_nothing_was_chosen(tmp_path):
 
     done, cfg = switched("backbone.pretrained=false")
     assert done and cfg.schedule.name == "scratch" and cfg.schedule.phases[0].backbone_lr_ratio == 1.0
-    assert not switched()[0]  # pretrained: the default two phases
-    assert not switched("backbone.pretrained=false", "schedule.freeze_epochs=2")[0]  # given explicitly: it wins
+    assert cfg.schedule.bn == "train"  # random running statistics are nothing to keep
+    done, cfg = switched()
+    assert not done and cfg.schedule.bn == "frozen"  # pretrained: the default two phases, ImageNet's statistics
+    done, cfg = switched("backbone.pretrained=false", "schedule.freeze_epochs=2")
+    assert not done and cfg.schedule.bn == "train"  # phases given explicitly win; BatchNorm still trains
+    assert switched("backbone.pretrained=false", "schedule.bn=frozen")[1].schedule.bn == "frozen"  # unless told
+    assert switched("backbone.pretrained=false", "schedule.freeze_epochs=2", "schedule.bn=frozen")[1].schedule.bn \
+        == "frozen"
     assert not switched("backbone.pretrained=false", "schedule=default")[0]
     assert not switched("backbone.pretrained=false", "experiment=dogs_vs_cats_mobilenetv2")[0]  # the recipe's
 

@@ -100,6 +100,9 @@ class ScheduleConfig:
     freeze_epochs: Optional[int] = 2  # shorthand: epochs with the head alone (backbone frozen, in eval mode)
     unfreeze: Any = "all"  # shorthand: then all of the backbone, or N: its last N blocks
     backbone_lr_ratio: float = 0.1  # backbone lr = backbone_lr_ratio * lr once it trains
+    # BatchNorm in the blocks that train: frozen (its ImageNet statistics, inference mode, as Keras' training=False;
+    # its scale and shift still learn) | train (batch statistics, running averages updated). A random backbone: train
+    bn: str = "frozen"
     layer_decay: float = 1.0  # < 1: each backbone block's lr is layer_decay times the next block's (towards the input)
     restore_best: bool = False  # every phase after the first starts from the best weights so far (best.ckpt)
     ema: Optional[float] = None  # decay of an exponential moving average of the weights (e.g. 0.999); null: off

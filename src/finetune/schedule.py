@@ -49,6 +49,10 @@ SCHEDULERS = {"cosine": _cosine, "step": _step, "constant": _constant}
 DECAY_OVER = ("run", "phase")
 # What a phase trains besides the head: `head` (nothing else), `all`, or a whole number N (the last N blocks).
 TRAIN_WORDS = ("head", "all")
+# schedule.bn: BatchNorm in the blocks that train. frozen: normalised with the pretrained running statistics, which
+# stay as they are (inference mode; scale and shift still learn); train: with each batch's statistics, the running
+# averages updated. frozen keeps the features the head was trained on (README: Fine-tuning, measured).
+BN_MODES = ("frozen", "train")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class Schedule:
         self.layer_decay: float = s.get("layer_decay", 1.0) or 1.0
         self.decay_over: str = s.get("decay_over", "run") or "run"
         self.restore_best: bool = bool(s.get("restore_best", False))
+        self.bn: str = s.get("bn", "train")  # runs of earlier releases trained BatchNorm, and have no key for it
         self.phases: list[Phase] = []
         for i, p in enumerate(phases_of(s)):
             train = p.get("train", "all")
@@ -109,8 +114,10 @@ class Schedule:
             ratio = p.get("backbone_lr_ratio")
             self.phases.append(Phase(i, train, p.get("epochs"), s["lr"] if lr is None else lr,
                                      s.get("backbone_lr_ratio", 1.0) if ratio is None else ratio, p.get("patience")))
-        # State: where phases ended early, the current phase's best val/acc, the phase whose start restored weights.
+        # State: where phases ended early, the current phase's best val/acc, the phase whose start restored weights,
+        # and every validated epoch's val/acc (what each phase gained, said at the end of the run).
         self.ends: dict[int, int] = {}
+        self.history: dict[int, float] = {}
         self.best: float | None = None
         self.best_epoch: int = -1
         self.tracking: int = -1
@@ -125,12 +132,14 @@ class Schedule:
 
     def state_dict(self) -> dict:
         return {"ends": {str(k): v for k, v in self.ends.items()}, "best": self.best, "best_epoch": self.best_epoch,
-                "tracking": self.tracking, "restored": self.restored}
+                "tracking": self.tracking, "restored": self.restored,
+                "history": {str(k): v for k, v in self.history.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.ends = {int(k): int(v) for k, v in state.get("ends", {}).items()}
         self.best, self.best_epoch = state.get("best"), state.get("best_epoch", -1)
         self.tracking, self.restored = state.get("tracking", -1), state.get("restored", 0)
+        self.history = {int(k): float(v) for k, v in state.get("history", {}).items()}
 
     # --- phases over epochs ----------------------------------------------------------------------------------
 
@@ -195,6 +204,7 @@ class Schedule:
         """Record epoch `epoch`'s val/acc; end its phase after it when the phase's patience has run out. Returns
         why the phase ended, or None."""
         phase = self.phase_at(epoch)
+        self.history[epoch] = float(val_acc)
         if phase is None:
             return None
         if self.tracking != phase.index:
@@ -208,6 +218,34 @@ class Schedule:
             return (f"val/acc has not improved for {phase.patience} epochs (best {self.best:.4f} at epoch "
                     f"{self.best_epoch})")
         return None
+
+    def gains(self) -> list[dict]:
+        """What each phase that ran gave, from the val/acc of its validated epochs: at its end, its best, and how much
+        its best adds to the best of the phases before it (what the best checkpoint owes it)."""
+        rows, best_before = [], None
+        for phase, (start, end) in zip(self.phases, self.bounds()):
+            seen = [(e, v) for e, v in sorted(self.history.items()) if start <= e < end]
+            if not seen:
+                continue
+            best = max(v for _, v in seen)
+            rows.append({"phase": phase.index + 1, "train": phase.train, "epochs": [start, end - 1],
+                         "val/acc_end": seen[-1][1], "val/acc_best": best,
+                         "gain": None if best_before is None else best - best_before})
+            best_before = best if best_before is None else max(best_before, best)
+        return rows
+
+    def describe_gains(self) -> list[str]:
+        """`gains` as the lines the log ends training with."""
+        lines = []
+        for row in self.gains():
+            phase = self.phases[row["phase"] - 1]
+            first, last = row["epochs"]
+            gain = "" if row["gain"] is None else (
+                f"; {row['gain']:+.4f} on the best of the phases before" if row["gain"] else
+                "; no better than the phases before")
+            lines.append(f"phase {row['phase']} (epochs {first}-{last}, {phase.describe(self.blocks)}): val/acc "
+                         f"{row['val/acc_end']:.4f} at its end, best {row['val/acc_best']:.4f}{gain}")
+        return lines
 
     # --- parameter groups and rates ---------------------------------------------------------------------------
 
@@ -331,26 +369,37 @@ PHASE_KEYS = ("phases", "freeze_epochs", "unfreeze", "backbone_lr_ratio", "layer
 
 def use_scratch_when_nothing_to_protect(cfg, overrides: list[str]) -> bool:
     """A backbone that starts from random weights has nothing to protect: with the default schedule and none of its
-    phase keys given, switch to conf/schedule/scratch.yaml (one phase, everything at the full rate) and say so.
-    Returns whether it switched."""
+    phase keys given, switch to conf/schedule/scratch.yaml (one phase, everything at the full rate) and say so; with
+    phases of the user's, BatchNorm still trains (schedule.bn=train: random running statistics are no statistics),
+    unless schedule.bn is given. Returns whether it switched to scratch."""
     from omegaconf import OmegaConf
 
-    if cfg.backbone.pretrained or cfg.backbone.get("weights") or cfg.schedule.get("name") != "default":
+    if cfg.backbone.pretrained or cfg.backbone.get("weights"):
         return False
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-    if "schedule" in given or any(g == f"schedule.{k}" or g.startswith(f"schedule.{k}.") for g in given
-                                  for k in PHASE_KEYS):
-        return False
+    if cfg.schedule.get("name") != "default" or "schedule" in given or any(
+            g == f"schedule.{k}" or g.startswith(f"schedule.{k}.") for g in given for k in PHASE_KEYS):
+        return _train_batchnorm_of_a_random_backbone(cfg, given)
     preset = OmegaConf.load(CONF / "schedule" / "default.yaml")
     if any(cfg.schedule.get(k) != preset.get(k) for k in PHASE_KEYS):  # a dataset or experiment preset chose
-        return False
+        return _train_batchnorm_of_a_random_backbone(cfg, given)
     scratch = OmegaConf.load(CONF / "schedule" / "scratch.yaml")
     scratch.pop("defaults", None)
+    if "schedule.bn" in given:
+        scratch.pop("bn", None)
     cfg.schedule = OmegaConf.merge(cfg.schedule, scratch)
     log.info("backbone.pretrained=false: a randomly initialised backbone has nothing to protect, so this run uses "
              "schedule=scratch (everything trains at the full rate from the first epoch). Name a schedule "
              "(schedule=default) or its keys (schedule.freeze_epochs=...) to choose otherwise.")
     return True
+
+
+def _train_batchnorm_of_a_random_backbone(cfg, given: set[str]) -> bool:
+    if "schedule.bn" not in given and cfg.schedule.get("bn") != "train":
+        cfg.schedule.bn = "train"
+        log.info("backbone.pretrained=false: BatchNorm trains (schedule.bn=train), as a randomly initialised "
+                 "backbone has no statistics to keep")
+    return False
 
 
 def check(s: Any) -> None:
@@ -360,6 +409,7 @@ def check(s: Any) -> None:
             raise ConfigError(message)
 
     ok(s.optimizer in OPTIMIZERS, f"schedule.optimizer must be one of {', '.join(OPTIMIZERS)} (got {s.optimizer})")
+    ok(s.bn in BN_MODES, f"schedule.bn must be one of {', '.join(BN_MODES)} (got {s.bn})")
     ok(s.scheduler in SCHEDULERS, f"schedule.scheduler must be one of {', '.join(SCHEDULERS)} (got {s.scheduler})")
     ok(s.decay_over in DECAY_OVER, f"schedule.decay_over must be one of {', '.join(DECAY_OVER)} (got {s.decay_over})")
     ok(0 < s.layer_decay <= 1, f"schedule.layer_decay must be in (0, 1] (got {s.layer_decay})")

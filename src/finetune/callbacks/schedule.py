@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch.nn as nn
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelSummary
 from lightning.pytorch.trainer.states import TrainerFn
 
 from finetune.models.backbone import backbone_blocks, parameter_blocks
@@ -18,24 +18,29 @@ from finetune.schedule import PhaseLR, Schedule
 log = logging.getLogger(__name__)
 
 
-def apply_trainable(backbone: nn.Module, trained: int) -> None:
+def apply_trainable(backbone: nn.Module, trained: int, bn: str) -> None:
     """Let the last `trained` blocks of `backbone` train (train mode, gradients) and freeze the rest: eval mode, so
-    BatchNorm statistics and dropout stay fixed (as Keras does with layers that are not trainable), and no gradient."""
+    BatchNorm statistics and dropout stay fixed (as Keras does with layers that are not trainable), and no gradient.
+    With bn=frozen, the BatchNorm layers of the blocks that train stay in eval mode too: normalised with the
+    pretrained statistics, which stay as they are, while their scale and shift learn (Keras' `training=False`)."""
     blocks = backbone_blocks(backbone)
-    if trained >= len(blocks):
-        backbone.train()
-        backbone.requires_grad_(True)
-        return
-    first = len(blocks) - trained
+    first = max(len(blocks) - trained, 0)
     backbone.eval()
     block_of = parameter_blocks(backbone)
     for name, param in backbone.named_parameters():
         param.requires_grad_(block_of[name] >= first)
         if not param.requires_grad:
             param.grad = None
-    for names in blocks[first:]:
-        for name in names:
-            backbone.get_submodule(name).train()
+    if trained >= len(blocks):
+        backbone.train()
+    else:
+        for names in blocks[first:]:
+            for name in names:
+                backbone.get_submodule(name).train()
+    if bn == "frozen":
+        for module in backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 class ApplySchedule(L.Callback):
@@ -52,7 +57,8 @@ class ApplySchedule(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after the loops are restored (on_fit_start comes before): the epoch a resumed run is really at
-        apply_trainable(pl_module.backbone, pl_module.schedule.trained_blocks(trainer.current_epoch))
+        schedule: Schedule = pl_module.schedule
+        apply_trainable(pl_module.backbone, schedule.trained_blocks(trainer.current_epoch), schedule.bn)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         schedule: Schedule = pl_module.schedule
@@ -62,7 +68,7 @@ class ApplySchedule(L.Callback):
             # here, not at the end of the last epoch: Lightning writes that epoch's checkpoints after its
             # on_train_epoch_end hooks, and best.ckpt must be up to date and hold the weights its score belongs to
             self._restore_best(trainer, pl_module, phase.index)
-        apply_trainable(pl_module.backbone, schedule.trained_blocks(epoch))
+        apply_trainable(pl_module.backbone, schedule.trained_blocks(epoch), schedule.bn)
         if phase is None or schedule.bounds()[phase.index][0] != epoch:
             return
         start, end = schedule.bounds()[phase.index]
@@ -105,6 +111,11 @@ class ApplySchedule(L.Callback):
             log.info("The last phase has ended: the run stops after epoch %d", epoch)
             trainer.should_stop = True
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        lines = pl_module.schedule.describe_gains()
+        if len(lines) > 1:
+            log.info("What each phase gained:\n  %s", "\n  ".join(lines))
+
     def _restore_best(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int) -> None:
         """Load the best weights so far (best.ckpt) to start phase `index`; the optimizer's moments start afresh."""
         from finetune.models.classifier import load_checkpoint
@@ -124,6 +135,18 @@ class ApplySchedule(L.Callback):
             optimizer.state.clear()
         score = f" (val/acc {float(saver.best_model_score):.4f})" if saver.best_model_score is not None else ""
         log.info("Phase %d starts from the best weights so far: %s%s", index + 1, path, score)
+
+
+class SummaryOfTheFirstEpoch(ModelSummary):
+    """Lightning's model summary, printed when training starts (after ApplySchedule has put the model in its first
+    epoch's state) instead of when fit starts: its trainable parameters and modules in train mode are the ones that
+    really train, not every one of them before a frozen epoch."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
 
 
 class EMA(EMAWeightAveraging):
