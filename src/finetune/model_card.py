@@ -97,7 +97,9 @@ fine-tuned with finetune from a timm backbone. Run directory: `{run_dir}`.
 
 `schedule={s.name}`: {phases}; optimizer `{s.optimizer}`, peak rate {s.lr}, weight decay {s.weight_decay}, \
 {s.epochs} epochs planned, {metrics.get('epochs', 'n/a')} run ({metrics.get('global_step', 'n/a')} steps); \
-augmentation `{cfg.augment.get('name', 'see config.yaml')}`. Every value is in `config.yaml`.
+augmentation `{cfg.augment.get('name', 'see config.yaml')}`; BatchNorm `{s.get('bn', 'train')}`. Every value is in \
+`config.yaml`.
+{_phase_table(metrics.get('phases') or [])}
 
 ## Evaluation
 
@@ -127,6 +129,20 @@ from the checkpoint alone (class names and preprocessing included).
   {_number(100 / max(int(test_images or 1), 1), 2)} points.
 """
     return card
+
+
+def _phase_table(phases: list[dict]) -> str:
+    """What each phase gave, as validation accuracy (metrics.json's `phases`): nothing for a one-phase run."""
+    if len(phases) < 2:
+        return ""
+    rows = ["", "| phase | trains | epochs | val/acc at its end | best | on the best before it |",
+            "|---|---|---|---:|---:|---:|"]
+    for p in phases:
+        gain = "" if p.get("gain") is None else f"{p['gain']:+.4f}"
+        trains = {"head": "the head", "all": "everything"}.get(p["train"], f"head + last {p['train']} blocks")
+        rows.append(f"| {p['phase']} | {trains} | {p['epochs'][0]}-{p['epochs'][1]} | {p['val/acc_end']:.4f} | "
+                    f"{p['val/acc_best']:.4f} | {gain} |")
+    return "\n".join(rows) + "\n"
 
 
 def export_section(facts: dict) -> str:

@@ -24,7 +24,7 @@ from finetune.callbacks.dashboards import Dashboards
 from finetune.callbacks.mixed_precision import CountSkippedSteps
 from finetune.callbacks.nonfinite import StopOnNonFiniteLoss
 from finetune.callbacks.preemption import Interrupted, Preempted, RequeueAtBatchBoundary, SaveOnPreemption
-from finetune.callbacks.schedule import EMA, ApplySchedule
+from finetune.callbacks.schedule import EMA, ApplySchedule, SummaryOfTheFirstEpoch
 from finetune.checkpoints import AtomicCheckpointIO, remove_leftovers
 from finetune.cluster import cluster_plugins
 from finetune.config import CONF, OWN_TRAINER_KEYS, ConfigError, FinetuneError, TrainConfig, validate
@@ -99,7 +99,9 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     with loggers.ended(trainer, run_dir, cfg.logger.log_model):
         loggers.start(trainer, run_dir, None if resuming else hyperparameters(cfg, preprocessing.image_size))
         fit(trainer, model, data, run_dir, ckpt_path)
+        phases = model.schedule.gains()  # before testing loads the best checkpoint, whose history ends at its epoch
         metrics = test_best(trainer, model, data, run_dir)
+        metrics["phases"] = phases
         if trainer.is_global_zero:  # before the trackers close: an uploaded best.ckpt holds its temperature
             if cfg.calibrate:
                 metrics.update(calibrate_best(run_dir, data, trainer.strategy.root_device))
@@ -323,6 +325,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: ImageDataModule | None =
     every = cfg.checkpoint.every_n_steps
     callbacks: list[L.Callback] = [
         ApplySchedule(),
+        # Lightning's summary, after ApplySchedule: what trains in the first epoch (Lightning adds none beside it)
+        *([SummaryOfTheFirstEpoch()] if cfg.trainer.get("enable_model_summary", True) else []),
         # checked at least at every step that may be saved, so no NaN model is written
         StopOnNonFiniteLoss(check_every=math.gcd(8, every) if every else 8),
         SaveOnPreemption(checkpoints / "last.ckpt"),

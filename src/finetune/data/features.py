@@ -102,16 +102,23 @@ class FrozenFeatures(L.Callback):
         backbone.eval()
         chunks = []
         start = time.perf_counter()
+        what = f"{'augmented ' if augmented else ''}features of {len(dataset):,} {split} images"
+        log.info("Backbone frozen: computing the %s once, for the epochs that train the head alone", what)
+        from tqdm import tqdm
+
+        shown = trainer.progress_bar_callback is not None and trainer.is_global_zero
+        batches = tqdm(loader, total=len(loader), desc=f"Caching {split} features", unit="batch", leave=False,
+                       disable=not shown, dynamic_ncols=True)
         try:
             with trainer.precision_plugin.forward_context():
-                for batch in loader:
+                for batch in batches:
                     images, _ = self.data.decode(batch, augmented, model.device)
                     chunks.append(backbone(model.normalize(images.to(model.device, non_blocking=True))).float().cpu())
         finally:
             backbone.train(mode)
-        self.extraction_seconds += time.perf_counter() - start
-        log.info("Backbone frozen: %s features of %s %s images cached", "augmented" if augmented else "the",
-                 f"{len(dataset):,}", split)
+        seconds = time.perf_counter() - start
+        self.extraction_seconds += seconds
+        log.info("Backbone frozen: the %s cached (%.0f s)", what, seconds)
         return torch.cat(chunks)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
