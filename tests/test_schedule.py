@@ -399,16 +399,20 @@ def test_validation_every_other_epoch_still_moves_from_features_to_images(tmp_pa
 
 def test_a_run_of_the_previous_release_resumes_with_its_own_parameter_groups(tmp_path, shapes):
     """Its config has no schedule.norm_bias_decay and its optimizer two groups: it resumes with weight decay on
-    everything, as it was trained. And an EMA cannot be switched on or off by a resume."""
+    everything, as it was trained; nor schedule.bn: its BatchNorm goes on training. And an EMA cannot be switched on
+    or off by a resume."""
     from omegaconf import OmegaConf
 
     from finetune.config import ConfigError
 
-    _, run_dir = train(tmp_path, shapes, "schedule.norm_bias_decay=true", "schedule.epochs=1", "logger=none")
+    _, run_dir = train(tmp_path, shapes, "schedule.norm_bias_decay=true", "schedule.epochs=1", "logger=none",
+                       "schedule.bn=frozen")
     saved = OmegaConf.load(run_dir / "config.yaml")
     del saved.schedule["norm_bias_decay"]
+    del saved.schedule["bn"]
     OmegaConf.save(saved, run_dir / "config.yaml")
     with pytest.raises(ConfigError, match="schedule.ema cannot change when a run resumes"):
         run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=["schedule.ema=0.9"])
     metrics = run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=["schedule.epochs=2"])
     assert metrics["epochs"] == 2
+    assert OmegaConf.load(run_dir / "config.yaml").schedule.bn == "train"

@@ -547,6 +547,8 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     saved = OmegaConf.load(saved_path)
     if "schedule" in saved and "norm_bias_decay" not in saved.schedule:
         saved.schedule.norm_bias_decay = True  # a run of a release that decayed every parameter: same groups again
+    if "schedule" in saved and "bn" not in saved.schedule:
+        saved.schedule.bn = "train"  # a run of a release that always trained BatchNorm: it goes on doing so
     changes = []
     last_of_each = {override.lstrip("+~").partition("=")[0]: override for override in overrides}  # as Hydra: last wins
     for override in last_of_each.values():
