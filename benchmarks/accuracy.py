@@ -58,7 +58,8 @@ def finetune_run(args: dict, overrides: list[str], run_dir: Path, weights: Path)
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from finetune.config import CONF
+    import finetune.config  # noqa: F401  (the schema conf/train.yaml builds on)
+    from finetune.presets import CONF
     from finetune.train import run
 
     given = [f"dataset={args['dataset']}", f"dataset.root={args['root']}", "backbone.name=tf_efficientnet_lite0",

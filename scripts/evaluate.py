@@ -3,17 +3,20 @@
 import hydra
 from omegaconf import DictConfig
 
-from finetune.cli import expand_home_in_arguments, script
-from finetune.config import validate_tool
+from finetune.checks import validate_tool
+from finetune.cli import expand_home_in_arguments, quiet_lightning, script
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from finetune.evaluate import run
-
     with script():
-        run(validate_tool(cfg, required=("ckpt",), positive=("batch_size",),
-                          non_negative=("num_workers", "top_losses")))
+        # checked before the back half (torch) loads: a bad value is one line, in seconds
+        cfg = validate_tool(cfg, required=("ckpt",), positive=("batch_size",),
+                            non_negative=("num_workers", "top_losses"))
+        from finetune.evaluate import run
+
+        quiet_lightning()
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -3,17 +3,20 @@
 import hydra
 from omegaconf import DictConfig
 
-from finetune.cli import expand_home_in_arguments, script
-from finetune.config import validate_tool
+from finetune.checks import validate_tool
+from finetune.cli import expand_home_in_arguments, quiet_lightning, script
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    from finetune.export import run
-
     with script():
-        run(validate_tool(cfg, required=("ckpt",), positive=("calibration_images",),
-                          non_negative=("num_workers", "seed")))
+        # checked before the back half (torch) loads: a bad value is one line, in seconds
+        cfg = validate_tool(cfg, required=("ckpt",), positive=("calibration_images",),
+                            non_negative=("num_workers", "seed"))
+        from finetune.export import run
+
+        quiet_lightning()
+        run(cfg)
 
 
 if __name__ == "__main__":

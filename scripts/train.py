@@ -7,15 +7,26 @@ import hydra
 from omegaconf import DictConfig
 
 import finetune.config  # noqa: F401  (registers the config schema and resolvers that conf/train.yaml uses)
-from finetune.cli import expand_home_in_arguments, one_run_directory_under_torchrun, script
+from finetune.cli import (
+    expand_home_in_arguments,
+    one_run_directory_under_torchrun,
+    quiet_lightning,
+    require_plugins_of_the_command_line,
+    script,
+)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from finetune.train import run
+    from finetune.runconfig import command_line_overrides, plan
 
     with script():
-        return run(cfg).get("val/acc_best")
+        overrides = command_line_overrides()
+        decided = plan(cfg, overrides)  # the front half: a command that cannot run ends here, in seconds
+        from finetune.train import run_plan  # the back half: torch, Lightning, timm
+
+        quiet_lightning()
+        return run_plan(decided, overrides).get("val/acc_best")
 
 
 if __name__ == "__main__":
@@ -25,5 +36,6 @@ if __name__ == "__main__":
         print(backbones_table(sys.argv[2] if len(sys.argv) > 2 else "*"))
         sys.exit(0)
     expand_home_in_arguments()
+    require_plugins_of_the_command_line()
     one_run_directory_under_torchrun()
     main()

@@ -14,8 +14,10 @@ import torch
 from conftest import CONF, FAST, ROOT, compose, given, sigterm_after_first_checkpoint, wait_for
 from omegaconf import OmegaConf
 
-from finetune.config import ConfigError
-from finetune.train import build_trainer, continue_or_start, run
+from finetune.errors import ConfigError
+from finetune.runconfig import continue_or_start
+from finetune.train import run
+from finetune.trainer import build_trainer
 
 LEARN = [*FAST, "schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "dataset.val_fraction=0.2",
          "dataset.test_fraction=0.2"]

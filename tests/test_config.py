@@ -7,11 +7,12 @@ import torch
 from conftest import CONF, compose
 from hydra.errors import ConfigCompositionException
 
-from finetune.config import ConfigError, validate
+from finetune.checks import validate
+from finetune.errors import ConfigError
 
 
 def test_default_run_is_digits_from_scratch(tmp_path):
-    from finetune.schedule import use_scratch_when_nothing_to_protect
+    from finetune.runconfig import use_scratch_when_nothing_to_protect
 
     cfg = compose(tmp_path)
     assert use_scratch_when_nothing_to_protect(cfg, [])

@@ -13,12 +13,13 @@ import pytest
 from conftest import FAST, ROOT, compose
 from fabricate import make_cifar10, make_image_folder, plant_copy
 
-from finetune.config import ConfigError, validate
+from finetune.checks import validate
 from finetune.data import duplicates as dups
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.sources import read_source
 from finetune.data.splits import read_split, stratified_split
 from finetune.data.transforms import Preprocessing
+from finetune.errors import ConfigError
 from finetune.sweep import write_summary
 
 PRE = Preprocessing(image_size=32, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.25,) * 3)

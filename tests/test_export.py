@@ -14,7 +14,7 @@ from conftest import FAST, ROOT, compose, given
 from omegaconf import OmegaConf
 from test_tools import tool_cfg
 
-from finetune.config import ConfigError, FinetuneError
+from finetune.errors import ConfigError, FinetuneError
 from finetune.train import run as train
 
 
@@ -45,7 +45,8 @@ def int8(run_dir):
 
 def recompute(model_path, run_dir):
     """The exported model's accuracy on the run's test split, from split.csv, through predict's own reader."""
-    from finetune.inference import ExportedModel, probabilities
+    from finetune.exported import ExportedModel
+    from finetune.inference import probabilities
     from finetune.models.classifier import load_classifier
 
     rows = [r for r in csv.DictReader(open(run_dir / "split.csv")) if r["split"] == "test"]
@@ -122,11 +123,11 @@ def test_predict_from_onnx_agrees_with_predict_from_the_checkpoint(int8, run_dir
 
 
 @pytest.mark.slow  # the module's model trains for about two minutes here
-def test_readme_standalone_example_classifies_without_torch_as_predict_does(run_dir, shapes, tmp_path):
+def test_the_documented_standalone_example_classifies_without_torch_as_predict_does(run_dir, shapes, tmp_path):
     from finetune.export import run
     from finetune.predict import run as predict
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "tools.md").read_text()
     code = re.search(r"<!-- standalone-onnx-example -->\n```python\n(.*?)```", text, re.S).group(1)
     example = tmp_path / "example.py"
     example.write_text(code)

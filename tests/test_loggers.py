@@ -16,7 +16,9 @@ import pytest
 from conftest import CONF, FAST, ROOT, compose, given
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from finetune.config import ConfigError, LoggerConfig, validate
+from finetune.checks import validate
+from finetune.config import LoggerConfig
+from finetune.errors import ConfigError
 from finetune.loggers import LOGGERS
 from finetune.train import run
 
@@ -84,13 +86,13 @@ def test_each_preset_switches_its_own_loggers_and_a_list_composes_several(tmp_pa
     assert switches("logger.mlflow=true") == {"tensorboard", "csv", "mlflow"}
 
 
-def test_the_table_of_loggers_is_what_the_schema_presets_and_readme_name():
+def test_the_table_of_loggers_is_what_the_schema_presets_and_the_reference_name():
     assert set(LOGGERS) <= set(LoggerConfig.__dataclass_fields__)
     assert {p.stem for p in (CONF / "logger").glob("*.yaml")} == {*LOGGERS, "none"}
-    readme = (ROOT / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| `logger` |"))
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    row = next(line for line in reference.splitlines() if line.startswith("| `logger` |"))
     assert set(re.findall(r"`(\w+)`", row)) >= {*LOGGERS, "none", "logger"}
-    trackers = readme.split("### Trackers", 1)[1].split("\n## ", 1)[0]
+    trackers = (ROOT / "docs" / "tracking.md").read_text().split("### Trackers", 1)[1].split("\n## ", 1)[0]
     for name in ("logger=mlflow", "logger=wandb", "'logger=[tensorboard,mlflow]'", "logger.tracking_uri",
                  "logger.offline", "logger.log_model", "logger.experiment", "mlflow ui --backend-store-uri",
                  "wandb sync"):

@@ -141,7 +141,8 @@ def test_labels_csv_giving_one_id_two_breeds_is_refused_naming_it_or_keeps_the_f
 
 
 def test_duplicate_ids_is_checked_with_the_other_keys(tmp_path):
-    from finetune.config import ConfigError, validate
+    from finetune.checks import validate
+    from finetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="dataset.duplicate_ids must be one of refuse, first"):
         validate(compose(tmp_path / "run", "dataset.duplicate_ids=last"))

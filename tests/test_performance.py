@@ -138,7 +138,8 @@ def test_augmented_feature_views_take_turns(tmp_path, shapes):
 
 
 def test_feature_caching_with_mixup_is_refused(tmp_path, shapes):
-    from finetune.config import ConfigError, validate
+    from finetune.checks import validate
+    from finetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="MixUp and CutMix"):
         validate(compose(tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *FAST,

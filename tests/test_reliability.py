@@ -13,7 +13,8 @@ import torch
 from conftest import FAST, ROOT, compose, given
 
 from finetune.callbacks.nonfinite import NonFiniteLoss
-from finetune.config import ConfigError, FinetuneError, validate
+from finetune.checks import validate
+from finetune.errors import ConfigError, FinetuneError
 from finetune.models.classifier import load_checkpoint, load_classifier, resolve_checkpoint
 from finetune.train import run
 
@@ -65,6 +66,7 @@ def test_resume_with_a_damaged_last_checkpoint_names_an_intact_one(tmp_path, tra
     run_dir, _ = trained
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
+    (copy / "metrics.json").unlink()  # a run stopped before its end
     last = copy / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(FinetuneError, match=r"best.ckpt is intact: continue from it with `cp .*best.ckpt .*last.ckpt"):
@@ -183,6 +185,7 @@ def test_resume_refuses_another_runs_checkpoint_naming_both(tmp_path, trained):
     run(cfg, overrides=given(cfg))
     mine = tmp_path / "mine"
     shutil.copytree(run_dir, mine)
+    (mine / "metrics.json").unlink()  # stopped before its end: there is something to resume
     shutil.copy(tmp_path / "other" / "checkpoints" / "last.ckpt", mine / "checkpoints" / "last.ckpt")
     with pytest.raises(ConfigError, match=r"last.ckpt is not this run's checkpoint: it holds mobilenetv2_100 for 2 "
                                           r"classes \(cat, dog\), the run is mobilenetv2_100 for 3"):

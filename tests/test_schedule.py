@@ -14,8 +14,9 @@ from conftest import FAST, ROOT, compose, given
 from recorders import BatchKinds, FreezeRecorder, HeadRecorder
 
 from finetune.models.backbone import backbone_blocks, create_backbone, parameter_blocks
-from finetune.models.heads import LinearHead
-from finetune.schedule import Schedule, use_scratch_when_nothing_to_protect
+from finetune.models.heads import create_head
+from finetune.runconfig import use_scratch_when_nothing_to_protect
+from finetune.schedule import Schedule
 from finetune.train import run
 
 BASE = {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.05, "momentum": 0.9, "epochs": 8, "warmup_epochs": 1,
@@ -45,7 +46,8 @@ def test_layer_decay_groups_are_timms_own(name):
     backbone = create_backbone(name)
     schedule = Schedule({**BASE, "phases": [{"train": "all"}], "layer_decay": 0.7}, len(backbone_blocks(backbone)))
     assert schedule.blocks == {"mobilenetv2_100": 18, "efficientnet_b0": 17}[name]
-    groups = schedule.parameter_groups(backbone, LinearHead(backbone.num_features, 3))
+    head = create_head("linear", backbone.num_features, 3, hidden=256, dropout=0.0)
+    groups = schedule.parameter_groups(backbone, head)
     ours = [g for g in groups if g["block"] is not None]
     theirs = param_groups_layer_decay(backbone, weight_decay=0.05, layer_decay=0.7)
     assert len(ours) == len(theirs)
@@ -59,7 +61,7 @@ def test_layer_decay_groups_are_timms_own(name):
 def test_every_groups_rate_at_every_step_follows_the_formula():
     """Gradual unfreezing with layer decay: the rates the optimizer holds at each step, against the formula computed
     here on its own."""
-    backbone, head = create_backbone("mobilenetv2_100"), LinearHead(1280, 3)
+    backbone, head = create_backbone("mobilenetv2_100"), create_head("linear", 1280, 3, hidden=256, dropout=0.0)
     phases = [{"train": "head", "epochs": 2}, {"train": 2, "epochs": 2}, {"train": "all"}]
     schedule = Schedule({**BASE, "phases": phases, "layer_decay": 0.8}, 18)
     spe, lr, ratio, decay = 3, 1e-2, 0.5, 0.8
@@ -87,7 +89,7 @@ def test_every_groups_rate_at_every_step_follows_the_formula():
 
 
 def test_rates_are_put_right_when_a_run_resumes_with_another_length():
-    backbone, head = create_backbone("mobilenetv2_100"), LinearHead(1280, 3)
+    backbone, head = create_backbone("mobilenetv2_100"), create_head("linear", 1280, 3, hidden=256, dropout=0.0)
     config = {**BASE, "freeze_epochs": 2, "unfreeze": "all", "epochs": 4}
     optimizer, scheduler = Schedule(config, 18).optimizer(backbone, head, 5)
     for _ in range(12):
@@ -329,7 +331,8 @@ def test_the_two_phase_shorthand_reproduces_the_previous_release(tmp_path, shape
 
 
 def test_unknown_phase_keys_and_contradictions_are_one_line(tmp_path):
-    from finetune.config import ConfigError, validate
+    from finetune.checks import validate
+    from finetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"schedule.freeze_epochs=2 and schedule.phases are both set"):
         validate(compose(tmp_path, "schedule.phases=[{train: all}]"))
@@ -403,7 +406,7 @@ def test_a_run_of_the_previous_release_resumes_with_its_own_parameter_groups(tmp
     or off by a resume."""
     from omegaconf import OmegaConf
 
-    from finetune.config import ConfigError
+    from finetune.errors import ConfigError
 
     _, run_dir = train(tmp_path, shapes, "schedule.norm_bias_decay=true", "schedule.epochs=1", "logger=none",
                        "schedule.bn=frozen")

@@ -15,7 +15,7 @@ from fabricate import add_broken
 from omegaconf import OmegaConf
 from PIL import Image
 
-from finetune.config import FinetuneError
+from finetune.errors import FinetuneError
 from finetune.models.classifier import UnsafeCheckpoint
 from finetune.train import run as train
 
@@ -120,7 +120,7 @@ def test_evaluate_never_overwrites_and_takes_other_labelled_sets(trained, evalua
     again = run(tool_cfg("evaluate", ckpt=run_dir / "checkpoints" / "best.ckpt", num_workers=0,
                          out=run_dir.parent / "other-2", dataset="image_folder", **{"dataset.root": str(shapes)}))
     assert again["images"] == 120 and again["accuracy"] == other["accuracy"]
-    from finetune.config import ConfigError
+    from finetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="dataset=image_folder: give its folder with dataset.root=DIR"):
         run(tool_cfg("evaluate", ckpt=run_dir / "checkpoints" / "best.ckpt", out=run_dir.parent / "other-3",
@@ -275,7 +275,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere(trained, tmp_pat
         lambda: evaluate(tool_cfg("evaluate", ckpt=ckpt, num_workers=0)),
         lambda: predict(tool_cfg("predict", ckpt=ckpt, inputs=run_dir / "split.csv")),
         lambda: export(tool_cfg("export", ckpt=ckpt, out=tmp_path / "m.onnx")),
-        lambda: train(compose(tmp_path / "x", f"resume={evil_run}"), overrides=[]),
+        lambda: train(compose(tmp_path / "x", f"resume={evil_run}", "schedule.epochs=9"),
+                      overrides=["schedule.epochs=9"]),
     ]
     for attempt in attempts:
         with pytest.raises(UnsafeCheckpoint, match="holds more than weights and plain data, and was not loaded"):

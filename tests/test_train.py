@@ -160,7 +160,7 @@ def test_resume_from_an_unfrozen_checkpoint_stays_unfrozen(tmp_path, shapes):
 
 
 def test_resume_accepts_the_runs_own_groups_and_refuses_real_changes_naming_them(tmp_path, shapes):
-    from finetune.config import ConfigError
+    from finetune.errors import ConfigError
 
     _, run_dir = train(tmp_path, shapes, "schedule.epochs=1", "logger=none")
     with pytest.raises(ConfigError, match=r"backbone=efficientnet_b0 is not it \(backbone.name: mobilenetv2_100 -> "

@@ -49,7 +49,7 @@ def _save_failed(path: Path, error: Exception) -> Exception:
     import errno
     import shutil
 
-    from finetune.config import FinetuneError
+    from finetune.errors import FinetuneError
 
     free = shutil.disk_usage(path.parent).free
     if getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error) or free < 2**20:

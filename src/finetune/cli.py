@@ -1,4 +1,5 @@
-"""What every script does around its work: Hydra's logging only, and user errors as one line with exit status 2."""
+"""What every script does around its work: Hydra's logging only, and user errors as one line with exit status 2.
+Front half: no torch, Lightning or timm here, so that a command that cannot run says so in seconds."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from finetune.config import FinetuneError
+from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
 
@@ -41,6 +42,33 @@ def one_run_directory_under_torchrun() -> None:
     except FinetuneError as e:
         print(e, file=sys.stderr)
         sys.exit(e.exit_code)
+
+
+# Hydra plugins a command line may ask for, and the optional extra that installs each: (override, its value or None for
+# any) -> (extra, plugin module). Hydra itself would fail to compose without them, with a message about its search path.
+PLUGINS = {
+    ("hydra/launcher", "slurm"): ("slurm", "hydra_plugins.hydra_submitit_launcher"),
+    ("hydra/launcher", "submitit_slurm"): ("slurm", "hydra_plugins.hydra_submitit_launcher"),
+    ("hydra/launcher", "submitit_local"): ("slurm", "hydra_plugins.hydra_submitit_launcher"),
+    ("hydra/sweeper", "optuna"): ("optuna", "hydra_plugins.hydra_optuna_sweeper"),
+    ("hparams_search", None): ("optuna", "hydra_plugins.hydra_optuna_sweeper"),
+}
+
+
+def require_plugins_of_the_command_line() -> None:
+    """The Hydra plugins the command line asks for (hydra/launcher=slurm, hparams_search=...) installed, or one line
+    naming the extra that installs them and exit status 2, before Hydra composes anything."""
+    from finetune.errors import MissingExtra, require_extra
+
+    for arg in sys.argv[1:]:
+        key, _, value = arg.lstrip("+~").partition("=")
+        for (group, option), (extra, module) in PLUGINS.items():
+            if key == group and (option is None or value == option) and value not in ("null", ""):
+                try:
+                    require_extra(extra, arg, (module,))
+                except MissingExtra as e:
+                    print(e, file=sys.stderr)
+                    sys.exit(e.exit_code)
 
 
 # Set by script() when a job of a multirun fails; finetune.sweep.SweepReport records it for the sweep's report.
@@ -104,14 +132,9 @@ def _keep_traceback() -> str:
 
 
 def _single_console_logging() -> None:
-    # The `lightning` package adds its own console handler and also propagates to the root logger, which Hydra
-    # has already given a console and a file handler: without this every Lightning message prints twice.
-    import lightning  # noqa: F401
-
-    if logging.getLogger().handlers:
-        lightning_logger = logging.getLogger("lightning")
-        for handler in list(lightning_logger.handlers):
-            lightning_logger.removeHandler(handler)
+    """Lightning's messages once, in Hydra's format and log file, without its advertisements. Needs no Lightning
+    import: the front half runs before it loads (quiet_lightning removes the console handler its import adds)."""
+    quiet_lightning()
     # ...and an advertisement for its cloud logger at the start of every run
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.msg).startswith("💡 Tip"))
@@ -120,6 +143,16 @@ def _single_console_logging() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def quiet_lightning() -> None:
+    """The `lightning` package adds its own console handler when it is imported, and also propagates to the root
+    logger, which Hydra has already given a console and a file handler: without this every Lightning message prints
+    twice. Called when the script starts and again once the back half (which imports Lightning) is loaded."""
+    if "lightning" in sys.modules and logging.getLogger().handlers:
+        lightning_logger = logging.getLogger("lightning")
+        for handler in list(lightning_logger.handlers):
+            lightning_logger.removeHandler(handler)
 
 
 def _in_multirun() -> bool:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from finetune.config import ConfigError
+from finetune.errors import ConfigError
 
 
 def torchrun_run_id() -> str | None:

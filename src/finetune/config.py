@@ -1,32 +1,17 @@
-"""The config schema (every key, its type and default) and the checks that run before any work starts.
+"""The config schema: every key of a training run, its type and its default, stated once.
 
 Hydra composes conf/train.yaml on top of `TrainConfig`, so an unknown key or a value of the wrong type fails at
-composition with the key's full name. `validate` then checks what types cannot say (lr > 0, a root that
-exists, a backbone timm knows) and raises `ConfigError` with one line naming the key.
+composition with the key's full name; finetune.checks then checks what types cannot say (lr > 0, a root that
+exists, a backbone timm knows). Light: OmegaConf and Hydra's config store only, no torch.
 """
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
-
-# conf/: the Hydra configs the scripts compose, read also for presets (schedule=scratch, a resumed run's groups)
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-class FinetuneError(Exception):
-    """An error the user can fix; scripts print its message as one line instead of a traceback."""
-
-    exit_code = 2
-
-
-class ConfigError(FinetuneError):
-    """A config value that cannot work."""
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -195,6 +180,12 @@ class TrainConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 
+def defaults(part: type) -> dict:
+    """The defaults of a part of the schema (ScheduleConfig, HeadConfig, ...) as plain data: code that reads a config
+    given as a dict (a checkpoint's, a test's) fills in what it does not give from here, where each is stated."""
+    return OmegaConf.to_container(OmegaConf.structured(part))
+
+
 def _if_resume_dir(resume: Any, then: Any, otherwise: Any) -> Any:
     """hydra.run.dir: `then` when resume= names a run directory; `otherwise` when it is unset or auto (which runs in a
     directory of its own, and looks there for a run to continue)."""
@@ -225,200 +216,3 @@ OmegaConf.register_new_resolver("if_resume_dir", _if_resume_dir, replace=True)
 OmegaConf.register_new_resolver("if_submitit_job", _if_submitit_job, replace=True)
 # cached, as Hydra's `now`: every use in one config (and the jobs of a sweep, which copy its cache) get one name
 OmegaConf.register_new_resolver("run_name", _run_name, replace=True, use_cache=True)
-
-HEADS = ("linear", "mlp")
-CROPS = ("random_resized", "center")
-POLICIES = ("randaugment", "trivialaugment")
-BALANCE = ("none", "weights", "sampler")
-# Keys of conf/trainer that finetune resolves itself instead of handing them to lightning.Trainer as they are.
-OWN_TRAINER_KEYS = ("precision", "compile")
-
-
-def suggest(word: str, options: list[str], n: int = 3) -> str:
-    """' Did you mean a, b?' for the closest options, or '' when none is close."""
-    close = difflib.get_close_matches(word, options, n=n, cutoff=0.6)
-    return f" Did you mean {', '.join(close)}?" if close else ""
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def validate(cfg: DictConfig) -> DictConfig:
-    """Check what the schema's types cannot; return the config with every interpolation resolved."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if "dataset.root" in missing:
-        raise ConfigError(f"dataset.root is required for dataset={cfg.dataset.name}: dataset.root=/path/to/data")
-    if missing:
-        raise ConfigError(f"{missing[0]} must be set ({missing[0]}=...)")
-    try:
-        OmegaConf.resolve(cfg)
-    except Exception as e:  # a broken interpolation
-        key = getattr(e, "full_key", None)
-        raise ConfigError(f"{key or 'config'}: {str(e).splitlines()[0]}") from None
-
-    from finetune import schedule
-    from finetune.data.duplicates import DEDUP, MAX_THRESHOLD
-    from finetune.data.sources import DUPLICATE_IDS
-
-    _check_finite(cfg)
-    d, s, h, a = cfg.dataset, cfg.schedule, cfg.head, cfg.augment
-    _check(d.batch_size > 0, f"dataset.batch_size must be > 0 (got {d.batch_size})")
-    _check(d.num_workers >= 0, f"dataset.num_workers must be >= 0 (got {d.num_workers})")
-    _check(d.image_size is None or d.image_size >= 8, f"dataset.image_size must be >= 8 (got {d.image_size})")
-    _check(d.crop_pct is None or 0 < d.crop_pct <= 1, f"dataset.crop_pct must be in (0, 1] (got {d.crop_pct})")
-    for key in ("val_fraction", "test_fraction"):
-        _check(0 <= d[key] < 1, f"dataset.{key} must be in [0, 1) (got {d[key]})")
-    _check(d.val_fraction + d.test_fraction < 1, "dataset.val_fraction + dataset.test_fraction must be < 1")
-    _check(d.balance in BALANCE, f"dataset.balance must be one of {', '.join(BALANCE)} (got {d.balance})")
-    _check(0 <= d.max_bad_fraction <= 1, f"dataset.max_bad_fraction must be in [0, 1] (got {d.max_bad_fraction})")
-    _check(d.max_pixels > 0, f"dataset.max_pixels must be > 0 (got {d.max_pixels})")
-    _check(d.limit_per_class is None or d.limit_per_class >= 1,
-           f"dataset.limit_per_class must be >= 1 or null (got {d.limit_per_class})")
-    _check(d.split_file is None or Path(d.split_file).is_file(), f"dataset.split_file={d.split_file}: no such file")
-    _check(not d.download or d.root is not None, "dataset.download=true needs dataset.root: where to put it")
-    _check(d.cache_size is None or d.cache_size >= 8, f"dataset.cache_size must be >= 8 or null (got {d.cache_size})")
-    _check(d.decode in ("cpu", "device"), f"dataset.decode must be cpu or device (got {d.decode})")
-    _check(d.duplicate_ids in DUPLICATE_IDS,
-           f"dataset.duplicate_ids must be one of {', '.join(DUPLICATE_IDS)} (got {d.duplicate_ids})")
-    _check(d.dedup in DEDUP, f"dataset.dedup must be one of {', '.join(DEDUP)} (got {d.dedup})")
-    _check(0 <= d.dedup_threshold <= MAX_THRESHOLD,
-           f"dataset.dedup_threshold must be in 0..{MAX_THRESHOLD} bits (got {d.dedup_threshold})")
-    _check(d.folds is None or d.folds >= 2, f"dataset.folds must be >= 2 or null (got {d.folds})")
-    _check(d.folds is not None or d.fold == 0, f"dataset.fold={d.fold} needs dataset.folds=K, the number of folds")
-    _check(d.folds is None or 0 <= d.fold < d.folds,
-           f"dataset.fold must be in 0..{(d.folds or 0) - 1} for dataset.folds={d.folds} (got {d.fold})")
-    _check(d.folds is None or d.split_file is None,
-           "dataset.folds and dataset.split_file: a split file already fixes the split; choose one")
-    cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else None
-    _check(cache_dir is None or not cache_dir.exists() or cache_dir.is_dir(),
-           f"dataset.cache_dir={d.cache_dir} is a file, not a folder: give a folder for the decoded-image cache")
-    _check(not (d.cache and d.decode == "device"), "dataset.cache=true holds images already decoded, and "
-           "dataset.decode=device decodes JPEG files on the GPU: choose one")
-
-    _check(s.lr > 0, f"schedule.lr must be > 0 (got {s.lr})")
-    _check(s.weight_decay >= 0, f"schedule.weight_decay must be >= 0 (got {s.weight_decay})")
-    _check(s.epochs >= 1, f"schedule.epochs must be >= 1 (got {s.epochs})")
-    _check(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0 (got {s.warmup_epochs})")
-    _check(s.backbone_lr_ratio > 0, f"schedule.backbone_lr_ratio must be > 0 (got {s.backbone_lr_ratio})")
-    _check(s.step_size >= 1, f"schedule.step_size must be >= 1 (got {s.step_size})")
-    _check(0 <= s.label_smoothing < 1, f"schedule.label_smoothing must be in [0, 1) (got {s.label_smoothing})")
-    _check(s.cache_views >= 0, f"schedule.cache_views must be >= 0 (got {s.cache_views})")
-    _check(not s.cache_features or not (cfg.augment.mixup or cfg.augment.cutmix),
-           "schedule.cache_features=true trains the frozen phase on features, which MixUp and CutMix cannot mix: "
-           "set augment.mixup=0 and augment.cutmix=0, or schedule.cache_features=false")
-    schedule.check(s)
-
-    _check(h.name in HEADS, f"head.name must be one of {', '.join(HEADS)} (got {h.name})")
-    _check(0 <= h.dropout < 1, f"head.dropout must be in [0, 1) (got {h.dropout})")
-    _check(h.hidden >= 1, f"head.hidden must be >= 1 (got {h.hidden})")
-
-    _check(a.crop in CROPS, f"augment.crop must be one of {', '.join(CROPS)} (got {a.crop})")
-    _check(0 <= a.hflip <= 1, f"augment.hflip is a probability in [0, 1] (got {a.hflip})")
-    _check(0 <= a.zoom < 1, f"augment.zoom must be in [0, 1) (got {a.zoom})")
-    _check(0 <= a.translate < 1, f"augment.translate must be in [0, 1) (got {a.translate})")
-    _check(a.policy is None or a.policy in POLICIES,
-           f"augment.policy must be one of {', '.join(POLICIES)} or null (got {a.policy})")
-    _check(a.mixup >= 0 and a.cutmix >= 0, "augment.mixup and augment.cutmix are alphas: >= 0, 0 for off")
-    _check(0 <= a.magnitude <= 30 and a.num_ops >= 1, "augment.magnitude must be in 0..30 and augment.num_ops >= 1")
-    _check(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
-           f"augment.crop_scale must be [min, max] within (0, 1] (got {list(a.crop_scale)})")
-
-    b = cfg.callbacks.dashboards
-    _check(b.every_n_epochs >= 1 and b.images >= 1 and b.max_classes >= 2,
-           "callbacks.dashboards: every_n_epochs and images must be >= 1, max_classes >= 2")
-
-    from finetune import loggers
-
-    loggers.check(cfg.logger)
-
-    _check(cfg.checkpoint.every_n_steps is None or cfg.checkpoint.every_n_steps >= 1,
-           f"checkpoint.every_n_steps must be >= 1 or null (got {cfg.checkpoint.every_n_steps})")
-    t = cfg.tune
-    _check(0 < t.min_lr < t.max_lr, f"tune: 0 < tune.min_lr < tune.max_lr (got {t.min_lr}, {t.max_lr})")
-    _check(t.steps >= 20, f"tune.steps must be >= 20: the finder's suggestion skips its first 10 (got {t.steps})")
-
-    _validate_trainer(cfg.trainer)
-    _validate_backbone(cfg.backbone)
-    return cfg
-
-
-def _check_finite(node: Any, prefix: str = "") -> None:
-    """Every number in the config is finite: inf or nan in a rate or a fraction trains a NaN model."""
-    import math
-
-    items = node.items() if isinstance(node, DictConfig) else enumerate(node) if OmegaConf.is_list(node) else ()
-    for key, value in items:
-        name = f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}".lstrip(".")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number (got {value})")
-        if isinstance(value, DictConfig) or OmegaConf.is_list(value):
-            _check_finite(value, name)
-
-
-def _validate_trainer(trainer: DictConfig) -> None:
-    import inspect
-
-    from lightning.pytorch import Trainer
-
-    known = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
-    for key in trainer:
-        _check(key in known or key in OWN_TRAINER_KEYS,
-               f"trainer.{key} is not an argument of lightning.Trainer.{suggest(key, known)}")
-    for key in ("max_epochs", "min_epochs"):
-        _check(key not in trainer, f"trainer.{key}: set the number of epochs with schedule.epochs")
-    if str(trainer.get("accelerator", "auto")) in ("gpu", "cuda"):
-        import torch
-
-        _check(torch.cuda.is_available(), f"trainer.accelerator={trainer.accelerator}, but this machine has no CUDA "
-                                          f"GPU that PyTorch can use: trainer=cpu (or trainer.accelerator=auto)")
-
-
-def _validate_backbone(backbone: DictConfig) -> None:
-    """Any name timm.create_model takes: an architecture, ARCH.TAG (one of its pretrained tags), hf-hub:ORG/NAME or
-    local-dir:PATH (a folder holding config.json and weights, as timm saves it)."""
-    import re
-
-    import timm
-
-    name = backbone.name
-    if name.startswith("local-dir:"):
-        folder = Path(name[len("local-dir:"):]).expanduser()
-        _check((folder / "config.json").is_file(), f"backbone.name={name}: expected a folder holding config.json and "
-                                                   "its weights (model.safetensors or pytorch_model.bin), as timm's "
-                                                   "save_for_hf writes it")
-    elif name.startswith("hf-hub:"):
-        _check(re.fullmatch(r"hf-hub:[\w.-]+/[\w.-]+(@[\w./-]+)?", name) is not None,
-               f"backbone.name={name}: a Hub model is named hf-hub:ORG/NAME (hf-hub:timm/convnext_tiny.fb_in22k)")
-    else:
-        arch, _, tag = name.partition(".")
-        names = timm.list_models()
-        if arch not in names:
-            alternatives = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
-            hint = f" Closest timm names: {', '.join(alternatives)}." if alternatives else ""
-            what = f"backbone.name={name}: {arch}" if tag else f"backbone.name={name}"
-            raise ConfigError(f"{what} is not a timm model.{hint}")
-        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*") if n.split(".", 1)[0] == arch]
-        if tag and tag not in tags:
-            close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.3)
-            known = ", ".join(close + [t for t in tags if t not in close]) if tags else "none"
-            raise ConfigError(f"backbone.name={name}: {arch} has no pretrained tag {tag!r}; its tags: {known}")
-        if backbone.weights is None and backbone.pretrained:
-            _check(bool(tags), f"timm has no pretrained weights for {name}: set backbone.pretrained=false "
-                               "or backbone.weights=/path/to/file")
-    if backbone.weights is not None:
-        _check(Path(backbone.weights).is_file(), f"backbone.weights={backbone.weights}: no such file")
-
-
-def validate_tool(cfg: DictConfig, required: tuple[str, ...] = (), positive: tuple[str, ...] = (),
-                  non_negative: tuple[str, ...] = ()) -> DictConfig:
-    """The checks of evaluate, predict and export: required keys set, counts whole numbers in range."""
-    for key in required:
-        _check(not OmegaConf.is_missing(cfg, key) and cfg[key] is not None, f"{key}=... is required")
-    for key in positive + non_negative:
-        value = cfg[key]
-        low = 1 if key in positive else 0
-        _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-               f"{key} must be a whole number >= {low} (got {value!r})")
-    return cfg

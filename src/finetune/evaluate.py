@@ -4,7 +4,6 @@ or on any labelled dataset."""
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
@@ -13,13 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.calibration import ece, nll, reliability_figure, rescale
 from finetune.cli import free_path
-from finetune.config import ConfigError
 from finetune.data.datamodule import apply_split_file, drop_unusable, load_image, subset
 from finetune.data.sources import DataError, Source, read_dataset
+from finetune.errors import ConfigError
 from finetune.inference import probabilities, resolve_device
 from finetune.loggers import log_evaluation
-from finetune.models.classifier import load_classifier, resolve_checkpoint, run_dir_of
+from finetune.models.classifier import load_classifier, resolve_checkpoint
 from finetune.plots import confusion_matrix_figure, curves_figure, image_grid_figure
+from finetune.rundir import run_dir_of, write_json
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     metrics.update({"images": int(ok.sum()), "unreadable": len(failed), "checkpoint": str(ckpt),
                     "evaluated_on": described, "tta": bool(cfg.tta)})
 
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     write_report(out, labels, probs.argmax(1), classes)
     write_confusion(out, labels, probs.argmax(1), classes)
     write_predictions(out / "predictions.csv", [source.paths[j] for j in indices[ok]], labels, probs, classes)
@@ -258,7 +258,3 @@ def write_top_losses(path: Path, source: Source, indices: np.ndarray, labels: np
 
 def _save(figure, path: Path) -> None:
     figure.savefig(path, dpi=110)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")

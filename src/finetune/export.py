@@ -18,20 +18,22 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import ConfigError, FinetuneError
+from finetune.errors import ConfigError, FinetuneError, require_extra
 from finetune.model_card import write_export_card
 from finetune.models.classifier import (
     Classifier,
     load_classifier,
     normalize,
     resolve_checkpoint,
-    run_dir_of,
     two_class_logits,
 )
+from finetune.rundir import run_dir_of
 
 log = logging.getLogger(__name__)
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+# format=onnx: torch's exporter (onnxscript), the model (onnx), and its measurement and quantization (onnxruntime)
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 # quantize=: what each choice writes. The config check, the exporter and README read this table.
 QUANTIZE = {
     "none": "float32 weights and arithmetic",
@@ -62,6 +64,8 @@ def check(cfg: DictConfig) -> None:
     """The export's own keys, before any work."""
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format}: one of {', '.join(FORMATS)}")
+    if cfg.format == "onnx":
+        require_extra("onnx", "format=onnx", ONNX_MODULES)
     quantize = str(cfg.get("quantize", "none"))
     if quantize not in QUANTIZE:
         raise ConfigError(f"quantize={quantize}: one of {', '.join(QUANTIZE)}")
@@ -252,7 +256,7 @@ def convert_fp16(float32: Path, out: Path) -> None:
 def load_exported(path: Path, fmt: str):
     """A function from a uint8 numpy batch to probabilities, running the exported file the way a user would."""
     if fmt == "onnx":
-        from finetune.inference import onnx_session
+        from finetune.exported import onnx_session
 
         session = onnx_session(path, spinning=False)  # timed beside PyTorch
         return lambda images: session.run(["probabilities"], {"images": images})[0]

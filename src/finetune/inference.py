@@ -3,19 +3,16 @@ evaluate and predict share."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from finetune.config import ConfigError
 from finetune.data.datamodule import load_image
 from finetune.data.integrity import failure_reason
 from finetune.data.sources import Source
 from finetune.data.transforms import Preprocessing, _interpolation, eval_transform
+from finetune.exported import ExportedModel
 from finetune.models.classifier import Classifier
 
 
@@ -25,64 +22,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def onnx_session(path: Path, spinning: bool = True):
-    """An onnxruntime CPU session of `path`, its own log quiet. Without `spinning`, its threads do not busy-wait
-    after each run (they would take the cores from another model timed beside it)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-class ExportedModel:
-    """An exported ONNX model run by onnxruntime alone, described by its JSON sidecar (written by export): the input
-    size, resize and crop, the class names; normalisation, softmax and temperature are inside the graph."""
-
-    def __init__(self, path: str | Path):
-        path = Path(path).expanduser()
-        sidecar = path.with_suffix(".json")
-        if path.suffix != ".onnx" or not path.is_file():
-            raise ConfigError(f"model={path}: not an ONNX file (export one with scripts/export.py format=onnx)")
-        if not sidecar.is_file():
-            raise ConfigError(f"model={path}: its sidecar {sidecar.name} is not beside it (export writes both; keep "
-                              "them together)")
-        try:
-            meta = json.loads(sidecar.read_text())
-            self.pre = meta["preprocessing"]
-            self.classes = list(meta["output"]["classes"])
-            self.softmax_inside = bool(meta.get("inside_the_model", {}).get("softmax", True))
-            self.temperature = float(meta.get("temperature", 1.0))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{sidecar}: not an export sidecar with preprocessing and classes ({e!r}); export the "
-                              "model again with this version") from None
-        self.path = path
-        try:
-            self.session = onnx_session(path)
-        except Exception as e:  # onnxruntime's own errors have no common base class
-            raise ConfigError(f"model={path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]}); export it "
-                              "again") from None
-        self.input = self.session.get_inputs()[0].name
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        """The evaluation transform the model was trained with (mean and std are applied inside the graph)."""
-        return Preprocessing(int(self.pre["crop"]), float(self.pre["crop_pct"]), str(self.pre["interpolation"]),
-                             (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities of a uint8 batch (N, 3, H, W)."""
-        out = self.session.run(None, {self.input: images})[0]
-        if not self.softmax_inside:  # logits: calibrate and normalise here
-            out = torch.from_numpy(out / self.temperature).softmax(1).numpy()
-        return out
-
-
 def preprocessing_of(model: Classifier | ExportedModel) -> Preprocessing:
-    if isinstance(model, ExportedModel):
-        return model.preprocessing
+    if isinstance(model, ExportedModel):  # mean and std are applied inside the graph
+        return Preprocessing(model.image_size, float(model.pre["crop_pct"]), str(model.pre["interpolation"]),
+                             (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     pre = model.hparams.preprocessing
     return Preprocessing(int(pre["image_size"]), float(pre["crop_pct"]), str(pre["interpolation"]),
                          tuple(pre["mean"]), tuple(pre["std"]))

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig
 
-from finetune.config import ConfigError
+from finetune.errors import ConfigError, require_extra
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ GIVEN_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 class Logger:
     build: Callable[[DictConfig, Path, dict], Any]  # (cfg, run_dir, the run's earlier trackers.json) -> its logger
     check: Callable[[DictConfig], None] | None = None  # before any work: resolves defaults, probes the store
+    extra: str | None = None  # the optional extra (pyproject.toml) that installs it, and its module
+    module: str | None = None
 
 
 def _tensorboard(cfg: DictConfig, run_dir: Path, earlier: dict):
@@ -118,8 +120,10 @@ def _check_wandb(s: DictConfig) -> None:
 LOGGERS: dict[str, Logger] = {
     "tensorboard": Logger(_tensorboard),  # events in RUN_DIR: curves, HPARAMS, the dashboards' images
     "csv": Logger(_csv),  # the same scalars in RUN_DIR/csv (evaluate's curves.png reads them)
-    "mlflow": Logger(_mlflow, _check_mlflow),  # a run in logger.tracking_uri (default: outputs/mlflow.db, shared)
-    "wandb": Logger(_wandb, _check_wandb),  # a run in project logger.experiment; offline in RUN_DIR/wandb if no login
+    "mlflow": Logger(_mlflow, _check_mlflow, "mlflow", "mlflow"),  # a run in logger.tracking_uri (default:
+    # outputs/mlflow.db, shared)
+    "wandb": Logger(_wandb, _check_wandb, "wandb", "wandb"),  # a run in project logger.experiment; offline in
+    # RUN_DIR/wandb if this machine is not logged in
 }
 
 
@@ -131,6 +135,8 @@ def check(s: DictConfig) -> None:
     if (s.mlflow or s.wandb) and not str(s.experiment).strip():
         raise ConfigError("logger.experiment must name the MLflow experiment / W&B project (default: finetune)")
     for name, entry in LOGGERS.items():
+        if s[name] and entry.extra is not None:
+            require_extra(entry.extra, f"logger={name}", (entry.module,))
         if s[name] and entry.check is not None:
             entry.check(s)
 

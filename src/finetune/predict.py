@@ -14,10 +14,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from finetune.cli import free_path
-from finetune.config import ConfigError
 from finetune.data.sources import Source, is_image_file
-from finetune.inference import ExportedModel, probabilities, resolve_device
-from finetune.models.classifier import load_classifier, resolve_checkpoint
+from finetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +34,28 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError("give the model to classify with: ckpt=RUN_DIR/checkpoints/best.ckpt or model=PATH.onnx "
                           "(an export), " + ("not both" if given else "neither was given"))
     paths = find_inputs(str(cfg.inputs))
-    model = ExportedModel(cfg.model) if given == ["model"] else load_classifier(resolve_checkpoint(cfg.ckpt))
+    if given == ["model"]:  # onnxruntime, numpy and Pillow: no torch
+        from finetune.exported import ExportedModel
+
+        model = ExportedModel(cfg.model)
+    else:
+        from finetune.models.classifier import load_classifier, resolve_checkpoint
+
+        model = load_classifier(resolve_checkpoint(cfg.ckpt))
     classes = model.classes
     out = output_path(cfg.out, cfg.format)
     if cfg.format == "kaggle":
         kaggle_header(classes)  # refuse before any work if the model fits neither competition
-    source = Source(classes, paths, np.zeros(len(paths), dtype=np.int64))
-    probs, failed = probabilities(model, source, np.arange(len(paths)), batch_size=cfg.batch_size,
-                                  num_workers=cfg.num_workers, device=resolve_device(cfg.device),
-                                  max_pixels=cfg.max_pixels, progress=len(paths) > cfg.batch_size)
+    progress = len(paths) > cfg.batch_size
+    if given == ["model"]:
+        probs, failed = model.probabilities(paths, cfg.batch_size, cfg.max_pixels, progress)
+    else:
+        from finetune.inference import probabilities, resolve_device
+
+        source = Source(classes, paths, np.zeros(len(paths), dtype=np.int64))
+        probs, failed = probabilities(model, source, np.arange(len(paths)), batch_size=cfg.batch_size,
+                                      num_workers=cfg.num_workers, device=resolve_device(cfg.device),
+                                      max_pixels=cfg.max_pixels, progress=progress)
     k = min(cfg.top_k, len(classes))
     results = []
     for i, path in enumerate(paths):

@@ -6,6 +6,7 @@ rates (the head's; the backbone's as a ratio of it, optionally decaying block by
 consumer asks this module: the Classifier for its optimizer and learning-rate scheduler, the ApplySchedule callback
 for what trains at each epoch, the frozen-feature cache for the epochs in which the whole backbone is frozen.
 `schedule.freeze_epochs`, `unfreeze` and `backbone_lr_ratio` are the shorthand for the common two phases.
+Light to import (the pre-flight check reads its tables and `check`): torch loads when an optimizer is made.
 """
 
 from __future__ import annotations
@@ -13,21 +14,21 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn as nn
+from finetune.errors import ConfigError
 
-from finetune.config import CONF, ConfigError
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 log = logging.getLogger(__name__)
 
 
-# schedule.optimizer: the torch optimizer and the config keys it takes besides lr and weight decay.
-OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], tuple[str, ...]]] = {
-    "adamw": (torch.optim.AdamW, ()),
-    "adam": (torch.optim.Adam, ()),
-    "sgd": (torch.optim.SGD, ("momentum",)),
+# schedule.optimizer: the torch.optim class and the config keys it takes besides lr and weight decay.
+OPTIMIZERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "adamw": ("AdamW", ()),
+    "adam": ("Adam", ()),
+    "sgd": ("SGD", ("momentum",)),
 }
 
 
@@ -53,6 +54,20 @@ TRAIN_WORDS = ("head", "all")
 # stay as they are (inference mode; scale and shift still learn); train: with each batch's statistics, the running
 # averages updated. frozen keeps the features the head was trained on (README: Fine-tuning, measured).
 BN_MODES = ("frozen", "train")
+
+
+def with_defaults(config: dict) -> dict:
+    """A `schedule` config as plain data with every key: the schema's default (finetune.config.ScheduleConfig, where
+    each is stated once) for each key it does not give."""
+    from finetune.config import ScheduleConfig, defaults
+
+    return {**defaults(ScheduleConfig), **dict(config)}
+
+
+def _phase_defaults() -> dict:
+    from finetune.config import PhaseConfig, defaults
+
+    return defaults(PhaseConfig)
 
 
 @dataclass(frozen=True)
@@ -96,24 +111,24 @@ class Schedule:
     """
 
     def __init__(self, config: dict, blocks: int):
-        self.config = dict(config)
+        self.config = with_defaults(config)
         self.blocks = blocks
         s = self.config
         self.epochs: int = s["epochs"]
-        self.layer_decay: float = s.get("layer_decay", 1.0) or 1.0
-        self.decay_over: str = s.get("decay_over", "run") or "run"
-        self.restore_best: bool = bool(s.get("restore_best", False))
-        self.bn: str = s.get("bn", "train")  # runs of earlier releases trained BatchNorm, and have no key for it
+        self.layer_decay: float = s["layer_decay"]
+        self.decay_over: str = s["decay_over"]
+        self.restore_best: bool = s["restore_best"]
+        self.bn: str = s["bn"]
         self.phases: list[Phase] = []
         for i, p in enumerate(phases_of(s)):
-            train = p.get("train", "all")
+            p = {**_phase_defaults(), **p}
+            train = p["train"]
             if isinstance(train, int) and not isinstance(train, bool) and train > blocks:
                 raise ConfigError(f"{self._key(i, 'train')}={train}, but this backbone has {blocks} blocks (timm's "
                                   f"grouping): train at most {blocks}, or all")
-            lr = p.get("lr")
-            ratio = p.get("backbone_lr_ratio")
-            self.phases.append(Phase(i, train, p.get("epochs"), s["lr"] if lr is None else lr,
-                                     s.get("backbone_lr_ratio", 1.0) if ratio is None else ratio, p.get("patience")))
+            lr, ratio = p["lr"], p["backbone_lr_ratio"]
+            self.phases.append(Phase(i, train, p["epochs"], s["lr"] if lr is None else lr,
+                                     s["backbone_lr_ratio"] if ratio is None else ratio, p["patience"]))
         # State: where phases ended early, the current phase's best val/acc, the phase whose start restored weights,
         # and every validated epoch's val/acc (what each phase gained, said at the end of the run).
         self.ends: dict[int, int] = {}
@@ -192,7 +207,7 @@ class Schedule:
             fewer = "a phase that trains it" if self.config.get("phases") else "fewer schedule.freeze_epochs"
             messages.append(f"the backbone stays frozen for all schedule.epochs={self.epochs} epochs (more epochs, "
                             f"or {fewer}, let it train)")
-        warmup = self.config.get("warmup_epochs", 0) or 0
+        warmup = self.config["warmup_epochs"]
         if warmup > self.epochs:
             messages.append(f"schedule.warmup_epochs={warmup:g} is longer than schedule.epochs={self.epochs}: the "
                             f"learning rate never reaches its peak")
@@ -260,7 +275,7 @@ class Schedule:
         from finetune.models.backbone import parameter_blocks
 
         s = self.config
-        decay, split = s["weight_decay"], not s.get("norm_bias_decay", False)
+        decay, split = s["weight_decay"], not s["norm_bias_decay"]
         skip = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
         per_block = self.layer_decay != 1.0
         block_of = parameter_blocks(backbone)
@@ -305,9 +320,9 @@ class Schedule:
             t, total = step - phase_start * steps_per_epoch, max(1, (phase_end - phase_start) * steps_per_epoch)
         else:
             t, total = step, max(1, self.epochs * steps_per_epoch)
-        warmup = self.config.get("warmup_epochs", 0) * steps_per_epoch
+        warmup = self.config["warmup_epochs"] * steps_per_epoch
         factor = min(1.0, (step - start * steps_per_epoch + 1) / warmup) if warmup > 0 else 1.0
-        factor *= SCHEDULERS[self.config.get("scheduler", "cosine")](t, total, steps_per_epoch, self.config)
+        factor *= SCHEDULERS[self.config["scheduler"]](t, total, steps_per_epoch, self.config)
         return peak * factor
 
     def _training_since(self, block: int | None, index: int, bounds: list[tuple[int, int]]) -> int:
@@ -322,27 +337,41 @@ class Schedule:
 
     def optimizer(self, backbone: nn.Module, head: nn.Module, steps_per_epoch: int):
         """The optimizer over `parameter_groups` and the PhaseLR scheduler that sets every group's rate per step."""
-        cls, extra = OPTIMIZERS[self.config["optimizer"]]
+        import torch
+
+        name, extra = OPTIMIZERS[self.config["optimizer"]]
         groups = self.parameter_groups(backbone, head)
-        optimizer = cls(groups, lr=self.config["lr"], **{k: self.config[k] for k in extra})
+        optimizer = getattr(torch.optim, name)(groups, lr=self.config["lr"], **{k: self.config[k] for k in extra})
         return optimizer, PhaseLR(optimizer, self, steps_per_epoch)
 
 
-class PhaseLR(torch.optim.lr_scheduler.LRScheduler):
+class PhaseLR:
     """Sets each parameter group's learning rate to what the schedule says for the current step, every step.
 
     The rate is a function of the step and the schedule alone (not of the rates before), so a resumed run, whose
     optimizer was saved with the rates of its last step (and perhaps another schedule.epochs), is put right the
     moment its state is loaded. Its state is the step count only; the schedule's own state is in the checkpoint.
+    It is not one of torch's LRSchedulers (nothing here needs their chaining): the Classifier's
+    `lr_scheduler_step` steps it, as Lightning asks of schedulers of one's own.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, steps_per_epoch: int):
-        self.schedule, self.steps_per_epoch = schedule, steps_per_epoch
-        super().__init__(optimizer)
+    def __init__(self, optimizer, schedule: Schedule, steps_per_epoch: int):
+        self.optimizer, self.schedule, self.steps_per_epoch = optimizer, schedule, steps_per_epoch
+        self.last_epoch = 0  # torch's name for the scheduler's step count
+        self._step_count = 1
+        self.refresh()
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._step_count += 1
+        self.refresh()
 
     def get_lr(self) -> list[float]:
         return [self.schedule.rate(g.get("block"), self.last_epoch, self.steps_per_epoch)
                 for g in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        return list(self._last_lr)
 
     def state_dict(self) -> dict:
         return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
@@ -358,48 +387,6 @@ class PhaseLR(torch.optim.lr_scheduler.LRScheduler):
         for group, lr in zip(self.optimizer.param_groups, rates):
             group["lr"] = lr
         self._last_lr = rates
-
-
-# --- the schedule a run starts with -------------------------------------------------------------------------
-
-# Keys that say how the backbone is fine-tuned: when none of them is set (on the command line, or by a dataset or
-# experiment preset) and the backbone starts from random weights, the run uses schedule=scratch.
-PHASE_KEYS = ("phases", "freeze_epochs", "unfreeze", "backbone_lr_ratio", "layer_decay")
-
-
-def use_scratch_when_nothing_to_protect(cfg, overrides: list[str]) -> bool:
-    """A backbone that starts from random weights has nothing to protect: with the default schedule and none of its
-    phase keys given, switch to conf/schedule/scratch.yaml (one phase, everything at the full rate) and say so; with
-    phases of the user's, BatchNorm still trains (schedule.bn=train: random running statistics are no statistics),
-    unless schedule.bn is given. Returns whether it switched to scratch."""
-    from omegaconf import OmegaConf
-
-    if cfg.backbone.pretrained or cfg.backbone.get("weights"):
-        return False
-    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-    if cfg.schedule.get("name") != "default" or "schedule" in given or any(
-            g == f"schedule.{k}" or g.startswith(f"schedule.{k}.") for g in given for k in PHASE_KEYS):
-        return _train_batchnorm_of_a_random_backbone(cfg, given)
-    preset = OmegaConf.load(CONF / "schedule" / "default.yaml")
-    if any(cfg.schedule.get(k) != preset.get(k) for k in PHASE_KEYS):  # a dataset or experiment preset chose
-        return _train_batchnorm_of_a_random_backbone(cfg, given)
-    scratch = OmegaConf.load(CONF / "schedule" / "scratch.yaml")
-    scratch.pop("defaults", None)
-    if "schedule.bn" in given:
-        scratch.pop("bn", None)
-    cfg.schedule = OmegaConf.merge(cfg.schedule, scratch)
-    log.info("backbone.pretrained=false: a randomly initialised backbone has nothing to protect, so this run uses "
-             "schedule=scratch (everything trains at the full rate from the first epoch). Name a schedule "
-             "(schedule=default) or its keys (schedule.freeze_epochs=...) to choose otherwise.")
-    return True
-
-
-def _train_batchnorm_of_a_random_backbone(cfg, given: set[str]) -> bool:
-    if "schedule.bn" not in given and cfg.schedule.get("bn") != "train":
-        cfg.schedule.bn = "train"
-        log.info("backbone.pretrained=false: BatchNorm trains (schedule.bn=train), as a randomly initialised "
-                 "backbone has no statistics to keep")
-    return False
 
 
 def check(s: Any) -> None:

@@ -120,3 +120,73 @@ class Dashboards(L.Callback):
 
 def _hwc(image: torch.Tensor) -> np.ndarray:
     return image.detach().cpu().permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+# --- the run summary: what the run is, in TensorBoard's HPARAMS, TEXT and IMAGES tabs ------------------------
+
+# The metrics each run reports in TensorBoard's HPARAMS tab, to compare the runs of a sweep.
+HPARAM_METRICS = ("val/acc", "val/acc_best", "val/loss", "train/loss", "test/acc", "test/loss")
+
+
+def hyperparameters(cfg, image_size: int, precision: str) -> dict:
+    """The hyperparameters that compare the runs of a sweep: TensorBoard's HPARAMS, MLflow's params, W&B's config."""
+    return {
+        "dataset": cfg.dataset.name, "backbone": cfg.backbone.name, "pretrained": cfg.backbone.pretrained,
+        "head": cfg.head.name, "dropout": cfg.head.dropout, "image_size": image_size,
+        "batch_size": cfg.dataset.batch_size, "augment": cfg.augment.name, "seed": cfg.seed,
+        "precision": precision,
+        **{f"schedule.{k}": (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in cfg.schedule.items()},
+    }
+
+
+def log_hparams(trainer: L.Trainer, cfg, image_size: int) -> None:
+    """Write this run's hyperparameters and metric names for TensorBoard's HPARAMS tab.
+
+    Lightning's log_hyperparams would also log a placeholder value for every metric at step 0, which then shows
+    in the curves; the summaries written here only name the metrics, whose values TensorBoard reads from the run.
+    """
+    tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    if tensorboard is None or trainer.global_rank != 0:
+        return
+    from torch.utils.tensorboard.summary import hparams
+
+    params = hyperparameters(cfg, image_size, str(trainer.precision))
+    writer = tensorboard.experiment._get_file_writer()  # reopened if the learning-rate finder's fit closed it
+    for summary in hparams(params, {m: 0.0 for m in HPARAM_METRICS}):
+        writer.add_summary(summary)
+    writer.flush()
+
+
+def log_class_counts(trainer: L.Trainer, data) -> None:
+    """The images per class in each split, as a table in TensorBoard's TEXT tab."""
+    tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    if tensorboard is None or trainer.global_rank != 0:
+        return
+    counts = data.class_counts()
+    rows = ["| class | train | val | test |", "|---|---:|---:|---:|"]
+    rows += [f"| {name} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
+             for i, name in enumerate(data.classes)]
+    tensorboard.experiment.add_text("dataset/class_counts", "\n".join(rows))
+
+
+def log_duplicate_groups(trainer: L.Trainer, data, groups: int = 6, per_group: int = 4,
+                         size: int = 96) -> None:
+    """A few groups of duplicates (label conflicts first), one row of images each, in TensorBoard's IMAGES tab."""
+    tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    if tensorboard is None or trainer.global_rank != 0 or data.duplicates is None or not data.duplicates[0].groups:
+        return
+    from finetune.data.datamodule import load_image
+    from finetune.data.duplicates import is_conflict
+
+    duplicates, source = data.duplicates
+    shown = sorted(duplicates.groups, key=lambda m: not is_conflict(m, source.labels))[:groups]
+    grid = np.full((len(shown) * size, per_group * size, 3), 255, dtype=np.uint8)
+    for row, members in enumerate(shown):
+        for col, j in enumerate(members[:per_group]):
+            try:
+                image = load_image(source, int(j), data.cfg.max_pixels, draft=size)
+            except Exception:  # a file that broke since the scan: its cell stays white
+                continue
+            image.thumbnail((size, size))
+            grid[row * size:row * size + image.height, col * size:col * size + image.width] = np.asarray(image)
+    tensorboard.experiment.add_image("dataset/duplicate_groups", grid, 0, dataformats="HWC")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from finetune.config import FinetuneError
+from finetune.errors import FinetuneError
 
 
 class NonFiniteLoss(FinetuneError):

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from finetune.config import FinetuneError
+from finetune.errors import FinetuneError
 
 
 class Preempted(FinetuneError):

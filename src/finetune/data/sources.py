@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.config import FinetuneError
+from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
@@ -481,7 +481,7 @@ def read_dataset(d) -> Source:
 def read_source(name: str, root: str | None, target: str | None = None, duplicate_ids: str = "refuse") -> Source:
     """Read dataset `name` from `root`; a DataError if it has fewer than two classes with images."""
     if name not in READERS:
-        from finetune.config import suggest
+        from finetune.errors import suggest
 
         known = ", ".join(READERS)
         raise DataError(f"dataset.name={name} has no reader; known: {known}.{suggest(name, list(READERS))}")

@@ -1,15 +1,43 @@
 """Train and eval transforms: torchvision.transforms.v2 on PIL images, ending in uint8 CHW tensors.
 
 Normalisation is not here: batches travel as uint8 (a quarter of float32's bytes) and the model normalises them
-on its own device, so the same preprocessing ships inside checkpoints and exported models.
+on its own device, so the same preprocessing ships inside checkpoints and exported models. The tables of the
+`augment` choices and their check are here too; torchvision loads only when a transform is made.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
-from torchvision.transforms import InterpolationMode, v2
+from finetune.errors import ConfigError
+
+# augment.crop: how a training image is cut to the input size
+CROPS = {
+    "random_resized": "a random part of augment.crop_scale of the image's area, resized (the ImageNet recipe)",
+    "center": "the evaluation's resize and centre crop: the whole image",
+}
+# augment.policy: torchvision's automatic augmentation after crop and flip
+POLICIES = {"randaugment": "RandAugment(num_ops, magnitude)", "trivialaugment": "TrivialAugmentWide"}
+
+
+def check(a: Any) -> None:
+    """The `augment` config `a`, before any work; one line naming the key."""
+    def ok(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    ok(a.crop in CROPS, f"augment.crop must be one of {', '.join(CROPS)} (got {a.crop})")
+    ok(0 <= a.hflip <= 1, f"augment.hflip is a probability in [0, 1] (got {a.hflip})")
+    ok(0 <= a.zoom < 1, f"augment.zoom must be in [0, 1) (got {a.zoom})")
+    ok(0 <= a.translate < 1, f"augment.translate must be in [0, 1) (got {a.translate})")
+    ok(a.policy is None or a.policy in POLICIES,
+       f"augment.policy must be one of {', '.join(POLICIES)} or null (got {a.policy})")
+    ok(a.mixup >= 0 and a.cutmix >= 0, "augment.mixup and augment.cutmix are alphas: >= 0, 0 for off")
+    ok(0 <= a.magnitude <= 30 and a.num_ops >= 1, "augment.magnitude must be in 0..30 and augment.num_ops >= 1")
+    ok(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
+       f"augment.crop_scale must be [min, max] within (0, 1] (got {list(a.crop_scale)})")
 
 
 @dataclass(frozen=True)
@@ -46,13 +74,17 @@ def resolve_preprocessing(backbone, image_size: int | None, crop_pct: float | No
     )
 
 
-def _interpolation(name: str) -> InterpolationMode:
+def _interpolation(name: str):
+    from torchvision.transforms import InterpolationMode
+
     return InterpolationMode.BICUBIC if name == "bicubic" else InterpolationMode.BILINEAR
 
 
-def eval_transform(pre: Preprocessing, tensors: bool = False) -> v2.Compose:
+def eval_transform(pre: Preprocessing, tensors: bool = False):
     """Resize the short side to image_size / crop_pct, centre-crop image_size (timm's and torchvision's eval).
     On PIL images, ending in a uint8 tensor; with `tensors`, on uint8 CHW tensors (on any device)."""
+    from torchvision.transforms import v2
+
     return v2.Compose([
         v2.Resize(pre.resize_size, interpolation=_interpolation(pre.interpolation), antialias=True),
         v2.CenterCrop(pre.image_size),
@@ -60,10 +92,12 @@ def eval_transform(pre: Preprocessing, tensors: bool = False) -> v2.Compose:
     ])
 
 
-def train_transform(pre: Preprocessing, augment, tensors: bool = False) -> v2.Compose:
+def train_transform(pre: Preprocessing, augment, tensors: bool = False):
     """The augmentation preset `augment` (conf/augment) at the model's input size, on PIL images or, with
     `tensors`, on uint8 CHW tensors on any device. MixUp and CutMix work on whole batches, on the device: the
     Classifier applies them."""
+    from torchvision.transforms import InterpolationMode, v2
+
     interpolation = _interpolation(pre.interpolation)
     if augment.crop == "random_resized":
         steps = [v2.RandomResizedCrop(pre.image_size, scale=tuple(augment.crop_scale),

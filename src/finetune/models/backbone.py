@@ -6,7 +6,7 @@ import timm
 import torch.nn as nn
 from timm.models import group_modules, group_parameters
 
-from finetune.config import ConfigError, FinetuneError
+from finetune.errors import ConfigError, FinetuneError
 
 
 class WeightsUnavailable(FinetuneError):
@@ -267,3 +267,43 @@ def backbones_table(pattern: str = "*") -> str:
     if total > len(rows):
         lines.append(f"... and {total - len(rows)} more: narrow the pattern")
     return "\n".join(lines)
+
+
+def check(backbone) -> None:
+    """Any name timm.create_model takes: an architecture, ARCH.TAG (one of its pretrained tags), hf-hub:ORG/NAME or
+    local-dir:PATH (a folder holding config.json and weights, as timm saves it)."""
+    import difflib
+    import re
+    from pathlib import Path
+
+    def _check(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    name = backbone.name
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):]).expanduser()
+        _check((folder / "config.json").is_file(), f"backbone.name={name}: expected a folder holding config.json and "
+                                                   "its weights (model.safetensors or pytorch_model.bin), as timm's "
+                                                   "save_for_hf writes it")
+    elif name.startswith("hf-hub:"):
+        _check(re.fullmatch(r"hf-hub:[\w.-]+/[\w.-]+(@[\w./-]+)?", name) is not None,
+               f"backbone.name={name}: a Hub model is named hf-hub:ORG/NAME (hf-hub:timm/convnext_tiny.fb_in22k)")
+    else:
+        arch, _, tag = name.partition(".")
+        names = timm.list_models()
+        if arch not in names:
+            alternatives = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
+            hint = f" Closest timm names: {', '.join(alternatives)}." if alternatives else ""
+            what = f"backbone.name={name}: {arch}" if tag else f"backbone.name={name}"
+            raise ConfigError(f"{what} is not a timm model.{hint}")
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*") if n.split(".", 1)[0] == arch]
+        if tag and tag not in tags:
+            close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.3)
+            known = ", ".join(close + [t for t in tags if t not in close]) if tags else "none"
+            raise ConfigError(f"backbone.name={name}: {arch} has no pretrained tag {tag!r}; its tags: {known}")
+        if backbone.weights is None and backbone.pretrained:
+            _check(bool(tags), f"timm has no pretrained weights for {name}: set backbone.pretrained=false "
+                               "or backbone.weights=/path/to/file")
+    if backbone.weights is not None:
+        _check(Path(backbone.weights).is_file(), f"backbone.weights={backbone.weights}: no such file")

@@ -13,8 +13,9 @@ from torchmetrics import MaxMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from finetune.config import FinetuneError
+from finetune.config import HeadConfig, defaults
 from finetune.data.features import FeatureBatch
+from finetune.errors import FinetuneError
 from finetune.models.backbone import backbone_blocks, rebuild_backbone
 from finetune.models.heads import create_head
 from finetune.schedule import Schedule
@@ -72,18 +73,19 @@ class Classifier(L.LightningModule):
         self.temperature = float(temperature)
         self.backbone = backbone.to(memory_format=torch.channels_last)
         # A binary head has one logit, expanded by two_class_logits: everything downstream sees two classes.
-        self.binary = bool(head_config.get("binary", False))
+        head_config = {**defaults(HeadConfig), **head_config}
+        self.binary = bool(head_config["binary"])
         if self.binary and len(classes) != 2:
             raise FinetuneError(f"head.binary=true needs two classes; this dataset has {len(classes)}")
         self.head = create_head(head_config["name"], backbone.num_features, 1 if self.binary else len(classes),
-                                hidden=head_config.get("hidden", 256), dropout=head_config.get("dropout", 0.0))
+                                hidden=head_config["hidden"], dropout=head_config["dropout"])
         # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtraction and one division on uint8 input.
         self.register_buffer("mean", torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(preprocessing["std"]).view(1, 3, 1, 1) * 255, persistent=False)
         # how the backbone is fine-tuned: parameter groups, their rates, what trains when (finetune.schedule)
         self.schedule = Schedule(schedule, blocks=len(backbone_blocks(self.backbone)))
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=schedule.get("label_smoothing", 0.0))
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=self.schedule.config["label_smoothing"])
 
         k = len(classes)
         # validate_args=False: the input checks read values on the host, a GPU sync on every update
@@ -196,6 +198,9 @@ class Classifier(L.LightningModule):
         optimizer, scheduler = self.schedule.optimizer(self.backbone, self.head, self._steps_per_epoch())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step()  # PhaseLR: the schedule's rates, a scheduler of finetune's own (finetune.schedule)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["schedule_state"] = self.schedule.state_dict()  # the phase boundaries passed so far
 
@@ -219,11 +224,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
                                 f"(ckpt=RUN_DIR/checkpoints/last.ckpt) or a finetune run directory")
         return best
     return path
-
-
-def run_dir_of(ckpt: Path) -> Path:
-    """The run directory a checkpoint belongs to: RUN_DIR for RUN_DIR/checkpoints/X.ckpt, else the file's folder."""
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -1,4 +1,5 @@
-"""scripts/benchmark.py: finetune's speed against plain PyTorch, side by side in one process.
+"""scripts/benchmark.py: finetune's speed against plain PyTorch, side by side in one process (a developer tool,
+outside the library).
 
 Every figure is a ratio of two measurements taken here, now, on the same machine, with the same model, batch,
 precision and workers, alternating the two sides and keeping each side's best, so that the machine's drift
@@ -99,7 +100,8 @@ def _config(device: str, overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from finetune.config import CONF  # also registers the config schema that conf/train.yaml builds on
+    import finetune.config  # noqa: F401  (the schema conf/train.yaml builds on)
+    from finetune.presets import CONF
 
     overrides = overrides + [f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "trainer.devices=1",
                              "callbacks.progress_bar=false", "+trainer.enable_model_summary=false",
@@ -117,7 +119,7 @@ def _quiet():
 
 def _model_and_data(cfg: DictConfig, run_dir: Path):
     """The validated config, the Classifier and the set-up ImageDataModule a run of `cfg` would train."""
-    from finetune.config import validate
+    from finetune.checks import validate
     from finetune.data.transforms import resolve_preprocessing
     from finetune.models.backbone import create_backbone
     from finetune.train import build_data, build_model
@@ -133,7 +135,8 @@ def _model_and_data(cfg: DictConfig, run_dir: Path):
 def timed_fit(cfg: DictConfig, model, run_dir: Path, clock: Clock, skip: int, one_epoch: bool = False,
               **fit_kwargs) -> StepTimer:
     """trainer.fit as a run does it (finetune's trainer, its event file open before training), timed."""
-    from finetune.train import build_trainer, log_hparams
+    from finetune.callbacks.dashboards import log_hparams
+    from finetune.trainer import build_trainer
 
     data = fit_kwargs.get("datamodule")
     trainer = build_trainer(cfg, run_dir, data if hasattr(data, "features") else None)
@@ -166,7 +169,7 @@ def framework_vs_plain(cfg: DictConfig, device: torch.device, clock: Clock, step
                        work: Path) -> dict:
     """Images/s of finetune's Trainer + Classifier (its callbacks, metrics, logging) against a plain loop: the same
     timm model, optimizer, schedule, precision and uint8 batches, already in memory, on the device."""
-    from finetune.train import resolve_precision
+    from finetune.trainer import resolve_precision
 
     batch = cfg.dataset.batch_size
     size = cfg.dataset.image_size
@@ -343,7 +346,7 @@ def machine(device: torch.device) -> str:
 def run(cfg: DictConfig) -> dict:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from finetune.config import ConfigError
+        from finetune.errors import ConfigError
 
         raise ConfigError("device=cuda: no CUDA device is available here (device=cpu measures the CPU figures)")
     on_gpu = device.type == "cuda"
