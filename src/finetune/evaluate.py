@@ -185,7 +185,7 @@ def write_report(out: Path, labels: np.ndarray, predicted: np.ndarray, classes: 
     (out / "classification_report.txt").write_text(classification_report(labels, predicted, digits=4, **kwargs))
     report = classification_report(labels, predicted, output_dict=True, **kwargs)
     with open(out / "classification_report.csv", "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["class", "precision", "recall", "f1-score", "support"])
         for name in [*names, "macro avg", "weighted avg"]:
             row = report[name]
@@ -197,7 +197,7 @@ def write_confusion(out: Path, labels: np.ndarray, predicted: np.ndarray, classe
 
     matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
     with open(out / "confusion_matrix.csv", "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["true \\ predicted", *classes])
         for name, row in zip(classes, matrix):
             writer.writerow([name, *row.tolist()])
@@ -207,7 +207,7 @@ def write_confusion(out: Path, labels: np.ndarray, predicted: np.ndarray, classe
 def write_predictions(path: Path, paths: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
     predicted = probs.argmax(1)
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["path", "label", "predicted", "probability", "correct"])
         for p, y, k, row in zip(paths, labels, predicted, probs):
             writer.writerow([p, classes[y], classes[k], f"{row[k]:.6f}", int(y == k)])

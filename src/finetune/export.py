@@ -3,6 +3,7 @@ checked for parity, and its accuracy, size and CPU latency measured on the run's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,7 +96,13 @@ def run(cfg: DictConfig) -> dict:
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     sidecar = out.with_suffix(".json")
     log.info("Exporting %s as %s%s to %s", ckpt, cfg.format, "" if quantize == "none" else f" ({quantize})", out)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent))
+    remove_dead_exports(out.parent)
+    # Everything is written in a folder of this process's own first, and moved to its name only once accepted: an
+    # export killed on the way (kill -9 too) leaves no model under a final name, only this folder, which the next
+    # export in the folder removes.
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=out.parent))
+    final_out, final_sidecar = out, sidecar
+    out, sidecar = work / out.name, work / sidecar.name
     try:
         float32 = out if quantize == "none" else work / "float32.onnx"
         if cfg.format == "onnx":
@@ -117,24 +124,23 @@ def run(cfg: DictConfig) -> dict:
         models[name] = load_exported(out, cfg.format)
         sizes = {"onnx float32": float32.stat().st_size / 1e6, name: out.stat().st_size / 1e6}
         evaluation = measure(models, sizes, data, name, size)
-    except BaseException:
-        _discard(out, sidecar)
-        raise
+        description = describe(model, cfg.format, final_out.name, quantize, cfg.get("calibration_images"))
+        description["evaluation"] = evaluation
+        sidecar.write_text(json.dumps(description, indent=2) + "\n")
+        print(table(evaluation))
+        exported = evaluation["models"][name]
+        drop, limit = evaluation.get("accuracy_drop_points"), cfg.get("max_accuracy_drop")
+        if drop is not None and limit is not None and drop > limit:
+            raise FinetuneError(
+                f"the {name} model is {drop:.2f} accuracy points below PyTorch's on {evaluation['images']} "
+                f"{data.split} images (the table above), more than max_accuracy_drop={limit}: nothing was written. "
+                f"Use {'quantize=fp16 or quantize=none' if quantize == 'int8' else 'quantize=none'}, more "
+                f"calibration images, or max_accuracy_drop={int(drop) + 1} to accept it")
+        out.replace(final_out)  # accepted: the model under its name, then its sidecar
+        sidecar.replace(final_sidecar)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    description = describe(model, cfg.format, out.name, quantize, cfg.get("calibration_images"))
-    description["evaluation"] = evaluation
-    sidecar.write_text(json.dumps(description, indent=2) + "\n")
-    print(table(evaluation))
-    exported = evaluation["models"][name]
-    drop, limit = evaluation.get("accuracy_drop_points"), cfg.get("max_accuracy_drop")
-    if drop is not None and limit is not None and drop > limit:
-        _discard(out, sidecar)
-        raise FinetuneError(
-            f"the {name} model is {drop:.2f} accuracy points below PyTorch's on {evaluation['images']} {data.split} "
-            f"images (the table above), more than max_accuracy_drop={limit}: nothing was written. Use "
-            f"{'quantize=fp16 or quantize=none' if quantize == 'int8' else 'quantize=none'}, more calibration images, "
-            f"or max_accuracy_drop={int(drop) + 1} to accept it")
+    out, sidecar = final_out, final_sidecar
     megabytes = exported["megabytes"]
     print(f"parity of the float32 graph with PyTorch: max abs difference {difference:.2e} on 3 random images "
           f"(tolerance {TOLERANCE:.0e})")
@@ -159,9 +165,24 @@ def run(cfg: DictConfig) -> dict:
             "cpu_latency_ms": exported["ms_per_image_batch1"], "model_card": str(card), "evaluation": evaluation}
 
 
-def _discard(*paths: Path) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
+WORK_PREFIX = ".export-"  # FOLDER/.export-PID-XXXX: an export's files while it runs
+
+
+def remove_dead_exports(folder: Path) -> None:
+    """Remove the working folders that exports killed in `folder` left (their process is gone)."""
+    if not folder.is_dir():
+        return
+    for work in folder.glob(f"{WORK_PREFIX}*"):
+        pid = work.name[len(WORK_PREFIX):].split("-", 1)[0]
+        if not (work.is_dir() and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(work, ignore_errors=True)
+            log.info("Removed %s, left by an export that was killed", work)
+        except PermissionError:  # another user's live process
+            pass
 
 
 def _torch_run(model: nn.Module, images: np.ndarray) -> np.ndarray:
@@ -219,12 +240,18 @@ def quantize_int8(float32: Path, out: Path, batches, work: Path) -> None:
     """onnxruntime's static quantization: QDQ, int8 per-channel weights, uint8 activations (U8S8, onnxruntime's fast
     path on x86: 2x the speed of S8S8 measured here) whose ranges come from `batches` (MinMax); the softmax stays
     float, so the probabilities keep their resolution."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = work / "prepared.onnx"
-    quant_pre_process(str(float32), str(prepared), skip_symbolic_shape=True)  # folds, fuses and infers shapes
+    with quiet_root_logger():  # onnxruntime logs each scale it adjusts (78 lines for MobileNetV2) on the root logger
+        quant_pre_process(str(float32), str(prepared), skip_symbolic_shape=True)  # folds, fuses and infers shapes
+        _quantize(prepared, out, batches)
+
+
+def _quantize(prepared: Path, out: Path, batches) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
     graph = onnx.load(str(prepared), load_external_data=False).graph
     softmax = sorted(node.name for node in graph.node if node.op_type == "Softmax")
 
@@ -240,6 +267,19 @@ def quantize_int8(float32: Path, out: Path, batches, work: Path) -> None:
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=softmax)
     # Not extra_options CalibMaxIntermediateOutputs: onnxruntime 1.31 discards every full chunk of batches without
     # taking its ranges (and fails when the batches fill the chunks exactly). Memory follows the batch size (8).
+
+
+@contextlib.contextmanager
+def quiet_root_logger():
+    """The root logger at WARNING for a while: a library's INFO records on it stay out of the console and train.log
+    (its warnings still show)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def convert_fp16(float32: Path, out: Path) -> None:

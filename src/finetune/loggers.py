@@ -343,8 +343,9 @@ def probe_store(uri: str, quick: bool = False) -> str | None:
             Path(urlparse(uri).path).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             return f"cannot make the folder ({e.strerror or e})"
+    creating = _one_creator(Path(uri[len("sqlite:///"):])) if scheme == "sqlite" else contextlib.nullcontext()
     try:
-        with _without_http_retries():
+        with creating, _without_http_retries():
             from mlflow.tracking import MlflowClient
 
             MlflowClient(uri).search_experiments(max_results=1)
@@ -352,6 +353,33 @@ def probe_store(uri: str, quick: bool = False) -> str | None:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"MLflow cannot use this store ({text[:300]})"
     return None
+
+
+@contextlib.contextmanager
+def _one_creator(database: Path, timeout: float = 120.0):
+    """One process at a time opens a SQLite store that may be new: opening one creates MLflow's tables (its
+    migrations), and two runs started at once into a fresh folder made the second fail half-way through them
+    ("Online migration expected to match one row"). An exclusive lock on .DATABASE.lock beside it; the second
+    waits, then finds the tables made."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(database.with_name(f".{database.name}.lock"), "a") as f:
+        started = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - started > timeout:
+                    raise TimeoutError(f"another process has held {database} for {timeout:.0f} s") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def wandb_logged_in() -> bool:

@@ -35,11 +35,12 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
                                                                      else None)
     arch = backbone.get("architecture", name)
     accuracy = metrics.get("test/acc")
-    held_out = sum(counts.get("test", [])) > 0  # without a test split, "test" metrics are the validation split's
-    split = "test" if held_out else "validation"
-    where = "the test split" if held_out else ("the validation split (this dataset has no test split: the same "
-                                               "images chose the best checkpoint, so the figures are optimistic)")
-    test_images = metrics.get("test_images")
+    held_out = sum(counts.get("test", [])) > 0  # without a test split, no test figures: only val/acc_best
+    split = "test"
+    where = "the test split" if held_out else ("the validation split alone (this run has no test split, so no test "
+                                               "figures: the same images chose the best checkpoint, so val/acc_best "
+                                               "is optimistic)")
+    test_images = metrics.get("test_images") if held_out else metrics.get("val_images")
     header = ["---", "library_name: timm", "pipeline_tag: image-classification",
               f"tags:{_yaml_list(['image-classification', 'timm', 'finetune', 'transfer-learning'])}",
               f"datasets:{_yaml_list([dataset])}"]
@@ -125,8 +126,8 @@ from the checkpoint alone (class names and preprocessing included).
   given one of them, often with high confidence.
 - It was trained at {size}x{size} pixels on the images of `{cfg.dataset.root}`; photos unlike them (other
   cameras, lighting, framing) may be classified worse than the test accuracy says.
-- The test accuracy was measured on {test_images} images: each image more or less right moves it by
-  {_number(100 / max(int(test_images or 1), 1), 2)} points.
+- The {'test' if held_out else 'validation'} accuracy was measured on {test_images} images: each image more or
+  less right moves it by {_number(100 / max(int(test_images or 1), 1), 2)} points.
 """
     return card
 

@@ -117,7 +117,7 @@ def write(out: Path, fmt: str, results: list, classes: list[str]) -> None:
         out.write_text(json.dumps(rows, indent=2) + "\n")
         return
     with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         if fmt == "csv":
             writer.writerow(["path", "rank", "class", "probability"])
             for path, top, _ in results:

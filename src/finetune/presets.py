@@ -17,12 +17,15 @@ def load(group: str, option: str) -> DictConfig:
     return preset
 
 
-def differences(group: str, option: str, saved: DictConfig) -> list[str]:
+def differences(group: str, option: str, saved: DictConfig, composed: DictConfig | None = None,
+                skip: set[str] = frozenset()) -> list[str]:
     """Where conf/GROUP/OPTION.yaml differs from the saved run's config, as `key: saved -> preset`; [] when the
-    preset is what the run already has."""
+    preset is what the run already has. With `composed` (the command line's whole config), each key the preset sets
+    is compared as that config has it (a later KEY=VALUE of the command line wins over the preset, as in Hydra);
+    keys in `skip` are not compared (the single values a resume checks on its own)."""
     if option.startswith("[") and option.endswith("]"):  # logger=[tensorboard,mlflow]: each of the presets
         return [d for one in option[1:-1].split(",") if one.strip()
-                for d in differences(group, one.strip(), saved)]
+                for d in differences(group, one.strip(), saved, composed, skip)]
     path = CONF / group / f"{option}.yaml"
     if option in ("null", "None", ""):
         return []
@@ -40,12 +43,32 @@ def differences(group: str, option: str, saved: DictConfig) -> list[str]:
             if isinstance(value, DictConfig):
                 walk(value, f"{prefix}{key}.")
                 continue
+            if f"{prefix}{key}" in skip:
+                continue
+            if composed is not None:
+                value = OmegaConf.select(composed, f"{prefix}{key}", default=value)
             have = OmegaConf.select(saved, f"{prefix}{key}", default=None)
             if OmegaConf.is_list(value):
-                value = OmegaConf.to_container(value)
-                have = OmegaConf.to_container(have) if OmegaConf.is_list(have) else have
+                value = as_the_schema_types_it(f"{prefix}{key}", value)
+                have = as_the_schema_types_it(f"{prefix}{key}", have) if OmegaConf.is_list(have) else have
             if have != value:
                 differing.append(f"{prefix}{key}: {have} -> {value}")
 
     walk(preset, base)
     return differing
+
+
+def as_the_schema_types_it(key: str, value) -> list:
+    """A list at `key` as a run's config.yaml holds it: each element filled with its schema's defaults (a preset's
+    `{train: head, epochs: 2}` is saved as `{train: head, epochs: 2, lr: null, ...}`, and is the same phase)."""
+    from finetune.config import TrainConfig
+
+    container = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    try:
+        nested = container
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), nested)
+        return OmegaConf.to_container(OmegaConf.select(typed, key))
+    except Exception:  # a key outside the schema (a callback's own list): compared as it is written
+        return container

@@ -117,6 +117,8 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, li
         saved.schedule.norm_bias_decay = True  # a run of a release that decayed every parameter: same groups again
     if "schedule" in saved and "bn" not in saved.schedule:
         saved.schedule.bn = "train"  # a run of a release that always trained BatchNorm: it goes on doing so
+    as_a_fresh_run = cfg.copy()  # what this command line would run without resume=: compared with the run's own
+    use_scratch_when_nothing_to_protect(as_a_fresh_run, overrides, say=False)
     changes = []
     last_of_each = {override.lstrip("+~").partition("=")[0]: override for override in overrides}  # as Hydra: last wins
     for override in last_of_each.values():
@@ -124,7 +126,8 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, li
         if key in ("resume", "run_dir") or key.startswith("hydra"):
             continue
         if key in GROUPS:
-            differing = presets.differences(key, value, saved)
+            singles = {k for k in last_of_each if k not in GROUPS}
+            differing = presets.differences(key, value, saved, composed=as_a_fresh_run, skip=singles)
             if differing:
                 raise ConfigError(f"resume={cfg.resume} continues that run with its own config, and {override} is not "
                                   f"it ({', '.join(differing[:3])}): change single values (schedule.epochs=20), or "
@@ -185,35 +188,37 @@ def is_rank_zero() -> bool:
 PHASE_KEYS = ("phases", "freeze_epochs", "unfreeze", "backbone_lr_ratio", "layer_decay")
 
 
-def use_scratch_when_nothing_to_protect(cfg, overrides: list[str]) -> bool:
+def use_scratch_when_nothing_to_protect(cfg, overrides: list[str], say: bool = True) -> bool:
     """A backbone that starts from random weights has nothing to protect: with the default schedule and none of its
     phase keys given, switch to conf/schedule/scratch.yaml (one phase, everything at the full rate) and say so; with
     phases of the user's, BatchNorm still trains (schedule.bn=train: random running statistics are no statistics),
-    unless schedule.bn is given. Returns whether it switched to scratch."""
+    unless schedule.bn is given. Returns whether it switched to scratch. `say`: log what it chose."""
     if cfg.backbone.pretrained or cfg.backbone.get("weights"):
         return False
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
     if cfg.schedule.get("name") != "default" or "schedule" in given or any(
             g == f"schedule.{k}" or g.startswith(f"schedule.{k}.") for g in given for k in PHASE_KEYS):
-        return _train_batchnorm_of_a_random_backbone(cfg, given)
+        return _train_batchnorm_of_a_random_backbone(cfg, given, say)
     preset = presets.load("schedule", "default")
     if any(cfg.schedule.get(k) != preset.get(k) for k in PHASE_KEYS):  # a dataset or experiment preset chose
-        return _train_batchnorm_of_a_random_backbone(cfg, given)
+        return _train_batchnorm_of_a_random_backbone(cfg, given, say)
     scratch = presets.load("schedule", "scratch")
     if "schedule.bn" in given:
         scratch.pop("bn", None)
     cfg.schedule = OmegaConf.merge(cfg.schedule, scratch)
-    log.info("backbone.pretrained=false: a randomly initialised backbone has nothing to protect, so this run uses "
-             "schedule=scratch (everything trains at the full rate from the first epoch). Name a schedule "
-             "(schedule=default) or its keys (schedule.freeze_epochs=...) to choose otherwise.")
+    if say:
+            log.info("backbone.pretrained=false: a randomly initialised backbone has nothing to protect, so this run "
+                 "uses schedule=scratch (everything trains at the full rate from the first epoch). Name a schedule "
+                 "(schedule=default) or its keys (schedule.freeze_epochs=...) to choose otherwise.")
     return True
 
 
-def _train_batchnorm_of_a_random_backbone(cfg, given: set[str]) -> bool:
+def _train_batchnorm_of_a_random_backbone(cfg, given: set[str], say: bool = True) -> bool:
     if "schedule.bn" not in given and cfg.schedule.get("bn") != "train":
         cfg.schedule.bn = "train"
-        log.info("backbone.pretrained=false: BatchNorm trains (schedule.bn=train), as a randomly initialised "
-                 "backbone has no statistics to keep")
+        if say:
+            log.info("backbone.pretrained=false: BatchNorm trains (schedule.bn=train), as a randomly initialised "
+                     "backbone has no statistics to keep")
     return False
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import socket
+import time
 from pathlib import Path
 
 CONFIG = "config.yaml"  # the resolved config of the run (resume reads it)
@@ -16,6 +20,7 @@ TRACKERS = "trackers.json"  # the run's MLflow and W&B runs
 CHECKPOINTS = "checkpoints"
 BEST = "best.ckpt"
 LAST = "last.ckpt"
+LOCK = ".finetune.lock"  # held by the run that writes the directory, while it runs
 
 
 def best(run_dir: Path) -> Path:
@@ -53,3 +58,46 @@ def write_json(path: Path, data: dict) -> None:
         return value
 
     write_text(path, json.dumps(clean(data), indent=2, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def held(run_dir: Path, command: str = ""):
+    """The run directory for this run alone while it runs: an exclusive lock on RUN_DIR/.finetune.lock, which the
+    kernel releases when the process ends however it ends (kill -9 too). A second run into the same directory is
+    refused by a ConfigError naming the run that holds it, before it writes anything. Where the system has no
+    flock (not POSIX), nothing is held."""
+    from finetune.errors import ConfigError
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(run_dir) / LOCK
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a run that is starting"
+            f.close()
+            raise ConfigError(f"{run_dir} is being written by another run ({holder}): wait for it to end, or give "
+                              f"this run another hydra.run.dir") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the file that is there
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            + (f": {command}" if command else "") + "\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        f.close()  # releases the lock

@@ -87,8 +87,9 @@ class SweepReport(Callback):
         for line in loggers.hints(config.logger, sweep_dir, sweep=True):
             print(line)
         if best is not None:
-            print(f"Best job ({best['job']}, val/acc_best {best['val_acc_best']:.4f}, test/acc "
-                  f"{best['test_acc']:.4f}): {best['overrides'] or '(defaults)'}")
+            tested = f", test/acc {best['test_acc']:.4f}" if best["test_acc"] is not None else ", no test split"
+            print(f"Best job ({best['job']}, val/acc_best {best['val_acc_best']:.4f}{tested}): "
+                  f"{best['overrides'] or '(defaults)'}")
         if failed:
             log.error("%d of %d jobs failed: %s", len(failed), len(rows),
                       "; ".join(f"job {r['job']}: {r['error']}" for r in failed))
@@ -101,7 +102,7 @@ def write_summary(sweep_dir: Path) -> list[dict]:
     rows.sort(key=lambda r: (r["status"] != "completed", -(r["val_acc_best"] or 0.0), r["job"]))
     tmp = sweep_dir / "summary.csv.tmp"
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: r.get(k) for k in COLUMNS} for r in rows)
     tmp.replace(sweep_dir / "summary.csv")
@@ -140,11 +141,14 @@ def _over_folds(rows: list[dict], sweep_dir: Path) -> list[str]:
                       "test_acc_std": stdev(test) if len(test) > 1 else None})
     table.sort(key=lambda t: -(t["val_acc_best_mean"] or 0.0))
     with open(sweep_dir / "folds.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FOLD_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=FOLD_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(table)
-    lines = ["", "Over the folds (mean ± standard deviation of the completed folds, n - 1 in its denominator; every "
-             "fold is tested on the same test split):", "",
+    tested = any(t["test_acc_mean"] is not None for t in table)
+    lines = ["", "Over the folds (mean ± standard deviation of the completed folds, n - 1 in its denominator; " + (
+             "every fold is tested on the same test split):" if tested else
+             "no test split (dataset.test_fraction=0), so no test figures: each fold's val/acc_best chose its own "
+             "checkpoint and is optimistic):"), "",
              "| overrides | folds | val/acc_best | test/acc |", "|---|---:|---:|---:|"]
     for t in table:
         lines.append(f"| {t['overrides'] or '(defaults)'} | {t['folds']} | "

@@ -22,7 +22,7 @@ from finetune.data.transforms import Preprocessing, resolve_preprocessing
 from finetune.errors import ConfigError, FinetuneError
 from finetune.models.backbone import architecture, backbone_blocks, create_backbone
 from finetune.models.classifier import Classifier, UnsafeCheckpoint, load_checkpoint
-from finetune.runconfig import Plan, command_line_overrides, gives, plan, record_resume, save_config
+from finetune.runconfig import Plan, command_line_overrides, gives, is_rank_zero, plan, record_resume, save_config
 from finetune.schedule import Schedule
 from finetune.stats import accuracy_interval
 from finetune.trainer import build_trainer, compile_model, refuse_multirun_with_ddp
@@ -44,15 +44,21 @@ def run_plan(plan: Plan, overrides: list[str]) -> dict:
     """The run `plan` (finetune.runconfig) decided on: train, test, calibrate, and record it."""
     if plan.finished is not None:
         return plan.finished
-    cfg, resuming = plan.cfg, plan.resuming
-    refuse_multirun_with_ddp(cfg.trainer)
-    run_dir = Path(cfg.run_dir)
+    refuse_multirun_with_ddp(plan.cfg.trainer)
+    run_dir = Path(plan.cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_rank_zero():  # the other processes of a DDP or torchrun run write into rank 0's directory
+        return _run(plan, overrides)
+    with rundir.held(run_dir, " ".join(overrides)):
+        return _run(plan, overrides)
+
+
+def _run(plan: Plan, overrides: list[str]) -> dict:
+    cfg, resuming = plan.cfg, plan.resuming
+    run_dir = Path(cfg.run_dir)
     log.info("Run directory: %s", run_dir)
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg))
-    if resuming:
-        record_resume(cfg, plan.changes)
-    else:
+    if not resuming:
         save_config(cfg, run_dir / rundir.CONFIG)
     remove_leftovers(run_dir / rundir.CHECKPOINTS)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -62,7 +68,8 @@ def run_plan(plan: Plan, overrides: list[str]) -> dict:
     for warning in Schedule(_plain(cfg.schedule), len(backbone_blocks(backbone))).warnings():  # checks its phases
         log.warning("schedule: %s", warning)
     preprocessing = resolve_preprocessing(backbone, cfg.dataset.image_size, cfg.dataset.crop_pct)
-    data = build_data(cfg, preprocessing, run_dir, split_file=run_dir / rundir.SPLIT if resuming else None)
+    data = build_data(cfg, preprocessing, run_dir, split_file=run_dir / rundir.SPLIT if resuming else None,
+                      moved=moved_dataset(run_dir, cfg) if resuming else None)
     data.prepare_data()
     data.setup("fit")
     model = build_model(cfg, backbone, data, preprocessing)
@@ -74,6 +81,7 @@ def run_plan(plan: Plan, overrides: list[str]) -> dict:
     if resuming:
         ckpt_path = rundir.last(run_dir)
         step = check_resumable(ckpt_path, data.classes, cfg.backbone.name)
+        record_resume(cfg, plan.changes)  # only once the run can go on: a refused resume leaves its run as it was
         log.info("Resuming from %s (global step %d)", ckpt_path, step)
     else:
         if cfg.tune.lr_find:
@@ -94,7 +102,11 @@ def run_plan(plan: Plan, overrides: list[str]) -> dict:
             write_model_card(cfg, model, data, metrics, run_dir)
             # Last: resume=auto takes a run with metrics.json for finished, so it is written once all else is done.
             rundir.write_json(run_dir / rundir.METRICS, metrics)
-    log.info("Test accuracy %.4f (best checkpoint). Run directory: %s", metrics.get("test/acc", float("nan")), run_dir)
+    if "test/acc" in metrics:
+        log.info("Test accuracy %.4f (best checkpoint). Run directory: %s", metrics["test/acc"], run_dir)
+    else:
+        log.info("No test split, no test accuracy; val/acc_best %s. Run directory: %s",
+                 f"{metrics['val/acc_best']:.4f}" if metrics.get("val/acc_best") is not None else "none", run_dir)
     for line in loggers.hints(cfg.logger, run_dir):
         log.info("%s", line)
     # Let this run's model, data and trainer go (they hold reference cycles), so a sweep's jobs do not add up.
@@ -156,11 +168,23 @@ def check_resumable(last: Path, classes: list[str], backbone: str) -> int:
 
 
 def build_data(cfg: DictConfig, preprocessing: Preprocessing, run_dir: Path,
-               split_file: Path | None = None) -> ImageDataModule:
-    """The run's ImageDataModule (not yet set up), with the frozen-backbone feature cache if the schedule asks."""
+               split_file: Path | None = None, moved: tuple[str, str] | None = None) -> ImageDataModule:
+    """The run's ImageDataModule (not yet set up), with the frozen-backbone feature cache if the schedule asks.
+    `moved`: (old folder, new folder) of a resumed run whose dataset.root changed, for its split.csv's paths."""
     s = cfg.schedule
     return ImageDataModule(cfg.dataset, cfg.augment, preprocessing, cfg.seed, run_dir, split_file=split_file,
-                           cache_features=s.cache_features, feature_views=s.cache_views, ema=s.ema is not None)
+                           split_moved=moved, cache_features=s.cache_features, feature_views=s.cache_views,
+                           ema=s.ema is not None)
+
+
+def moved_dataset(run_dir: Path, cfg: DictConfig) -> tuple[str, str] | None:
+    """(the run's dataset folder, the one this resume gives) where resume= comes with another dataset.root: the
+    dataset moved, and split.csv's images are looked for below the new folder."""
+    saved = OmegaConf.load(run_dir / rundir.CONFIG).dataset.get("root")
+    if saved is None or cfg.dataset.get("root") is None:
+        return None
+    old, new = Path(saved).expanduser(), Path(cfg.dataset.root).expanduser()
+    return (str(old), str(new)) if old != new else None
 
 
 def build_model(cfg: DictConfig, backbone: torch.nn.Module, data: ImageDataModule,
@@ -222,18 +246,25 @@ def find_learning_rate(trainer: L.Trainer, model: Classifier, data: ImageDataMod
 def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_dir: Path) -> dict:
     """Test the best checkpoint (the current weights when there is none): the metrics for metrics.json."""
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    results = trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)
-    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    if len(data.indices("test")):
+        results = trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)
+        metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    else:  # the validation split chose the best checkpoint: its figures would be no test of it
+        log.warning("This run has no test split (dataset.test_fraction=0), so it reports no test figures; val/acc_best "
+                    "is measured on the images that chose the best checkpoint and is optimistic. For a held-out "
+                    "figure: dataset.test_fraction=0.1")
+        metrics = {}
     best_score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     if best_score is not None:
         metrics["val/acc_best"] = float(best_score)
     metrics["epochs"] = trainer.current_epoch
     metrics["global_step"] = trainer.global_step
     metrics["best_checkpoint"] = str(Path(best).relative_to(run_dir)) if best else None
-    metrics["test_images"] = len(data.indices("test")) or len(data.indices("val"))
+    metrics["test_images"] = len(data.indices("test"))
     metrics["val_images"] = len(data.indices("val"))
     # 95% Wilson intervals: how far the accuracies could be from the truth on sets this small
-    metrics["test/acc_ci95"] = accuracy_interval(metrics.get("test/acc"), metrics["test_images"])
+    if "test/acc" in metrics:
+        metrics["test/acc_ci95"] = accuracy_interval(metrics["test/acc"], metrics["test_images"])
     metrics["val/acc_best_ci95"] = accuracy_interval(metrics.get("val/acc_best"), metrics["val_images"])
     return metrics
 
@@ -241,7 +272,7 @@ def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_
 def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -> dict:
     """Fit the best checkpoint's temperature on the validation split and store it in best.ckpt, where evaluate,
     predict and export read it; the test NLL and ECE before and after, for metrics.json."""
-    from finetune.calibration import can_fit_temperature, ece, fit_temperature, nll
+    from finetune.calibration import ece, fit_temperature, nll, why_not_fitted
     from finetune.models.classifier import load_classifier
 
     best = run_dir / "checkpoints" / "best.ckpt"
@@ -250,18 +281,22 @@ def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -
     model = load_classifier(best).to(device)
     val_logits, val_labels = split_logits(model, data, "val", device)
     temperature = fit_temperature(val_logits, val_labels)
-    test_logits, test_labels = split_logits(model, data, "test" if len(data.indices("test")) else "val", device)
-    before, after = test_logits.softmax(1).numpy(), (test_logits / temperature).softmax(1).numpy()
-    labels = test_labels.numpy()
     checkpoint = load_checkpoint(best)
     checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "temperature": temperature}
     AtomicCheckpointIO().save_checkpoint(checkpoint, best)  # as every checkpoint: whole, or the old one stays
-    result = {"val/temperature": temperature, "test/nll_before": nll(before, labels),
-              "test/nll_after": nll(after, labels), "test/ece_before": ece(before, labels),
-              "test/ece_after": ece(after, labels)}
-    if not can_fit_temperature(val_logits, val_labels):
-        log.info("Calibration: every one of the %d validation images is classified right, so no temperature can be "
-                 "fitted (the NLL only falls as T goes to 0): T stays 1", len(val_labels))
+    result = {"val/temperature": temperature}
+    reason = why_not_fitted(val_logits, val_labels)
+    if len(data.indices("test")):  # how the temperature does on images it was not fitted on
+        test_logits, test_labels = split_logits(model, data, "test", device)
+        before, after = test_logits.softmax(1).numpy(), (test_logits / temperature).softmax(1).numpy()
+        labels = test_labels.numpy()
+        result.update({"test/nll_before": nll(before, labels), "test/nll_after": nll(after, labels),
+                       "test/ece_before": ece(before, labels), "test/ece_after": ece(after, labels)})
+    if reason:
+        log.info("Calibration: no temperature fitted, T stays 1: %s", reason)
+    elif "test/nll_before" not in result:
+        log.info("Calibration: temperature %.3f fitted on %d validation images (stored in %s); no test split to "
+                 "measure it on", temperature, len(val_labels), best)
     else:
         log.info("Calibration: temperature %.3f fitted on %d validation images; test NLL %.4f -> %.4f, ECE %.4f -> "
                  "%.4f (stored in %s)", temperature, len(val_labels), result["test/nll_before"],

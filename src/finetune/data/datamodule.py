@@ -95,7 +95,7 @@ class ImageDataset(Dataset):
         if self.skipped_csv is not None:
             try:
                 with open(self.skipped_csv, "a", newline="") as f:  # one short append: whole rows across workers
-                    csv.writer(f).writerow([path, f"failed while training: {reason}"])
+                    csv.writer(f, lineterminator="\n").writerow([path, f"failed while training: {reason}"])
                 where = f"; listed in {self.skipped_csv}"
             except OSError:
                 pass
@@ -173,12 +173,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, dataset, augment, preprocessing: Preprocessing, seed: int, run_dir: str | Path,
                  split_file: str | Path | None = None, cache_features: bool = False, feature_views: int = 0,
-                 ema: bool = False):
+                 ema: bool = False, split_moved: tuple[str, str] | None = None):
         super().__init__()
         self.cfg, self.augment, self.preprocessing, self.seed = dataset, augment, preprocessing, seed
         self.run_dir = Path(run_dir)
         split_file = split_file or dataset.get("split_file")
         self.split_file = Path(split_file) if split_file else None
+        self.split_moved = split_moved
         self.source: Source | None = None
         self.duplicates: tuple[Duplicates, Source] | None = None  # the groups found, in the dataset before any drop
         self.splits: np.ndarray | None = None
@@ -218,7 +219,10 @@ class ImageDataModule(L.LightningDataModule):
         d = self.cfg
         source = read_dataset(d)
         if self.split_file is not None:
-            source = apply_split_file(source, self.split_file)  # its splits become source.splits
+            moved = self.split_moved
+            hint = (f"; the run's dataset was in {moved[0]}, and dataset.root={moved[1]} does not hold the same "
+                    f"images below it" if moved else "")
+            source = apply_split_file(source, self.split_file, moved=self.split_moved, hint=hint)  # its splits
         if d.get("limit_per_class"):
             source = _limit_per_class(source, d.limit_per_class, self.seed)
         source = drop_unusable(source, d.root, d.max_pixels, d.max_bad_fraction, self.run_dir / "skipped.csv",
@@ -260,6 +264,10 @@ class ImageDataModule(L.LightningDataModule):
         every[keep] = splits
         _report_duplicates(duplicates, source, every, self.run_dir)
         self.duplicates = (duplicates, source)
+        if groups is not None:
+            plain = stratified_split(kept.labels, d.val_fraction, d.test_fraction, self.seed, official=kept.splits,
+                                     folds=d.get("folds"), fold=d.get("fold", 0))
+            refuse_classes_the_groups_left_unmeasured(kept, splits, plain, groups, self.run_dir)
         return kept, splits
 
     @property
@@ -362,6 +370,7 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=self.pin(),
             collate_fn=collate_raw if dataset.raw else None,
+            worker_init_fn=init_worker if workers > 0 else None,
         )
         self._loaders[split] = loader
         return loader
@@ -370,7 +379,8 @@ class ImageDataModule(L.LightningDataModule):
         """`dataset` in order, in batches, with this module's workers: for a pass over it outside training."""
         return DataLoader(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
                           pin_memory=self.pin(), generator=torch.Generator(),  # leaves the global RNG alone
-                          collate_fn=collate_raw if dataset.raw else None)
+                          collate_fn=collate_raw if dataset.raw else None,
+                          worker_init_fn=init_worker if self.cfg.num_workers > 0 else None)
 
     def _features_or_images(self, split: str) -> DataLoader:
         loader = self.features.loader(split) if self.features is not None else None
@@ -418,6 +428,44 @@ def subset(source: Source, keep: np.ndarray) -> Source:
                   images=None if source.images is None else source.images[keep],
                   splits=None if source.splits is None else [source.splits[j] for j in keep],
                   passed_over=source.passed_over)
+
+
+def refuse_classes_the_groups_left_unmeasured(source: Source, splits: np.ndarray, plain: np.ndarray,
+                                              groups: np.ndarray, run_dir: Path) -> None:
+    """A DataError naming each class that the split without duplicate groups (`plain`) gives validation or test
+    images and the split with them (`splits`) does not: its images are near copies of each other, each group went
+    to train whole, and its accuracy would not be measured (val and test would cover the other classes only)."""
+    lost = []
+    for c, name in enumerate(source.classes):
+        members = source.labels == c
+        for split in ("val", "test"):
+            if (plain[members] == split).any() and not (splits[members] == split).any():
+                in_groups = len(np.unique(groups[members]))
+                lost.append(f"class '{name}' has no {split} images: its {int(members.sum())} images are "
+                            f"{in_groups} group{'s' if in_groups != 1 else ''} of near copies, each kept whole in "
+                            f"train")
+                break
+    if lost:
+        raise DataError(f"{'; '.join(lost)} (dataset.dedup=group), so its accuracy would not be measured: "
+                        f"dataset.dedup=keep splits copies like any images, a lower dataset.dedup_threshold groups "
+                        f"fewer of them, or add distinct images of the class; the groups are in "
+                        f"{run_dir / 'duplicates.csv'}")
+
+
+def init_worker(worker_id: int) -> None:
+    """Each loader worker: Ctrl-C, which a terminal sends to every process of the command, is the main process's to
+    handle (a worker that died of it first made the run end on "DataLoader worker exited unexpectedly" instead of the
+    one-line message); seeded as Lightning seeds the workers it adds its own init to (seed_everything(workers=True)),
+    which it no longer does for a loader that has one."""
+    import os
+
+    from finetune.cli import ignore_interrupts
+
+    ignore_interrupts()
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
 
 
 def apply_split_file(source: Source, split_file: Path, only: str | None = None,
@@ -476,7 +524,7 @@ def _report_duplicates(duplicates: Duplicates, source: Source, splits: np.ndarra
     counts = report(duplicates, source, splits, run_dir / "duplicates.csv")
     if counts["dropped"]:
         with open(run_dir / "skipped.csv", "a", newline="") as f:
-            writer = csv.writer(f)
+            writer = csv.writer(f, lineterminator="\n")
             for members in duplicates.groups:
                 kept = next(j for j in members if splits[j] != "dropped")
                 writer.writerows([source.paths[j], f"duplicate of {source.paths[kept]} (dataset.dedup=drop)"]
@@ -500,6 +548,6 @@ def _record_split(path: Path, source: Source, splits: np.ndarray) -> None:
 def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["path", "reason"])
         writer.writerows(skipped)

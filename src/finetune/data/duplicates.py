@@ -205,7 +205,7 @@ def report(duplicates: Duplicates, source: Source, splits: np.ndarray, path: Pat
                          duplicates.distance(j, members), "exact" if exact else "near", "yes" if conflict else "no"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["group", "path", "label", "split", "distance", "kind", "conflict"])
         writer.writerows(rows)
     return counts

@@ -14,8 +14,9 @@ import os
 import stat
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 
 from PIL import UnidentifiedImageError
@@ -120,15 +121,25 @@ def parallel_map(fn, paths: list[str], workers: int, *args, progress: str | None
 
     if workers <= 1 or len(paths) < 64:
         return list(bar(fn(p, *args) for p in paths))
-    from finetune.cli import ignore_interrupts
+    from finetune.cli import ignore_interrupts, interrupts_held
 
-    with ProcessPoolExecutor(max_workers=workers, initializer=ignore_interrupts) as pool:
-        try:
-            return list(bar(pool.map(fn, paths, *([a] * len(paths) for a in args),
-                                     chunksize=max(1, min(256, len(paths) // (workers * 8))))))
-        except BaseException:  # Ctrl-C: drop the files not yet begun instead of checking them all first
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    # multiprocessing's Pool, not concurrent.futures': on Ctrl-C its terminate() stops the workers at once, where
+    # ProcessPoolExecutor's shutdown printed a traceback of its own and then waited, sometimes for ever.
+    with interrupts_held():
+        pool = get_context("fork").Pool(workers, initializer=ignore_interrupts)
+    try:
+        return list(bar(pool.imap(partial(_call, fn, args), paths,
+                                  chunksize=max(1, min(256, len(paths) // (workers * 8))))))
+    except BaseException:  # Ctrl-C: the files not yet begun are dropped instead of checked first
+        pool.terminate()
+        raise
+    finally:
+        pool.close()
+        pool.join()
+
+
+def _call(fn, args: tuple, path: str):
+    return fn(path, *args)
 
 
 def cache_path(root: Path, name: str = CACHE_NAME) -> Path:

@@ -92,7 +92,7 @@ def write_split(path: Path, paths: list[str], labels: np.ndarray, classes: list[
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["path", "label", "split"])
         writer.writerows(zip(paths, (classes[i] for i in labels), splits))
     tmp.replace(path)
