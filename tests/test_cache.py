@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from fabricate import make_image_folder
 from PIL import Image
+from support.fabricate import make_image_folder
 
 from finetune.data import cache as cache_module
 from finetune.data.cache import ImageCache, open_or_build, remove_stale_temporaries, resize_short_side

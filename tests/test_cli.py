@@ -1,19 +1,14 @@
 """scripts/train.py as a user runs it: sweeps, error messages, and the quick start."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import FAST, ROOT
+from support import FAST, run_process, run_script
 
 
-def train_script(cwd, *args, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def train_script(cwd, *args):
+    return run_script("train", *args, cwd=cwd)
 
 
 def test_multirun_gives_each_learning_rate_its_own_run_directory(tmp_path, shapes):
@@ -47,7 +42,7 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
 
 
 def test_one_class_dataset_is_refused_before_training(tmp_path):
-    from fabricate import make_image_folder
+    from support.fabricate import make_image_folder
 
     root = make_image_folder(tmp_path / "data", {"alpaca": "red"}, per_class=3)
     result = train_script(tmp_path, "dataset=image_folder", f"dataset.root={root}", *FAST)
@@ -64,13 +59,13 @@ def test_unknown_key_is_named_without_a_traceback(tmp_path):
 
 @pytest.mark.slow
 def test_quick_start_reaches_97_percent_on_digits(tmp_path):
-    """README's first command, exactly: no arguments, random init, bundled digits."""
-    result = train_script(tmp_path)
+    """README's first command, exactly, as a process of its own: no arguments, random init, bundled digits."""
+    result = run_process("train", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 1
     assert f"Run directory: {runs[0]}" in result.stdout + result.stderr
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert metrics["test/acc"] >= 0.97, metrics
-    assert metrics["test_images"] == (runs[0] / "split.csv").read_text().count(",test\n")
+    assert metrics["test_images"] == (runs[0] / "split.csv").read_bytes().count(b",test\n")
     torch.load(runs[0] / "checkpoints" / "best.ckpt", weights_only=True)

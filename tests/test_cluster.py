@@ -4,15 +4,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, FAST, ROOT, compose, given, sigterm_after_first_checkpoint, wait_for
 from omegaconf import OmegaConf
+from support import CONF, FAST, compose, given, sigterm_after_first_checkpoint, start_process, wait_for
 
 from finetune.errors import ConfigError
 from finetune.runconfig import continue_or_start
@@ -24,9 +22,7 @@ LEARN = [*FAST, "schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "dataset.
 
 
 def start(cwd, *args, module=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests")}
-    command = [sys.executable, *(["-m", *module] if module else []), str(ROOT / "scripts" / "train.py"), *args]
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_process("train", *args, cwd=cwd, python=("-m", *module) if module else ())
 
 
 
@@ -51,7 +47,7 @@ def files(run_dir):
 def test_the_same_command_with_resume_auto_continues_the_killed_run_then_says_it_is_finished(tmp_path, shapes, caplog):
     """What a requeued job does: the same command again, in the same directory."""
     run_dir = tmp_path / "job"
-    args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "dataset.batch_size=4", "schedule.epochs=3",
+    args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "dataset.batch_size=4", "schedule.epochs=6",
             "schedule.freeze_epochs=1", "logger=csv", "resume=auto"]
     first = start(tmp_path, *args, f"hydra.run.dir={run_dir}")
     epoch_steps, output = sigterm_after_first_checkpoint(first, run_dir)
@@ -66,7 +62,7 @@ def test_the_same_command_with_resume_auto_continues_the_killed_run_then_says_it
     assert f"holds a run; continuing it from {run_dir / 'checkpoints' / 'last.ckpt'}" in output
     assert f"(global step {stopped_at})" in output
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == 3 and metrics["global_step"] == 3 * epoch_steps  # went on, not from step 0
+    assert metrics["epochs"] == 6 and metrics["global_step"] == 6 * epoch_steps  # went on, not from step 0
     assert (run_dir / "config.yaml").read_text() == config and "resume: null" in config  # the same run, unchanged
     assert not (tmp_path / "outputs").exists()  # and no run directory of its own beside it
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, compose
 from hydra.errors import ConfigCompositionException
+from support import CONF, compose
 
 from finetune.checks import validate
 from finetune.errors import ConfigError

@@ -5,9 +5,9 @@ import csv
 import numpy as np
 import pytest
 import torch
-from conftest import compose
-from fabricate import make_image_folder, write_png_header_only
 from PIL import Image
+from support import compose
+from support.fabricate import make_image_folder, write_png_header_only
 
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.images import ImageTooLarge, open_rgb
@@ -98,6 +98,8 @@ def test_datamodule_writes_split_csv_and_reuses_it(tmp_path, shapes):
     assert len(rows) - 1 == 120
     assert {r[1] for r in rows[1:]} == {"red", "green", "not red or green"}
     assert {r[2] for r in rows[1:]} == {"train", "val", "test"}
+    text = (tmp_path / "a" / "split.csv").read_bytes().decode()
+    assert "\r" not in text and text.count(",test\n") == sum(r[2] == "test" for r in rows)  # LF, for grep
     assert dm.class_counts()["val"] == [10, 10, 10]
 
     again = ImageDataModule(cfg.dataset, cfg.augment, PRE, seed=99, run_dir=tmp_path / "b",

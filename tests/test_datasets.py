@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import FAST, compose, given
-from fabricate import (
+from support import FAST, compose, given
+from support.fabricate import (
     CIFAR10_CLASSES,
     add_broken,
     make_cifar10,
@@ -271,7 +271,8 @@ def test_class_weights_or_a_balanced_sampler_beat_plain_training_on_a_9_to_1_set
     for balance in ("none", "weights", "sampler"):
         cfg = compose(tmp_path / balance, "dataset=image_folder", f"dataset.root={root}", *FAST, "logger=none",
                       f"dataset.balance={balance}", "dataset.test_fraction=0.3", "schedule.epochs=8",
-                      "schedule.freeze_epochs=8", "schedule.lr=1e-2", "seed=0")
+                      "schedule.freeze_epochs=8", "schedule.lr=1e-2", "seed=0",
+                      "schedule.cache_features=true")  # a frozen backbone: its features once, 8 cheap epochs
         metrics = run(cfg, overrides=given(cfg))
         scores[balance] = _balanced_accuracy(tmp_path / balance)
         assert "test/balanced_acc" in metrics

@@ -7,7 +7,7 @@ import threading
 import zipfile
 
 import pytest
-from fabricate import make_cifar10, make_pet_images, make_stanford_dogs
+from support.fabricate import make_cifar10, make_pet_images, make_stanford_dogs
 
 from finetune.data import download as downloads
 from finetune.data.download import Archive
@@ -155,7 +155,7 @@ def test_two_archives_into_their_folders(tmp_path, server, monkeypatch):
 
 
 def test_datamodule_downloads_only_when_the_data_is_missing(tmp_path, server, cifar_archive):
-    from conftest import FAST, compose
+    from support import FAST, compose
 
     from finetune.data.datamodule import ImageDataModule
     from finetune.data.transforms import Preprocessing

@@ -4,14 +4,12 @@ import csv
 import json
 import logging
 import os
-import subprocess
-import sys
 from collections import defaultdict
 
 import numpy as np
 import pytest
-from conftest import FAST, ROOT, compose
-from fabricate import make_cifar10, make_image_folder, plant_copy
+from support import FAST, compose, run_script
+from support.fabricate import make_cifar10, make_image_folder, plant_copy
 
 from finetune.checks import validate
 from finetune.data import duplicates as dups
@@ -277,9 +275,7 @@ def test_bad_dedup_and_fold_values_are_one_clear_line(tmp_path, overrides, messa
 
 
 def train_script(cwd, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_script("train", *args, cwd=cwd)
 
 
 def test_train_script_reports_duplicates_and_drops_them(tmp_path, planted):
@@ -323,3 +319,40 @@ def test_k_fold_sweep_validates_on_each_fold_once_and_summarises_the_folds(tmp_p
         assert float(row[f"{column}_mean"]) == pytest.approx(np.mean(values))
         assert float(row[f"{column}_std"]) == pytest.approx(np.std(values, ddof=1))
     assert "Over the folds (mean ± standard deviation" in (sweep / "summary.md").read_text()
+
+
+def test_k_fold_without_a_test_split_reports_no_test_figures_and_says_so(tmp_path, shapes):
+    """dataset.test_fraction=0: each fold's validation images chose its checkpoint, so no fold has a test/acc (it
+    was the validation fold's), and the summary says there is no test split instead of 'tested on the same one'."""
+    result = train_script(tmp_path, "-m", "dataset=image_folder", f"dataset.root={shapes}", *FAST,
+                          "dataset.limit_per_class=12", "dataset.test_fraction=0", "schedule.epochs=1",
+                          "schedule.freeze_epochs=0", "logger=none", "dataset.folds=2", "dataset.fold=range(2)")
+    assert result.returncode == 0, result.output[-3000:]
+    assert "This run has no test split (dataset.test_fraction=0), so it reports no test figures" in result.output
+    sweep = next((tmp_path / "outputs" / "sweeps").iterdir())
+    for job in range(2):
+        metrics = json.loads((sweep / str(job) / "metrics.json").read_text())
+        assert metrics["test_images"] == 0 and not any(k.startswith("test/") for k in metrics), metrics
+        assert metrics["val/acc_best"] is not None and "val/temperature" in metrics
+        assert "no test split, so no test figures" in (sweep / str(job) / "model_card.md").read_text()
+    (row,) = read_csv(sweep / "folds.csv")
+    assert row["test_acc_mean"] == "" and row["val_acc_best_mean"] != ""
+    text = (sweep / "summary.md").read_text()
+    assert "no test split (dataset.test_fraction=0), so no test figures" in text and "same test split" not in text
+    assert "no test split): " in result.output  # the best job's line
+
+
+def test_a_class_of_near_copies_left_without_val_and_test_images_is_refused_naming_it(tmp_path):
+    """40 slight variants of one photo as one class beside 30 distinct images of another: grouped, the whole class
+    would go to train, and val and test would measure the other class alone. One line names it and the keys."""
+    root = make_image_folder(tmp_path / "data", {"cat": "blue"}, per_class=30, scenes=True)
+    original = make_image_folder(tmp_path / "one", {"dog": "red"}, per_class=1, scenes=True) / "dog" / "0000.jpg"
+    kinds = ("exact", "quality", "resized", "cropped")
+    for i in range(40):
+        plant_copy(original, root / "dog" / f"variant{i:02d}.jpg", kinds[i % 4])
+    result = train_script(tmp_path, "dataset=image_folder", f"dataset.root={root}", *FAST, "logger=none",
+                          "hydra.run.dir=run")
+    assert result.returncode != 0 and "Traceback" not in result.output
+    assert "class 'dog' has no val images: its 40 images are" in result.output
+    assert "dataset.dedup=keep splits copies like any images" in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training

@@ -3,25 +3,22 @@ refused when it collapses, predict from an ONNX file, and README's standalone on
 
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import FAST, ROOT, compose, given
 from omegaconf import OmegaConf
+from support import FAST, ROOT, compose, given, run_script
 from test_tools import tool_cfg
 
 from finetune.errors import ConfigError, FinetuneError
 from finetune.train import run as train
 
 
-def script(name, *args, cwd=None, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def script(name, *args, cwd=None):
+    return run_script(name, *args, cwd=cwd or ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +78,7 @@ def test_int8_export_is_smaller_measured_on_the_test_split_and_its_sidecar_numbe
     for row in evaluation["models"].values():
         assert row["ms_per_image_batch1"] > 0 and row["ms_per_image_batch32"] > 0
     assert "onnx int8" in printed and "top-1 changed" in printed  # the table, printed
+    assert "scale for weight" not in printed and "to ensure bias" not in printed  # not onnxruntime's adjustments
     card = model.with_name("best.int8.model_card.md").read_text()
     assert "int8" in card and f"{images} test images" in card
 
@@ -226,3 +224,30 @@ def test_a_run_whose_dataset_is_gone_still_exports_unmeasured_but_int8_needs_its
     with pytest.raises(DataError, match="not in .*not-here any more"):
         run(tool_cfg("export", ckpt=copy / "checkpoints" / "best.ckpt", quantize="int8", num_workers=0))
     assert sorted(p.name for p in (copy / "export").iterdir()) == ["best.json", "best.model_card.md", "best.onnx"]
+
+
+@pytest.mark.slow
+def test_an_export_killed_on_the_way_leaves_no_model_and_the_next_one_cleans_up(run_dir, tmp_path):
+    """kill -9 while the int8 model is measured: no best.*.onnx under a final name without its sidecar; the next
+    export removes the dead one's working folder and takes the name the killed one would have had."""
+    import signal
+    import time
+
+    from support import start_process
+
+    out = tmp_path / "export"
+    out.mkdir()
+    process = start_process("export", f"ckpt={run_dir}", "format=onnx", "quantize=int8", f"out={out / 'm.onnx'}",
+                            cwd=tmp_path)
+    started = time.time()
+    while not list(out.glob(".export-*/m.onnx")):  # quantized, being measured
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.time() - started < 300
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not list(out.glob("m*")) and len(list(out.glob(".export-*"))) == 1  # only the working folder
+    result = script("export", f"ckpt={run_dir}", "format=onnx", "quantize=int8", f"out={out / 'm.onnx'}")
+    assert result.returncode == 0, result.output[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["m.json", "m.model_card.md", "m.onnx"]  # no dead folder
+    assert json.loads((out / "m.json").read_text())["model"] == "m.onnx"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, ROOT, compose, given, sigterm_after_first_checkpoint, wait_for
+from support import FAST, compose, given, run_script, sigterm_after_first_checkpoint, start_process, wait_for
 
 from finetune.callbacks.nonfinite import NonFiniteLoss
 from finetune.train import run
@@ -21,12 +21,11 @@ LEARN = [*FAST, "schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "dataset.
 
 
 def start_training(cwd, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests")}
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_process("train", *args, cwd=cwd)
 
 
 
+@pytest.mark.slow  # three processes, each importing torch and Lightning
 def test_sigkill_during_a_save_never_damages_last_ckpt(tmp_path):
     """A process saving 60 MB checkpoints back to back is killed at moments spread over its saves; each time
     last.ckpt is whole and loadable, and nothing else is left in the folder."""
@@ -53,8 +52,9 @@ def test_sigkill_during_a_save_never_damages_last_ckpt(tmp_path):
         assert torch.all(checkpoint["weights"] == checkpoint["version"])
 
 
+@pytest.mark.slow  # a process importing torch and Lightning, trained for 4 epochs, then resumed
 def test_sigterm_saves_at_the_next_batch_and_resume_continues_the_step_count(tmp_path, shapes):
-    args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "dataset.batch_size=4", "schedule.epochs=3",
+    args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "dataset.batch_size=4", "schedule.epochs=6",
             "schedule.freeze_epochs=1", "logger=csv"]
     process = start_training(tmp_path, *args)
     runs = tmp_path / "outputs" / "runs"
@@ -65,12 +65,11 @@ def test_sigterm_saves_at_the_next_batch_and_resume_continues_the_step_count(tmp
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] > first  # saved where it stopped, not only at the epoch end
 
-    resumed = start_training(tmp_path, f"resume={run_dir}")
-    output = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, output[-3000:]
+    resumed = run_script("train", f"resume={run_dir}", cwd=tmp_path)  # the same command again, in this process
+    assert resumed.returncode == 0, resumed.output[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == 3
-    assert metrics["global_step"] == 3 * first  # the step count went on from where it stopped
+    assert metrics["epochs"] == 6
+    assert metrics["global_step"] == 6 * first  # the step count went on from where it stopped
 
 
 GRADUAL = ["schedule=gradual", "schedule.layer_decay=0.8",
@@ -109,7 +108,7 @@ def test_no_checkpoint_of_a_nan_model_even_with_step_checkpoints(tmp_path, shape
     with pytest.raises(NonFiniteLoss):
         run(compose(tmp_path / "run", "dataset=image_folder", f"dataset.root={shapes}", *FAST, "schedule.epochs=3",
                     "logger=none", "checkpoint.every_n_steps=1",
-                    "callbacks.extra=[{_target_: recorders.PoisonHead, epoch: 1}]"), overrides=[])
+                    "callbacks.extra=[{_target_: support.recorders.PoisonHead, epoch: 1}]"), overrides=[])
     for name in ("last.ckpt", "best.ckpt"):
         state = torch.load(tmp_path / "run" / "checkpoints" / name, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 
 PACKAGE = ROOT / "src" / "finetune"
 HEAVY = ("torch", "torchvision", "lightning", "timm")
@@ -144,13 +144,13 @@ def test_resuming_a_finished_run_is_refused_before_torch_loads(tmp_path):
     ("hydra_plugins.hydra_optuna_sweeper", ["hparams_search=lr_optuna"], "uv sync --extra optuna"),
 ])
 def test_an_integration_whose_extra_is_missing_is_one_line_naming_the_install_command(
-        tmp_path, monkeypatch, capsys, hidden, args, message):
-    from conftest import run_script
+        tmp_path, monkeypatch, hidden, args, message):
+    from support import run_script
 
     monkeypatch.setitem(sys.modules, hidden, None)  # as if not installed: importlib finds no such module
-    assert run_script("train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path) == 2
-    captured = capsys.readouterr()
-    assert message in captured.out + captured.err
+    result = run_script("train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.output
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

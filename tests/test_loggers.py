@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF, FAST, ROOT, compose, given
+from support import CONF, FAST, ROOT, compose, given, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune.checks import validate
@@ -255,21 +255,19 @@ def test_bad_tracker_settings_are_one_line_before_any_work(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_readme_sweep_gives_mlflow_runs_side_by_side_and_a_finished_wandb_run_per_job(tmp_path, shapes):
-    """README's commands, run as a user would (in a folder of their own, the default store in ./outputs), with
-    every tracker on: one process runs both jobs, so the first job's W&B run must be finished before the second's."""
+    """The documented sweep command, through the script's entry point (in a folder of its own, the default store
+    in ./outputs), with every tracker on: one process runs both jobs, so the first job's W&B run must be finished
+    before the second's."""
     from mlflow.tracking import MlflowClient
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "-m",
-                             "logger=[tensorboard,mlflow,wandb]", "schedule.lr=1e-3,3e-3", "dataset=image_folder",
-                             f"dataset.root={shapes}", *TINY], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)
-    output = result.stdout + result.stderr
+    result = run_script("train", "-m", "logger=[tensorboard,mlflow,wandb]", "schedule.lr=1e-3,3e-3",
+                        "dataset=image_folder", f"dataset.root={shapes}", *TINY, cwd=tmp_path)
+    output = result.output
     assert result.returncode == 0, output[-3000:]
     sweep = next((tmp_path / "outputs" / "sweeps").iterdir())
     uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
     assert f"MLflow: uv run mlflow ui --backend-store-uri {uri}" in output
-    assert f"W&B (offline): uv run wandb sync {sweep.relative_to(tmp_path)}/*/wandb/offline-run-*" in result.stdout
+    assert f"W&B (offline): uv run wandb sync {sweep.relative_to(tmp_path)}/*/wandb/offline-run-*" in output
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("finetune").experiment_id], order_by=["tags.sweep"])
@@ -294,11 +292,23 @@ def test_readme_sweep_gives_mlflow_runs_side_by_side_and_a_finished_wandb_run_pe
 
 def test_a_server_that_does_not_answer_stops_the_script_before_training_in_one_line(tmp_path, shapes):
     port = closed_port()
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "logger=mlflow",
-                             f"logger.tracking_uri=http://127.0.0.1:{port}", "dataset=image_folder",
-                             f"dataset.root={shapes}", *TINY], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
-    output = result.stdout + result.stderr
+    result = run_script("train", "logger=mlflow", f"logger.tracking_uri=http://127.0.0.1:{port}",
+                        "dataset=image_folder", f"dataset.root={shapes}", *TINY, cwd=tmp_path)
+    output = result.output
     assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
     assert f"logger.tracking_uri=http://127.0.0.1:{port}: no MLflow server answers there" in output
     assert not list((tmp_path / "outputs" / "runs").glob("*/split.csv"))  # the data was never read
+
+
+@pytest.mark.slow  # three processes each creating MLflow's tables in turn: half a minute here
+def test_runs_started_at_once_into_a_fresh_folder_share_its_new_mlflow_store(tmp_path):
+    """Two first runs at once made the second fail in the middle of MLflow's table creation ('Online migration
+    expected to match one row'): here three processes open the same new SQLite store together, and each can use it."""
+    from multiprocessing import get_context
+
+    from finetune.loggers import probe_store
+
+    uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    with get_context("fork").Pool(3) as pool:
+        assert pool.map(probe_store, [uri] * 3) == [None, None, None]
+    assert probe_store(uri) is None

@@ -10,9 +10,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from conftest import FAST, compose
-from fabricate import make_dog_breeds, make_image_folder, make_oxford_pets
 from PIL import Image
+from support import FAST, compose
+from support.fabricate import make_dog_breeds, make_image_folder, make_oxford_pets
 
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.sources import DataError, read_source

@@ -284,15 +284,11 @@ def test_a_hub_model_in_the_local_cache_loads_offline_and_rebuilds_from_the_chec
 
 
 def test_backbones_lists_the_pretrained_names_that_match_with_size_and_parameters(tmp_path):
-    import subprocess
-    import sys
+    from support import run_script
 
-    from conftest import ROOT
-
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--backbones", "mobilenetv2_1"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
+    result = run_script("train", "--backbones", "mobilenetv2_1", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-2000:]
+    lines = result.output.splitlines()
     assert lines[0].split() == ["backbone.name", "input", "crop", "params"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
     assert rows["mobilenetv2_100.ra_in1k"] == ["224x224", "0.875", "2.2M"]  # 2.2M without the classifier

@@ -6,9 +6,9 @@ import json
 import pytest
 import timm
 import torch
-from conftest import run_script
-from fabricate import make_image_folder
-from recorders import FreezeRecorder
+from support import run_script
+from support.fabricate import make_image_folder
+from support.recorders import FreezeRecorder
 
 from finetune.models.backbone import create_backbone
 
@@ -34,14 +34,14 @@ def test_the_packaged_weights_give_timms_model_the_packages_own_outputs(lite0):
 def test_a_pretrained_probe_learns_in_one_epoch_and_fine_tuning_keeps_it(tmp_path, lite0):
     shapes = make_image_folder(tmp_path / "shapes", {"red": "red", "green": "green", "blue": "blue"}, per_class=100)
     run_dir = tmp_path / "run"
-    code = run_script("train", "dataset=image_folder", f"dataset.root={shapes}",
+    result = run_script("train", "dataset=image_folder", f"dataset.root={shapes}",
                       "backbone.name=tf_efficientnet_lite0", f"backbone.weights={lite0}", "dataset.image_size=64",
                       "dataset.batch_size=8", "dataset.num_workers=0", "dataset.val_fraction=0.25",
                       "dataset.test_fraction=0.25", "schedule.epochs=3", "schedule.freeze_epochs=1",
                       "schedule.cache_features=true", "callbacks.progress_bar=false", "logger=csv",
-                      "callbacks.extra=[{_target_: recorders.FreezeRecorder}]", f"hydra.run.dir={run_dir}",
+                      "callbacks.extra=[{_target_: support.recorders.FreezeRecorder}]", f"hydra.run.dir={run_dir}",
                       cwd=tmp_path)
-    assert code == 0
+    assert result.returncode == 0, result.output[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     probe, fine_tuning = metrics["phases"]
     assert probe["epochs"] == [0, 0] and fine_tuning["epochs"] == [1, 2]

@@ -4,14 +4,11 @@ restored weights, EMA, the from-scratch default, and the two-phase shorthand rep
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import FAST, ROOT, compose, given
-from recorders import BatchKinds, FreezeRecorder, HeadRecorder
+from support import FAST, compose, given, run_process, run_script
+from support.recorders import BatchKinds, FreezeRecorder, HeadRecorder
 
 from finetune.models.backbone import backbone_blocks, create_backbone, parameter_blocks
 from finetune.models.heads import create_head
@@ -22,7 +19,7 @@ from finetune.train import run
 BASE = {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.05, "momentum": 0.9, "epochs": 8, "warmup_epochs": 1,
         "scheduler": "cosine", "step_size": 3, "gamma": 0.1, "backbone_lr_ratio": 0.5, "freeze_epochs": None,
         "unfreeze": None}
-RECORD = "callbacks.extra=[{_target_: recorders.FreezeRecorder}]"
+RECORD = "callbacks.extra=[{_target_: support.recorders.FreezeRecorder}]"
 
 
 def train(tmp_path, data, *overrides, name="run"):
@@ -31,10 +28,6 @@ def train(tmp_path, data, *overrides, name="run"):
     return run(cfg, overrides=given(cfg)), tmp_path / name
 
 
-def script(name, cwd, *args, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "tests")}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_100", "efficientnet_b0"])
@@ -225,7 +218,8 @@ def test_restore_best_starts_the_next_phase_from_the_best_weights_so_far(tmp_pat
     phases = "schedule.phases=[{train: all, epochs: 2, lr: 1e-2}, {train: head}]"
     with caplog.at_level("INFO", logger="finetune"):
         train(tmp_path, shapes, phases, "schedule.freeze_epochs=null", "schedule.unfreeze=null", "logger=none",
-              "schedule.restore_best=true", "schedule.epochs=3", "callbacks.extra=[{_target_: recorders.HeadRecorder}]")
+              "schedule.restore_best=true", "schedule.epochs=3",
+              "callbacks.extra=[{_target_: support.recorders.HeadRecorder}]")
     heads = HeadRecorder.instances[-1]
     best = max((0, 1), key=lambda e: (heads.val_acc[e], -e))  # the first best: a tie does not replace best.ckpt
     assert best == 0 and not torch.equal(heads.validated[1], heads.validated[0])  # so restoring changes weights
@@ -236,7 +230,7 @@ def test_restore_best_starts_the_next_phase_from_the_best_weights_so_far(tmp_pat
 def test_ema_weights_are_validated_checkpointed_and_evaluated(tmp_path, shapes):
     decay = 0.8
     metrics, run_dir = train(tmp_path, shapes, "schedule.ema=0.8", "schedule.epochs=3", "schedule.freeze_epochs=1",
-                             "schedule.lr=3e-3", "callbacks.extra=[{_target_: recorders.HeadRecorder}]")
+                             "schedule.lr=3e-3", "callbacks.extra=[{_target_: support.recorders.HeadRecorder}]")
     average = None
     for weights in HeadRecorder.instances[-1].after_step:  # the average, computed here on its own
         average = weights if average is None else decay * average + (1 - decay) * weights
@@ -255,7 +249,7 @@ def test_ema_weights_are_validated_checkpointed_and_evaluated(tmp_path, shapes):
 def test_lp_ft_probes_on_cached_features_then_fine_tunes_everything_from_the_best_probe(tmp_path, shapes, caplog):
     with caplog.at_level("INFO", logger="finetune"):
         metrics, _ = train(tmp_path, shapes, "schedule=lp_ft", "augment=none",
-                           "callbacks.extra=[{_target_: recorders.BatchKinds}]")
+                           "callbacks.extra=[{_target_: support.recorders.BatchKinds}]")
     kinds = BatchKinds.instances[-1]
     probe = {e for e, d in kinds.train if d == 2}
     tuned = {e for e, d in kinds.train if d == 4}
@@ -268,8 +262,8 @@ def test_lp_ft_probes_on_cached_features_then_fine_tunes_everything_from_the_bes
 
 
 def test_gradual_from_the_command_line(tmp_path, shapes):
-    result = script("train", tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *FAST, "schedule=gradual",
-                    "schedule.epochs=9", "schedule.layer_decay=0.7", "logger=csv")
+    result = run_script("train", "dataset=image_folder", f"dataset.root={shapes}", *FAST, "schedule=gradual",
+                        "schedule.epochs=9", "schedule.layer_decay=0.7", "logger=csv", cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Epoch 2: phase 2 of 5 (epochs 2-3): the head and the last 2 of 18 blocks train" in output
@@ -285,13 +279,13 @@ def test_gradual_from_the_command_line(tmp_path, shapes):
 def test_a_random_backbone_gets_the_scratch_schedule_and_learns(tmp_path):
     """The issue's command on a Kaggle-layout set, without pretrained weights: everything trains from the first
     epoch, and it learns in 8 epochs."""
-    from fabricate import make_dogs_vs_cats
+    from support.fabricate import make_dogs_vs_cats
 
     root = make_dogs_vs_cats(tmp_path / "dogs-vs-cats", per_class=120)
-    result = script("train", tmp_path, "dataset=dogs_vs_cats", f"dataset.root={root}", "backbone.pretrained=false",
-                    "dataset.image_size=32", "schedule.epochs=8", "dataset.batch_size=16", "dataset.num_workers=0",
-                    "trainer.accelerator=cpu", "callbacks.progress_bar=false", "logger=none",
-                    "callbacks.extra=[{_target_: recorders.RankWeights}]")
+    result = run_script("train", "dataset=dogs_vs_cats", f"dataset.root={root}", "backbone.pretrained=false",
+                        "dataset.image_size=32", "schedule.epochs=8", "dataset.batch_size=16", "dataset.num_workers=0",
+                        "trainer.accelerator=cpu", "callbacks.progress_bar=false", "logger=none",
+                        "callbacks.extra=[{_target_: support.recorders.RankWeights}]", cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "this run uses schedule=scratch" in output
@@ -352,11 +346,11 @@ def test_unknown_phase_keys_and_contradictions_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_ranks_stay_identical_across_every_phase_boundary_with_gradual_and_layer_decay(tmp_path, shapes):
-    result = script("train", tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *FAST, "trainer=ddp",
-                    "trainer.accelerator=cpu", "trainer.devices=2", "schedule=gradual", "schedule.layer_decay=0.8",
-                    "schedule.epochs=4", "schedule.phases=[{train: head, epochs: 1}, {train: 2, epochs: 1}, "
-                    "{train: 6, epochs: 1}, {train: all}]", "schedule.lr=3e-3",
-                    "callbacks.extra=[{_target_: recorders.RankWeights}]", timeout=900)
+    result = run_process("train", "dataset=image_folder", f"dataset.root={shapes}", *FAST, "trainer=ddp",
+                         "trainer.accelerator=cpu", "trainer.devices=2", "schedule=gradual", "schedule.layer_decay=0.8",
+                         "schedule.epochs=4", "schedule.phases=[{train: head, epochs: 1}, {train: 2, epochs: 1}, "
+                         "{train: 6, epochs: 1}, {train: all}]", "schedule.lr=3e-3",
+                         "callbacks.extra=[{_target_: support.recorders.RankWeights}]", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     run_dir = next((tmp_path / "outputs" / "runs").iterdir())
     ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -374,7 +368,7 @@ def test_a_run_resumed_in_the_middle_of_an_epoch_trains_what_that_epoch_trains(t
 
     with pytest.raises(Preempted):  # pre-empted at step 6: in epoch 1, after the frozen epoch 0 (4 steps)
         train(tmp_path, shapes, "schedule.epochs=2", "schedule.freeze_epochs=1", "logger=none",
-              "callbacks.extra=[{_target_: recorders.SigtermAt, step: 6}]")
+              "callbacks.extra=[{_target_: support.recorders.SigtermAt, step: 6}]")
     run(compose(tmp_path / "ignored", f"resume={tmp_path / 'run'}"), overrides=[RECORD])
     steps = FreezeRecorder.instances[-1].steps
     assert steps and {s["epoch"] for s in steps} == {1}
@@ -387,14 +381,15 @@ def test_resumed_after_the_frozen_epochs_cached_features_give_way_to_images(tmp_
     _, run_dir = train(tmp_path, shapes, "schedule.cache_features=true", "schedule.freeze_epochs=1",
                        "schedule.epochs=2", "logger=none")
     run(compose(tmp_path / "ignored", f"resume={run_dir}"),
-        overrides=["schedule.epochs=3", "callbacks.extra=[{_target_: recorders.BatchKinds}]"])
+        overrides=["schedule.epochs=3", "callbacks.extra=[{_target_: support.recorders.BatchKinds}]"])
     kinds = BatchKinds.instances[-1]
     assert kinds.train and all(e == 2 and d == 4 for e, d in kinds.train + kinds.val)
 
 
 def test_validation_every_other_epoch_still_moves_from_features_to_images(tmp_path, shapes):
     train(tmp_path, shapes, "schedule.cache_features=true", "schedule.freeze_epochs=2", "schedule.epochs=4",
-          "+trainer.check_val_every_n_epoch=2", "logger=none", "callbacks.extra=[{_target_: recorders.BatchKinds}]")
+          "+trainer.check_val_every_n_epoch=2", "logger=none",
+          "callbacks.extra=[{_target_: support.recorders.BatchKinds}]")
     kinds = BatchKinds.instances[-1]
     assert {e: d for e, d in kinds.val} == {1: 2, 3: 4}  # epoch 3 validates images: the backbone trained in epoch 2
     assert {e: d for e, d in kinds.train} == {0: 2, 1: 2, 2: 4, 3: 4}

@@ -3,15 +3,12 @@
 import csv
 import gc
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, compose
 from omegaconf import OmegaConf
+from support import FAST, compose, run_process, run_script
 
 from finetune.data.datamodule import apply_split_file
 from finetune.data.sources import read_source
@@ -24,9 +21,11 @@ TINY = [*FAST, "schedule.epochs=2", "schedule.freeze_epochs=1", "dataset.val_fra
 
 
 def train_script(cwd, *args, env=None, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests"), **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """scripts/train.py in this process; with trainer=ddp on two devices, a real process (Lightning starts the
+    second rank by running the command again)."""
+    if "trainer.devices=2" in args and "-m" not in args:
+        return run_process("train", *args, cwd=cwd, env=env, timeout=timeout)
+    return run_script("train", *args, cwd=cwd, env=env)
 
 
 def summary(sweep_dir):
@@ -108,7 +107,7 @@ def test_ddp_on_cpu_one_run_directory_and_identical_ranks_across_the_unfreeze(tm
     result = train_script(tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *FAST, "trainer=ddp",
                           "trainer.accelerator=cpu", "trainer.devices=2", "schedule.epochs=3",
                           "schedule.freeze_epochs=1", "schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.1",
-                          "callbacks.extra=[{_target_: recorders.RankWeights}]", timeout=900)
+                          "callbacks.extra=[{_target_: support.recorders.RankWeights}]", timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 1  # not one per process

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, compose, given
-from fabricate import add_broken
 from omegaconf import OmegaConf
 from PIL import Image
+from support import FAST, ROOT, compose, given, run_script
+from support.fabricate import add_broken
 
 from finetune.errors import FinetuneError
 from finetune.models.classifier import UnsafeCheckpoint
@@ -208,14 +208,24 @@ def test_kaggle_dogs_vs_cats_submission(tmp_path, dogs_vs_cats):
     assert all(0 <= float(r[1]) <= 1 for r in rows[1:])
 
 
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """`trained`'s best checkpoint exported once as ONNX and as TorchScript: {format: (path, run's result)}."""
+    from finetune.export import run
+
+    run_dir, _ = trained
+    folder = tmp_path_factory.mktemp("exported")
+    paths = {"onnx": folder / "model.onnx", "torchscript": folder / "scripted.pt"}  # each its own sidecar
+    return {fmt: (path, run(tool_cfg("export", ckpt=run_dir, format=fmt, out=path))) for fmt, path in paths.items()}
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_matches_pytorch_and_describes_itself(trained, tmp_path, fmt):
-    from finetune.export import load_exported, run
+def test_export_matches_pytorch_and_describes_itself(trained, exported, fmt):
+    from finetune.export import load_exported
     from finetune.models.classifier import load_classifier
 
     run_dir, _ = trained
-    out = tmp_path / f"model.{fmt}"
-    result = run(tool_cfg("export", ckpt=run_dir / "checkpoints" / "best.ckpt", format=fmt, out=out))
+    out, result = exported[fmt]
     assert result["max_abs_difference"] < 1e-4 and result["megabytes"] > 1
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["output"]["classes"] == ["green", "not red or green", "red"]
@@ -233,8 +243,10 @@ def test_export_refuses_to_hand_over_a_model_that_does_not_match(trained, tmp_pa
     from finetune import export
 
     monkeypatch.setattr(export, "load_exported", lambda path, fmt: lambda images: np.zeros((len(images), 3)))
-    with pytest.raises(FinetuneError, match="does not match PyTorch"):
-        export.run(tool_cfg("export", ckpt=trained[0] / "checkpoints" / "best.ckpt", out=tmp_path / "m.onnx"))
+    with pytest.raises(FinetuneError, match="does not match PyTorch"):  # any format: TorchScript exports fastest
+        export.run(tool_cfg("export", ckpt=trained[0] / "checkpoints" / "best.ckpt", format="torchscript",
+                            out=tmp_path / "m.pt"))
+    assert not list(tmp_path.iterdir())  # nothing handed over
 
 
 def test_default_export_path_is_in_the_run_and_never_overwritten(trained):
@@ -299,9 +311,20 @@ def test_dashboards_write_their_images_to_tensorboard(trained):
 
 
 def script(name, *args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_script(name, *args, cwd=cwd)
+
+
+def test_predict_from_an_onnx_export_loads_neither_torch_nor_lightning(exported, shapes, tmp_path):
+    """A process of its own (what it imports is the point): predict.py model=X.onnx, then the modules it holds."""
+    script_path = ROOT / "scripts" / "predict.py"
+    photo = next((shapes / "red").iterdir())
+    code = (f"import runpy, sys; sys.argv = [{str(script_path)!r}, 'model={exported['onnx'][0]}', 'inputs={photo}'];\n"
+            f"try:\n    runpy.run_path({str(script_path)!r}, run_name='__main__')\nfinally:\n"
+            "    print('LOADED', sorted(m for m in ('torch', 'lightning', 'timm', 'torchvision') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{photo}: red " in result.stdout
+    assert "LOADED []" in result.stdout
 
 
 def test_predict_script_exits_2_when_some_inputs_are_broken_and_keeps_the_rest(trained, inputs, tmp_path):
@@ -316,10 +339,8 @@ def test_predict_script_exits_2_when_some_inputs_are_broken_and_keeps_the_rest(t
     assert not (tmp_path / "outputs").exists()  # the tools make no Hydra folders
 
 
-def test_every_run_has_a_model_card_and_export_copies_it_with_its_own_facts(trained, tmp_path):
+def test_every_run_has_a_model_card_and_export_copies_it_with_its_own_facts(trained, exported):
     import yaml
-
-    from finetune.export import run
 
     run_dir, metrics = trained
     text = (run_dir / "model_card.md").read_text()
@@ -338,10 +359,9 @@ def test_every_run_has_a_model_card_and_export_copies_it_with_its_own_facts(trai
     low, high = metrics["test/acc_ci95"]
     assert f"| test/acc, 95% interval (Wilson) | {low:.4f} to {high:.4f} |" in body
     assert "It knows only these 3 classes" in body and "32x32 pixels" in body
-    out = tmp_path / "model.onnx"
-    exported = run(tool_cfg("export", ckpt=run_dir, format="onnx", out=out))
-    card = (tmp_path / "model.model_card.md").read_text()
-    assert exported["model_card"] == str(tmp_path / "model.model_card.md") and card.startswith(text)
+    out, result = exported["onnx"]
+    card = out.with_name("model.model_card.md").read_text()
+    assert result["model_card"] == str(out.with_name("model.model_card.md")) and card.startswith(text)
     assert "## Export" in card and "| format | onnx |" in card and "parity with PyTorch" in card
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import FAST, compose, given
-from recorders import FreezeRecorder
+from support import CONF, FAST, compose, given
+from support.recorders import FreezeRecorder
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune.callbacks.nonfinite import NonFiniteLoss
@@ -14,7 +14,7 @@ from finetune.models.backbone import WeightsUnavailable
 from finetune.models.classifier import load_classifier
 from finetune.train import run
 
-RECORD = "callbacks.extra=[{_target_: recorders.FreezeRecorder}]"
+RECORD = "callbacks.extra=[{_target_: support.recorders.FreezeRecorder}]"
 # A recipe that learns the colour classes in seconds from a random backbone: a linear probe, then a gentle unfreeze.
 LEARN = ["schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "dataset.val_fraction=0.2",
          "dataset.test_fraction=0.2"]
@@ -165,7 +165,8 @@ def test_resume_accepts_the_runs_own_groups_and_refuses_real_changes_naming_them
     _, run_dir = train(tmp_path, shapes, "schedule.epochs=1", "logger=none")
     with pytest.raises(ConfigError, match=r"backbone=efficientnet_b0 is not it \(backbone.name: mobilenetv2_100 -> "
                                           r"efficientnet_b0\)"):
-        run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=["backbone=efficientnet_b0"])
+        changed = ["backbone=efficientnet_b0", f"resume={run_dir}"]
+        run(compose(tmp_path / "ignored", *changed), overrides=changed)
     # the same command line again, with resume= appended: its groups and values are the run's own
     again = ["dataset=image_folder", f"dataset.root={shapes}", *FAST, "schedule.epochs=2", "logger=none"]
     metrics = run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=[*again, f"resume={run_dir}"])
@@ -173,10 +174,36 @@ def test_resume_accepts_the_runs_own_groups_and_refuses_real_changes_naming_them
     assert len(list(run_dir.glob("config.before-resume-*.yaml"))) == 1  # one real change: schedule.epochs
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "schedule").glob("*.yaml")))
+def test_a_killed_run_of_every_schedule_preset_resumes_with_the_same_command(tmp_path, shapes, preset):
+    """The command that started a run, with resume= appended, continues it: the run's config.yaml holds the preset's
+    phases filled with the schema's defaults ({train: head, epochs: 2, lr: null, ...}), and they are the same phases.
+    (The run itself is what train.py writes before its first epoch; the process being killed is test_faults'.)"""
+    from finetune.errors import ConfigError
+    from finetune.runconfig import plan, save_config
+
+    command = ["dataset=image_folder", f"dataset.root={shapes}", "backbone.pretrained=false",
+               "dataset.image_size=32", f"schedule={preset}", "schedule.epochs=12"]
+    first = compose(tmp_path / "run", *command)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    save_config(plan(first, command).cfg, tmp_path / "run" / "config.yaml")  # as train.py writes it
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"killed after epoch 2")
+    again = [*command, f"resume={tmp_path / 'run'}"]
+    decided = plan(compose(tmp_path / "other", *again), again)
+    assert decided.resuming and decided.changes == []
+    assert decided.cfg.schedule.phases == first.schedule.phases
+    longer = [*command, "schedule.epochs=20", f"resume={tmp_path / 'run'}"]  # a single value after the preset: a change
+    assert plan(compose(tmp_path / "other", *longer), longer).changes == ["schedule.epochs=20"]
+    other = "gradual" if preset != "gradual" else "default"
+    with pytest.raises(ConfigError, match=f"schedule={other} is not it"):
+        changed = [*command, f"schedule={other}", f"resume={tmp_path / 'run'}"]
+        plan(compose(tmp_path / "other", *changed), changed)
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, shapes):
     with pytest.raises(NonFiniteLoss, match="NaN or infinite .* last good checkpoint is .*last.ckpt"):
         train(tmp_path, shapes, "schedule.epochs=3", "logger=none",
-              "callbacks.extra=[{_target_: recorders.PoisonHead, epoch: 1}]")
+              "callbacks.extra=[{_target_: support.recorders.PoisonHead, epoch: 1}]")
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
