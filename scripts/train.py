@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 import finetune.config  # noqa: F401  (registers the config schema and resolvers that conf/train.yaml uses)
 from finetune.cli import (
+    check_the_command_line,
     expand_home_in_arguments,
     one_run_directory_under_torchrun,
     quiet_lightning,
@@ -36,6 +37,7 @@ if __name__ == "__main__":
         print(backbones_table(sys.argv[2] if len(sys.argv) > 2 else "*"))
         sys.exit(0)
     expand_home_in_arguments()
+    check_the_command_line()
     require_plugins_of_the_command_line()
     one_run_directory_under_torchrun()
     main()

@@ -31,12 +31,17 @@ def test_multirun_gives_each_learning_rate_its_own_run_directory(tmp_path, shape
 @pytest.mark.parametrize(("args", "message"), [
     (["schedule.lr=-1"], "schedule.lr must be > 0 (got -1.0)"),
     (["dataset=image_folder", "dataset.root=/no/such/dir"], "dataset.root=/no/such/dir: no such directory"),
+    (["schedule=gradul"], "schedule=gradul: there is no such schedule preset; one of default, gradual, lp_ft, "
+                          "scratch. Did you mean gradual?"),
+    (["schedule.lrr=0.1"], "schedule.lrr: there is no such key in schedule (its keys: backbone_lr_ratio, bn,"),
+    (["dataset.val_fractoin=0.2"], "Did you mean dataset.val_fraction"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
     result = train_script(tmp_path, *FAST, *args)
     output = result.stdout + result.stderr
     assert result.returncode == 2
     assert output.count(message) == 1, output[-2000:]
+    assert len(output.strip().splitlines()) == 1, output[-2000:]  # one line, nothing else
     assert "Traceback" not in output
     assert not list(tmp_path.glob("outputs/runs/*/checkpoints"))
 

@@ -105,13 +105,22 @@ def test_drop_keeps_one_image_per_group_and_lists_the_others_in_skipped_csv(tmp_
     assert {r["split"] for r in read_csv(tmp_path / "duplicates.csv") if r["path"] not in kept} == {"dropped"}
 
 
-def test_keep_reports_the_groups_and_splits_as_if_there_were_none(tmp_path, planted):
+def test_keep_reports_the_groups_and_splits_as_if_there_were_none(tmp_path, planted, caplog):
     root, expected = planted
-    datamodule(tmp_path, root, "dataset.dedup=keep")
-    assert len(groups_of(read_csv(tmp_path / "duplicates.csv"))) == len(expected)
+    with caplog.at_level(logging.WARNING):
+        datamodule(tmp_path, root, "dataset.dedup=keep")
+    rows = read_csv(tmp_path / "duplicates.csv")
+    assert len(groups_of(rows)) == len(expected)
     source = read_source("image_folder", str(root))
     plain = stratified_split(source.labels, 0.2, 0.2, seed=0)
     assert [s for _, _, s in read_split(tmp_path / "split.csv")] == plain.tolist()
+    splits_of = defaultdict(set)
+    for r in rows:
+        splits_of[r["group"]].add(r["split"])
+    straddling = sum(len(s) > 1 for s in splits_of.values())
+    assert straddling > 0  # with these planted copies: so the warning says how many, and what it means
+    assert f"dataset.dedup=keep: {straddling} groups of duplicates straddle splits" in caplog.text
+    assert "val/acc and test/acc are optimistic" in caplog.text
 
 
 def test_a_dataset_without_duplicates_reports_none_and_keeps_its_split(tmp_path, shapes, caplog):
@@ -356,3 +365,11 @@ def test_a_class_of_near_copies_left_without_val_and_test_images_is_refused_nami
     assert "class 'dog' has no val images: its 40 images are" in result.output
     assert "dataset.dedup=keep splits copies like any images" in result.output
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+
+
+def test_more_folds_than_a_class_has_images_is_refused_naming_the_most_that_work(tmp_path, shapes):
+    result = train_script(tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *FAST, "logger=none",
+                          "dataset.folds=1000", "dataset.fold=3")
+    assert result.returncode == 2 and "Traceback" not in result.output
+    assert "dataset.folds=1000: fold 3 has no validation images of" in result.output
+    assert "the smallest class has 36 images outside the test split, so at most dataset.folds=36" in result.output

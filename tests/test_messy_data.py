@@ -178,6 +178,7 @@ def test_a_file_that_fails_while_training_is_reported_once_in_skipped_csv_and_sk
     data = datamodule(tmp_path, "dataset=image_folder", f"dataset.root={root}")
     train = data.dataset("train")
     victim = data.source.paths[train.indices[0]]
+    original = open(victim, "rb").read()
     open(victim, "wb").close()  # emptied after the integrity scan
     for _ in range(3):  # three epochs
         images = [train[i][0] for i in range(len(train))]
@@ -187,6 +188,12 @@ def test_a_file_that_fails_while_training_is_reported_once_in_skipped_csv_and_sk
     assert rows == [(victim, "failed while training: empty file")]
     val = data.dataset("val")  # the other splits' datasets share what failed
     assert val.failed is train.failed and bool(train.failed[data.indices("train")[0]])
+    # resumed (the run's own split.csv, its folder) once the file reads again (a network disk that came back): the
+    # scan rewrites skipped.csv and keeps what training found
+    open(victim, "wb").write(original)
+    data = datamodule(tmp_path, "dataset=image_folder", f"dataset.root={root}",
+                      f"dataset.split_file={tmp_path / 'run' / 'split.csv'}")
+    assert (victim, "failed while training: empty file") in skipped(tmp_path / "run").items()
 
 
 def test_evaluate_reads_a_moved_dataset_from_its_new_folder(tmp_path, shapes):

@@ -56,8 +56,14 @@ def test_weights_file_loads_with_or_without_a_classifier(tmp_path):
 
 def test_weights_file_of_another_architecture_is_refused(tmp_path):
     torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "resnet.pth")
-    with pytest.raises(ConfigError, match="does not load into mobilenetv2_100"):
+    with pytest.raises(ConfigError, match="does not load into backbone.name=mobilenetv2_100: these are the weights of "
+                                          "another architecture"):
         create_backbone("mobilenetv2_100", weights=str(tmp_path / "resnet.pth"))
+    # names that match nothing: timm loads a file without its classifier non-strictly, so this loaded nothing, silently
+    torch.save({"encoder.layer0.weight": torch.randn(8, 3, 3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match=r"\(52 of the backbone's 52 weight tensors are not in the file \(e.g. "
+                                          r"conv_stem.weight\)\)"):
+        create_backbone("mobilenetv2_100", weights=str(tmp_path / "other.pth"))
 
 
 def test_unavailable_pretrained_weights_name_the_three_ways_on():

@@ -13,7 +13,8 @@ from support.fabricate import make_image_folder
 from support.recorders import BatchKinds
 
 from finetune.data.cache import open_or_build, resize_short_side
-from finetune.data.datamodule import EpochShuffle, ImageDataModule
+from finetune.data.datamodule import ImageDataModule
+from finetune.data.dataset import EpochShuffle
 from finetune.data.images import open_rgb
 from finetune.data.transforms import Preprocessing
 from finetune.models.classifier import load_classifier
@@ -189,7 +190,7 @@ def test_decoding_on_the_device_gives_what_the_workers_give(tmp_path, photos):
 
 
 def test_a_jpeg_that_does_not_decode_on_the_device_is_replaced_and_other_formats_pass_through(tmp_path):
-    from finetune.data.datamodule import decode_on_device
+    from finetune.data.dataset import decode_on_device
     from finetune.data.transforms import eval_transform
 
     good = tmp_path / "good.jpg"

@@ -155,14 +155,6 @@ def test_a_schedule_the_backbone_never_trains_in_is_warned_about(tmp_path, shape
     assert "schedule.warmup_epochs=3 is longer than schedule.epochs=1" in caplog.text
 
 
-def test_lr_find_with_the_default_logger_trains(tmp_path, shapes):
-    cfg = compose(tmp_path / "run", "dataset=image_folder", f"dataset.root={shapes}", *TINY, "tune.lr_find=true",
-                  "tune.steps=20", "tune.early_stop_threshold=null")
-    metrics = run(cfg, overrides=given(cfg))
-    assert metrics["epochs"] == 2 and (tmp_path / "run" / "lr_find.png").is_file()
-    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
-
-
 def test_a_fresh_run_never_writes_over_a_finished_one(tmp_path, trained, shapes):
     run_dir, _ = trained
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
@@ -170,6 +162,13 @@ def test_a_fresh_run_never_writes_over_a_finished_one(tmp_path, trained, shapes)
     with pytest.raises(ConfigError, match=f"{run_dir} already holds a run .*continue it with resume={run_dir}"):
         run(cfg, overrides=given(cfg))
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+    # the command as a user types it: refused before Hydra writes its .hydra/ and train.log there
+    result, output = script("train", tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *TINY,
+                            f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2 and output.strip().endswith("give the new run another hydra.run.dir")
+    assert len(output.strip().splitlines()) == 1, output
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+    assert not (run_dir / ".hydra").exists() and not (run_dir / "train.log").exists()
 
 
 def test_resume_refuses_another_runs_checkpoint_naming_both(tmp_path, trained):
@@ -356,3 +355,22 @@ def test_resume_with_another_dataset_root_is_a_moved_dataset_or_a_refusal_that_w
     assert result.returncode == 0, output[-3000:]
     assert json.loads((copy / "metrics.json").read_text())["epochs"] == 3
     assert f"root: {moved}" in (copy / "config.yaml").read_text()
+
+
+def test_weights_that_are_not_weights_or_not_this_backbones_are_one_line_saying_which(tmp_path, shapes):
+    import timm
+
+    notes = tmp_path / "notes.pth"
+    notes.write_text("my notes on the run\n")
+    other = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("resnet10t").state_dict(), other)
+    command = ["dataset=image_folder", f"dataset.root={shapes}", *TINY, "logger=none"]
+    result, output = script("train", tmp_path, *command, f"backbone.weights={notes}")
+    assert result.returncode == 2 and "Traceback" not in output
+    assert f"backbone.weights={notes} is not a weights file (it begins with 'my notes on ', like a text file)" in output
+    assert "pickle" not in output
+    result, output = script("train", tmp_path, *command, f"backbone.weights={other}")
+    assert result.returncode == 2 and "Traceback" not in output
+    assert f"backbone.weights={other} does not load into backbone.name=mobilenetv2_100: these are the weights of " \
+           "another architecture (" in output and "give the backbone.name they were saved from" in output
+    assert len([line for line in output.splitlines() if "ERROR" in line]) == 1 and "Missing key(s)" not in output

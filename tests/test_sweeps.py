@@ -62,22 +62,27 @@ def test_jobs_of_a_sweep_leave_no_model_or_data_behind(tmp_path, shapes):
         gc.collect()
         return sum(isinstance(o, kind) for o in gc.get_objects())
 
-    for i in range(3):
-        run(compose(tmp_path / f"job{i}", "dataset=image_folder", f"dataset.root={shapes}", *TINY, "logger=none"),
+    for i in range(2):  # one epoch of a few images each: what is left after a job is the question, not learning
+        run(compose(tmp_path / f"job{i}", "dataset=image_folder", f"dataset.root={shapes}", *TINY, "logger=none",
+                    "schedule.epochs=1", "schedule.freeze_epochs=0", "dataset.limit_per_class=12", "calibrate=false"),
             overrides=[])
         assert alive(Classifier) == 0 and alive(ImageDataModule) == 0
 
 
 def test_lr_find_plots_and_uses_its_suggestion_unless_lr_is_given(tmp_path, shapes):
-    base = ["dataset=image_folder", f"dataset.root={shapes}", *TINY, "logger=none", "tune.lr_find=true",
-            "tune.steps=30", "tune.early_stop_threshold=null"]
-    run(compose(tmp_path / "found", *base), overrides=[])
+    base = ["dataset=image_folder", f"dataset.root={shapes}", *TINY, "tune.lr_find=true", "tune.steps=30",
+            "tune.early_stop_threshold=null"]
+    (tmp_path / "found").mkdir()
+    (tmp_path / "found" / ".lr_find_0a1b.ckpt").write_bytes(b"left by a finder stopped with SIGTERM")
+    run(compose(tmp_path / "found", *base), overrides=[])  # with the default logger (TensorBoard)
     found = OmegaConf.load(tmp_path / "found" / "config.yaml").schedule.lr
     assert (tmp_path / "found" / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((tmp_path / "found").glob("events.out.tfevents.*"))
+    assert not list((tmp_path / "found").glob(".lr_find_*"))  # the dead finder's copy and its own, removed
     assert found != 1e-3
     best = torch.load(tmp_path / "found" / "checkpoints" / "best.ckpt", weights_only=True)
     assert best["hyper_parameters"]["schedule"]["lr"] == pytest.approx(found)
-    run(compose(tmp_path / "given", *base, "schedule.lr=0.002"), overrides=["schedule.lr=0.002"])
+    run(compose(tmp_path / "given", *base, "logger=none", "schedule.lr=0.002"), overrides=["schedule.lr=0.002"])
     assert OmegaConf.load(tmp_path / "given" / "config.yaml").schedule.lr == 0.002
     assert (tmp_path / "given" / "lr_find.png").exists()
 

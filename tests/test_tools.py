@@ -211,10 +211,18 @@ def test_kaggle_dogs_vs_cats_submission(tmp_path, dogs_vs_cats):
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     """`trained`'s best checkpoint exported once as ONNX and as TorchScript: {format: (path, run's result)}."""
+    from finetune.checkpoints import AtomicCheckpointIO
     from finetune.export import run
+    from finetune.models.classifier import load_checkpoint
 
-    run_dir, _ = trained
     folder = tmp_path_factory.mktemp("exported")
+    # a copy of the run whose best.ckpt holds a temperature, as calibration stores one (24 validation images are
+    # too few to fit one: test_calibration fits one in a run of its own and exports it)
+    run_dir = folder / "run"
+    shutil.copytree(trained[0], run_dir)
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "temperature": 1.7}
+    AtomicCheckpointIO().save_checkpoint(checkpoint, run_dir / "checkpoints" / "best.ckpt")
     paths = {"onnx": folder / "model.onnx", "torchscript": folder / "scripted.pt"}  # each its own sidecar
     return {fmt: (path, run(tool_cfg("export", ckpt=run_dir, format=fmt, out=path))) for fmt, path in paths.items()}
 
@@ -230,7 +238,7 @@ def test_export_matches_pytorch_and_describes_itself(trained, exported, fmt):
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["output"]["classes"] == ["green", "not red or green", "red"]
     assert sidecar["input"]["shape"] == ["batch", 3, 32, 32] and sidecar["input"]["dtype"] == "uint8"
-    model = load_classifier(run_dir / "checkpoints" / "best.ckpt")
+    model = load_classifier(out.parent / "run" / "checkpoints" / "best.ckpt")  # the exported copy, T=1.7
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)  # another batch size: the batch is dynamic
     with torch.no_grad():  # calibrated, as predict's: softmax(logits / T)
         expected = (model(images) / model.temperature).softmax(1).numpy()

@@ -20,6 +20,9 @@ LEARN = ["schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "dataset.val_fra
          "dataset.test_fraction=0.2"]
 
 
+SMALL = ["dataset.limit_per_class=16", "calibrate=false"]  # where a test checks bookkeeping, not learning
+
+
 def train(tmp_path, data, *overrides, name="run"):
     cfg = compose(tmp_path / name, "dataset=image_folder", f"dataset.root={data}", *FAST, *overrides)
     return run(cfg, overrides=given(cfg)), tmp_path / name
@@ -107,6 +110,14 @@ def test_tensorboard_has_curves_per_group_learning_rates_and_hparams(trained):
     assert {m.name.tag for m in experiment.metric_infos} >= {"val/acc", "test/acc"}
 
 
+def test_a_run_shorter_than_log_every_n_steps_still_logs_its_learning_rates(tmp_path, shapes):
+    _, run_dir = train(tmp_path, shapes, "dataset.limit_per_class=12", "schedule.epochs=2", "schedule.freeze_epochs=1",
+                       "trainer.log_every_n_steps=50", "calibrate=false")  # 2 steps an epoch
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert len(events.Scalars("lr/head")) >= 2 and len(events.Scalars("train/loss")) >= 2
+
+
 def test_checkpoint_alone_rebuilds_the_model(trained, shapes):
     _, run_dir, _ = trained
     model = load_classifier(run_dir / "checkpoints" / "best.ckpt")
@@ -136,7 +147,7 @@ def test_unfreezing_only_the_last_blocks(tmp_path, shapes):
 
 
 def test_resume_from_a_frozen_checkpoint_unfreezes_at_the_right_epoch(tmp_path, shapes):
-    first, run_dir = train(tmp_path, shapes, "schedule.epochs=1", "schedule.freeze_epochs=2", "logger=csv")
+    first, run_dir = train(tmp_path, shapes, "schedule.epochs=1", "schedule.freeze_epochs=2", "logger=csv", *SMALL)
     assert first["epochs"] == 1
     cfg = compose(tmp_path / "ignored", f"resume={run_dir}")
     metrics = run(cfg, overrides=["schedule.epochs=4", RECORD])
@@ -152,7 +163,7 @@ def test_resume_from_a_frozen_checkpoint_unfreezes_at_the_right_epoch(tmp_path, 
 
 
 def test_resume_from_an_unfrozen_checkpoint_stays_unfrozen(tmp_path, shapes):
-    _, run_dir = train(tmp_path, shapes, "schedule.epochs=2", "schedule.freeze_epochs=1", "logger=none")
+    _, run_dir = train(tmp_path, shapes, "schedule.epochs=2", "schedule.freeze_epochs=1", "logger=none", *SMALL)
     run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=["schedule.epochs=3", RECORD])
     steps = FreezeRecorder.instances[-1].steps
     assert {s["epoch"] for s in steps} == {2}
@@ -162,14 +173,14 @@ def test_resume_from_an_unfrozen_checkpoint_stays_unfrozen(tmp_path, shapes):
 def test_resume_accepts_the_runs_own_groups_and_refuses_real_changes_naming_them(tmp_path, shapes):
     from finetune.errors import ConfigError
 
-    _, run_dir = train(tmp_path, shapes, "schedule.epochs=1", "logger=none")
+    _, run_dir = train(tmp_path, shapes, "schedule.epochs=1", "logger=none", *SMALL)
     with pytest.raises(ConfigError, match=r"backbone=efficientnet_b0 is not it \(backbone.name: mobilenetv2_100 -> "
                                           r"efficientnet_b0\)"):
         changed = ["backbone=efficientnet_b0", f"resume={run_dir}"]
         run(compose(tmp_path / "ignored", *changed), overrides=changed)
     # the same command line again, with resume= appended: its groups and values are the run's own
-    again = ["dataset=image_folder", f"dataset.root={shapes}", *FAST, "schedule.epochs=2", "logger=none"]
-    metrics = run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=[*again, f"resume={run_dir}"])
+    again = ["dataset=image_folder", f"dataset.root={shapes}", *FAST, "schedule.epochs=2", "logger=none", *SMALL]
+    metrics = run(compose(tmp_path / "ignored", *again, f"resume={run_dir}"), overrides=[*again, f"resume={run_dir}"])
     assert metrics["epochs"] == 2
     assert len(list(run_dir.glob("config.before-resume-*.yaml"))) == 1  # one real change: schedule.epochs
 

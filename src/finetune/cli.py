@@ -14,35 +14,6 @@ from finetune.errors import FinetuneError
 log = logging.getLogger("finetune")
 
 
-def ignore_interrupts() -> None:
-    """For worker processes: Ctrl-C reaches the whole process group; the parent says what happened, once, and its
-    workers stop with it quietly instead of each printing a traceback. Started inside interrupts_held(), a worker
-    drops a Ctrl-C that came while it started."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
-@contextlib.contextmanager
-def interrupts_held():
-    """Ctrl-C held back while worker processes are forked, then delivered: one arriving during a fork reached
-    Python's at-fork handlers, which print it as an ignored exception and drop it, so the parent went on as if
-    nothing had happened (seen: an integrity scan that went on after Ctrl-C). Workers inherit the held signal and
-    drop it (ignore_interrupts); the parent gets it as KeyboardInterrupt once this block ends."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
 def expand_home_in_arguments() -> None:
     """`KEY=~/path` on the command line means the home folder, as `~/path` alone would: bash does not expand `~`
     after `KEY=`, and Hydra's override grammar cannot parse it. Expanded in sys.argv before Hydra reads it."""
@@ -90,6 +61,76 @@ def require_plugins_of_the_command_line() -> None:
                 except MissingExtra as e:
                     print(e, file=sys.stderr)
                     sys.exit(e.exit_code)
+
+
+def check_the_command_line(args: list[str] | None = None) -> None:
+    """GROUP=OPTION naming no preset, or KEY=VALUE naming no key of the training schema: one line and exit status 2,
+    before Hydra composes anything (Hydra's own messages for these are ten lines, the search path included)."""
+    problem = command_line_problem(sys.argv[1:] if args is None else args)
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
+
+
+def command_line_problem(args: list[str]) -> str | None:
+    """What is wrong with the first GROUP=OPTION or KEY=VALUE of `args` that names nothing, as one line; None."""
+    from finetune.errors import ConfigError, suggest
+    from finetune.presets import CONF
+
+    given = dict(arg.partition("=")[::2] for arg in args if "=" in arg and not arg.startswith("-"))
+    if "hydra.run.dir" in given and given.get("resume", "null") in ("null", "None", "") and "-m" not in args \
+            and "--multirun" not in args:  # before Hydra writes its .hydra/ and train.log into a finished run
+        from finetune.runconfig import refuse_a_finished_run
+
+        try:
+            refuse_a_finished_run(Path(given["hydra.run.dir"]).expanduser())
+        except ConfigError as e:
+            return str(e)
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-") or key.startswith(("+", "~", "hydra")) or "/" in key:
+            continue  # flags, appended or deleted keys, Hydra's own settings and plugin groups are Hydra's to check
+        if (CONF / key).is_dir():  # a config group: its options are the files in conf/GROUP/
+            options = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
+            if "(" in value:  # a sweep function: choice(...), range(...)
+                continue
+            for option in value.strip("[]").split(","):
+                option = option.strip()
+                if option and option not in options and option not in ("null", "None", "none"):
+                    return (f"{key}={option}: there is no such {key} preset; one of {', '.join(options)}."
+                            f"{suggest(option, options)}")
+            continue
+        unknown = _unknown_key(key)
+        if unknown:
+            return unknown
+    return None
+
+
+def _unknown_key(key: str) -> str | None:
+    """Where a dotted `key` leaves the training schema (finetune.config.TrainConfig), as a sentence; None when it
+    names a key, or a part of the config that takes any key (trainer.*)."""
+    import dataclasses
+    import typing
+
+    from finetune.config import TrainConfig
+    from finetune.errors import suggest
+
+    node, path = TrainConfig, []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            names, prefix = sorted(hints), "".join(f"{p}." for p in path)
+            where = f"in {'.'.join(path)}" if path else "at the top of the config"
+            return (f"{key}: there is no such key {where} (its keys: {', '.join(names)})."
+                    f"{suggest(key, [prefix + n for n in names])}")
+        path.append(part)
+        node = hints[part]
+        inner = [a for a in typing.get_args(node) if a is not type(None)]
+        if typing.get_origin(node) is typing.Union and len(inner) == 1:  # Optional[X]
+            node = inner[0]
+    return None
 
 
 # Set by script() when a job of a multirun fails; finetune.sweep.SweepReport records it for the sweep's report.

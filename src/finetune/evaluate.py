@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.calibration import ece, nll, reliability_figure, rescale
 from finetune.cli import free_path
-from finetune.data.datamodule import apply_split_file, drop_unusable, load_image, subset
+from finetune.data.datamodule import apply_split_file, drop_unusable, subset
+from finetune.data.dataset import load_image
 from finetune.data.sources import DataError, Source, read_dataset
 from finetune.errors import ConfigError
 from finetune.inference import probabilities, resolve_device

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from finetune.data.datamodule import load_image
+from finetune.data.dataset import load_image
 from finetune.data.integrity import failure_reason
 from finetune.data.sources import Source
 from finetune.data.transforms import Preprocessing, _interpolation, eval_transform

@@ -47,9 +47,12 @@ def plan(cfg: DictConfig, overrides: list[str] | None = None) -> Plan:
     if cfg.get("resume") is not None:
         merged, changes = resume_config(cfg, overrides)
         return Plan(checks.validate(merged), resuming=True, changes=changes)
-    use_scratch_when_nothing_to_protect(cfg, overrides)
+    chosen: list[str] = []
+    use_scratch_when_nothing_to_protect(cfg, overrides, say=chosen.append)
     cfg = checks.validate(cfg)
     refuse_a_finished_run(Path(cfg.run_dir))
+    for message in chosen:  # once the command is known to run: a refused one is its one line alone
+        log.info("%s", message)
     return Plan(cfg)
 
 
@@ -118,7 +121,7 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, li
     if "schedule" in saved and "bn" not in saved.schedule:
         saved.schedule.bn = "train"  # a run of a release that always trained BatchNorm: it goes on doing so
     as_a_fresh_run = cfg.copy()  # what this command line would run without resume=: compared with the run's own
-    use_scratch_when_nothing_to_protect(as_a_fresh_run, overrides, say=False)
+    use_scratch_when_nothing_to_protect(as_a_fresh_run, overrides, say=None)
     changes = []
     last_of_each = {override.lstrip("+~").partition("=")[0]: override for override in overrides}  # as Hydra: last wins
     for override in last_of_each.values():
@@ -188,11 +191,12 @@ def is_rank_zero() -> bool:
 PHASE_KEYS = ("phases", "freeze_epochs", "unfreeze", "backbone_lr_ratio", "layer_decay")
 
 
-def use_scratch_when_nothing_to_protect(cfg, overrides: list[str], say: bool = True) -> bool:
+def use_scratch_when_nothing_to_protect(cfg, overrides: list[str], say=log.info) -> bool:
     """A backbone that starts from random weights has nothing to protect: with the default schedule and none of its
     phase keys given, switch to conf/schedule/scratch.yaml (one phase, everything at the full rate) and say so; with
     phases of the user's, BatchNorm still trains (schedule.bn=train: random running statistics are no statistics),
-    unless schedule.bn is given. Returns whether it switched to scratch. `say`: log what it chose."""
+    unless schedule.bn is given. Returns whether it switched to scratch. `say(message)` tells what it chose
+    (None: nothing)."""
     if cfg.backbone.pretrained or cfg.backbone.get("weights"):
         return False
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
@@ -207,18 +211,18 @@ def use_scratch_when_nothing_to_protect(cfg, overrides: list[str], say: bool = T
         scratch.pop("bn", None)
     cfg.schedule = OmegaConf.merge(cfg.schedule, scratch)
     if say:
-            log.info("backbone.pretrained=false: a randomly initialised backbone has nothing to protect, so this run "
-                 "uses schedule=scratch (everything trains at the full rate from the first epoch). Name a schedule "
-                 "(schedule=default) or its keys (schedule.freeze_epochs=...) to choose otherwise.")
+        say("backbone.pretrained=false: a randomly initialised backbone has nothing to protect, so this run uses "
+            "schedule=scratch (everything trains at the full rate from the first epoch). Name a schedule "
+            "(schedule=default) or its keys (schedule.freeze_epochs=...) to choose otherwise.")
     return True
 
 
-def _train_batchnorm_of_a_random_backbone(cfg, given: set[str], say: bool = True) -> bool:
+def _train_batchnorm_of_a_random_backbone(cfg, given: set[str], say=log.info) -> bool:
     if "schedule.bn" not in given and cfg.schedule.get("bn") != "train":
         cfg.schedule.bn = "train"
         if say:
-            log.info("backbone.pretrained=false: BatchNorm trains (schedule.bn=train), as a randomly initialised "
-                     "backbone has no statistics to keep")
+            say("backbone.pretrained=false: BatchNorm trains (schedule.bn=train), as a randomly initialised backbone "
+                "has no statistics to keep")
     return False
 
 

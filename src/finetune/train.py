@@ -61,6 +61,8 @@ def _run(plan: Plan, overrides: list[str]) -> dict:
     if not resuming:
         save_config(cfg, run_dir / rundir.CONFIG)
     remove_leftovers(run_dir / rundir.CHECKPOINTS)
+    for leftover in run_dir.glob(".lr_find_*.ckpt"):  # a learning-rate finder killed before it cleaned up (9 MB)
+        leftover.unlink(missing_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Model first: missing pretrained weights or a bad backbone name fail before the dataset is read.
@@ -217,6 +219,8 @@ def find_learning_rate(trainer: L.Trainer, model: Classifier, data: ImageDataMod
                                         update_attr=False)
     finally:
         trainer.fit_loop.max_epochs = epochs
+        for leftover in run_dir.glob(".lr_find_*.ckpt"):  # Lightning's own copy of the model, if it was stopped
+            leftover.unlink(missing_ok=True)
     suggestion = finder.suggestion() if finder is not None else None
     if finder is not None:
         figure = finder.plot(suggest=suggestion is not None, show=False)

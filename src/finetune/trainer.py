@@ -94,6 +94,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data=None, resuming: bool = Fa
         callbacks.append(ProgressBar(refresh_rate=10))  # reading the live loss is a host sync: not every step
 
     kwargs = {k: v for k, v in _plain(cfg.trainer).items() if k not in OWN_TRAINER_KEYS}
+    steps = _steps_per_epoch(cfg, data)
+    if steps and kwargs.get("log_every_n_steps", 50) > steps:  # else a short run logs no step at all (no rates)
+        kwargs["log_every_n_steps"] = steps
     kwargs["precision"] = resolve_precision(cfg.trainer)
     if kwargs["precision"].startswith("16"):
         callbacks.append(CountSkippedSteps())
@@ -108,6 +111,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data=None, resuming: bool = Fa
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         **kwargs,
     )
+
+
+def _steps_per_epoch(cfg: DictConfig, data) -> int | None:
+    """Optimizer steps in a training epoch of `data` (set up), on one device; None where it is not known."""
+    if data is None or getattr(data, "splits", None) is None:
+        return None
+    images = len(data.indices("train"))
+    batch = int(cfg.dataset.batch_size) * int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    return max(1, images // batch if images > batch else 1)
 
 
 class ProgressBar(TQDMProgressBar):

@@ -175,7 +175,7 @@ def log_duplicate_groups(trainer: L.Trainer, data, groups: int = 6, per_group: i
     tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
     if tensorboard is None or trainer.global_rank != 0 or data.duplicates is None or not data.duplicates[0].groups:
         return
-    from finetune.data.datamodule import load_image
+    from finetune.data.dataset import load_image
     from finetune.data.duplicates import is_conflict
 
     duplicates, source = data.duplicates

@@ -447,7 +447,7 @@ def _build(states: list[FileState], pixels: Path, index: Path, files: Path, shor
     rows = np.zeros((len(states), 3), dtype=np.int64)
     offset = 0
     jobs = [(p, short_side, interpolation, max_pixels) for p in todo]
-    from finetune.cli import ignore_interrupts, interrupts_held
+    from finetune.workers import ignore_interrupts, interrupts_held
 
     with interrupts_held():  # a Ctrl-C while the workers start is the parent's, after
         pool = get_context("fork").Pool(workers, initializer=ignore_interrupts) if workers > 1 and jobs else None

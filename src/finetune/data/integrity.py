@@ -121,7 +121,7 @@ def parallel_map(fn, paths: list[str], workers: int, *args, progress: str | None
 
     if workers <= 1 or len(paths) < 64:
         return list(bar(fn(p, *args) for p in paths))
-    from finetune.cli import ignore_interrupts, interrupts_held
+    from finetune.workers import ignore_interrupts, interrupts_held
 
     # multiprocessing's Pool, not concurrent.futures': on Ctrl-C its terminate() stops the workers at once, where
     # ProcessPoolExecutor's shutdown printed a traceback of its own and then waited, sometimes for ever.

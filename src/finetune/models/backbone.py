@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import timm
 import torch.nn as nn
 from timm.models import group_modules, group_parameters
@@ -26,11 +28,28 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | None = N
 
         name = LOCAL + os.path.expanduser(name[len(LOCAL):])
     if weights is not None:
+        not_weights = _not_a_weights_file(Path(weights).expanduser())
+        if not_weights:
+            raise ConfigError(f"backbone.weights={weights} is not a weights file ({not_weights}): give a PyTorch "
+                              f"state_dict (.pth, .pt, .bin) or a .safetensors file")
+        import torch
+
+        rng = torch.random.get_rng_state()
         try:
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+            torch.manual_seed(0)  # the same random start, without the file: what the file did not replace
+            unloaded = _not_loaded(model, timm.create_model(name, pretrained=False, **kwargs))
         except (RuntimeError, KeyError, ValueError, OSError) as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise ConfigError(f"backbone.weights={weights} does not load into {name}: {first}") from None
+            raise ConfigError(f"backbone.weights={weights} does not load into backbone.name={name}: "
+                              f"{_why_it_does_not_load(str(e))}") from None
+        finally:
+            torch.random.set_rng_state(rng)
+        if unloaded:
+            raise ConfigError(f"backbone.weights={weights} does not load into backbone.name={name}: these are the "
+                              f"weights of another architecture ({unloaded}): give the backbone.name they were saved "
+                              f"from")
+        return model
     if name.startswith(HUB):
         folder = cached_hub_folder(name)  # config and weights in the local Hugging Face cache: no network
         if folder is not None:
@@ -134,6 +153,62 @@ def _pretrained_cfg(name: str):
         return get_pretrained_cfg(name)
     except (RuntimeError, KeyError, ValueError):
         return None
+
+
+def _not_a_weights_file(path: Path) -> str | None:
+    """Why the file at `path` cannot hold weights, judged by its first bytes (a zip: torch.save; a pickle: an older
+    torch.save; a length and JSON: safetensors), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return e.strerror or str(e)
+    if not head:
+        return "it is empty"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return None
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then its JSON header
+        return None
+    shown = head.decode("utf-8", "replace").strip().splitlines()[0][:12] if head.strip() else "blank"
+    return f"it begins with {shown!r}, like a text file"
+
+
+def _not_loaded(model: nn.Module, fresh: nn.Module) -> str | None:
+    """Which randomly initialised tensors of `model` a weights file left as `fresh` (the same random start) has them,
+    as 'N of its M ... (e.g. KEY)'; None when the file gave them all. timm loads a file without its classifier
+    non-strictly, so a file of another architecture whose names do not match loaded nothing, silently."""
+    import torch
+
+    start, loaded = fresh.state_dict(), model.state_dict()
+    random = [k for k, v in start.items()
+              if v.is_floating_point() and v.numel() > 1 and bool((v != v.flatten()[0]).any())]
+    same = [k for k in random if k in loaded and torch.equal(loaded[k], start[k])]
+    if not same:
+        return None
+    return f"{len(same)} of the backbone's {len(random)} weight tensors are not in the file (e.g. {same[0]})"
+
+
+def _why_it_does_not_load(message: str) -> str:
+    """torch's load_state_dict error as one sentence: how many keys are missing or unexpected, with an example of
+    each (its message lists every key, over many lines); other errors as their first line."""
+    import re
+
+    if "Error(s) in loading state_dict" not in message:
+        return message.strip().splitlines()[0][:300]
+    parts = []
+    for label, what in (("Missing key(s)", "of the backbone's parameters are not in the file"),
+                        ("Unexpected key(s)", "of the file's are not the backbone's")):
+        section = re.search(re.escape(label) + r' in state_dict: (.*?)(?:\. *\n|\.$|$)', message, re.S)
+        if section:
+            keys = re.findall(r'"([^"]+)"', section.group(1))
+            parts.append(f"{len(keys)} {what} (e.g. {keys[0]})" if keys else "")
+    shapes = re.findall(r"size mismatch for ([\w.]+)", message)
+    if shapes:
+        parts.append(f"{len(shapes)} have other shapes (e.g. {shapes[0]})")
+    found = "; ".join(p for p in parts if p)
+    if not found:
+        return message.strip().splitlines()[0][:300]
+    return f"these are the weights of another architecture ({found}): give the backbone.name they were saved from"
 
 
 def cached_weights(name: str) -> str | None:
