@@ -87,12 +87,13 @@ def test_a_run_calibrates_and_predict_evaluate_and_export_use_its_temperature(tm
     calibrated, _ = probabilities(model, source, indices)
     raw, _ = probabilities(model, source, indices, temperature=1.0)
     assert np.allclose(calibrated, rescale(raw, t), atol=1e-5)  # as the temperature says
-    out = tmp_path / "model.onnx"
+    # the export (TorchScript here; test_tools checks an ONNX model's probabilities at a checkpoint's temperature)
+    out = tmp_path / "model.pt"
     from test_tools import tool_cfg
 
-    export(tool_cfg("export", ckpt=tmp_path / "run", format="onnx", out=out))
+    export(tool_cfg("export", ckpt=tmp_path / "run", format="torchscript", out=out))
     assert json.loads(out.with_suffix(".json").read_text())["temperature"] == pytest.approx(t)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         expected = (model(images) / t).softmax(1).numpy()
-    assert np.abs(load_exported(out, "onnx")(images.numpy()) - expected).max() < 1e-4
+    assert np.abs(load_exported(out, "torchscript")(images.numpy()) - expected).max() < 1e-4

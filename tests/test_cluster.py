@@ -52,6 +52,7 @@ def test_the_same_command_with_resume_auto_continues_the_killed_run_then_says_it
     first = start(tmp_path, *args, f"hydra.run.dir={run_dir}")
     epoch_steps, output = sigterm_after_first_checkpoint(first, run_dir)
     assert "holds no run yet; starting a fresh one" in output
+    assert f"Continue with resume={run_dir}" in output  # what the SIGTERM's message tells a user to do
     stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert stopped_at > epoch_steps
     config = (run_dir / "config.yaml").read_text()

@@ -1,5 +1,5 @@
-"""Runs that survive faults: atomic checkpoints under SIGKILL, SIGTERM then resume, NaN losses, fp16 overflow,
-and deterministic reruns."""
+"""Runs that survive faults: atomic checkpoints under SIGKILL, SIGKILL then resume (SIGTERM then resume is
+test_cluster's), NaN losses, fp16 overflow, and deterministic reruns."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from support import FAST, compose, given, run_script, sigterm_after_first_checkpoint, start_process, wait_for
+from support import FAST, compose, given, start_process, wait_for
 
 from finetune.callbacks.nonfinite import NonFiniteLoss
 from finetune.train import run
@@ -41,7 +41,7 @@ def test_sigkill_during_a_save_never_damages_last_ckpt(tmp_path):
             print(version, flush=True)
             version += 1
     """))
-    for delay in (0.05, 0.2, 0.45):
+    for delay in (0.05, 0.3):
         process = subprocess.Popen([sys.executable, str(writer)], stdout=subprocess.PIPE, text=True)
         assert process.stdout.readline().strip() == "0"  # one whole checkpoint exists
         time.sleep(delay)
@@ -52,32 +52,12 @@ def test_sigkill_during_a_save_never_damages_last_ckpt(tmp_path):
         assert torch.all(checkpoint["weights"] == checkpoint["version"])
 
 
-@pytest.mark.slow  # a process importing torch and Lightning, trained for 4 epochs, then resumed
-def test_sigterm_saves_at_the_next_batch_and_resume_continues_the_step_count(tmp_path, shapes):
-    args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "dataset.batch_size=4", "schedule.epochs=6",
-            "schedule.freeze_epochs=1", "logger=csv"]
-    process = start_training(tmp_path, *args)
-    runs = tmp_path / "outputs" / "runs"
-    wait_for(runs, process)
-    run_dir = next(runs.iterdir())
-    first, output = sigterm_after_first_checkpoint(process, run_dir)
-    assert f"Continue with resume={run_dir}" in output
-    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] > first  # saved where it stopped, not only at the epoch end
-
-    resumed = run_script("train", f"resume={run_dir}", cwd=tmp_path)  # the same command again, in this process
-    assert resumed.returncode == 0, resumed.output[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == 6
-    assert metrics["global_step"] == 6 * first  # the step count went on from where it stopped
-
-
 GRADUAL = ["schedule=gradual", "schedule.layer_decay=0.8",
            "schedule.phases=[{train: head, epochs: 2}, {train: 2, epochs: 1}, {train: 6, epochs: 1}, {train: all}]"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", [["schedule.freeze_epochs=3"], GRADUAL], ids=["two_phases", "gradual"])
+@pytest.mark.parametrize("schedule", [GRADUAL], ids=["gradual"])  # the default's two phases: test_cluster's SIGTERM
 def test_sigkill_then_resume_finishes_close_to_an_uninterrupted_run(tmp_path, shapes, schedule):
     args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "schedule.epochs=6", *schedule, "logger=none"]
     (tmp_path / "a").mkdir()

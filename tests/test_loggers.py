@@ -300,15 +300,15 @@ def test_a_server_that_does_not_answer_stops_the_script_before_training_in_one_l
     assert not list((tmp_path / "outputs" / "runs").glob("*/split.csv"))  # the data was never read
 
 
-@pytest.mark.slow  # three processes each creating MLflow's tables in turn: half a minute here
+@pytest.mark.slow  # two processes, one creating MLflow's tables while the other waits: 20 s here
 def test_runs_started_at_once_into_a_fresh_folder_share_its_new_mlflow_store(tmp_path):
     """Two first runs at once made the second fail in the middle of MLflow's table creation ('Online migration
-    expected to match one row'): here three processes open the same new SQLite store together, and each can use it."""
+    expected to match one row'): here two processes open the same new SQLite store together, and each can use it."""
     from multiprocessing import get_context
 
     from finetune.loggers import probe_store
 
     uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
-    with get_context("fork").Pool(3) as pool:
-        assert pool.map(probe_store, [uri] * 3) == [None, None, None]
+    with get_context("fork").Pool(2) as pool:
+        assert pool.map(probe_store, [uri] * 2) == [None, None]
     assert probe_store(uri) is None

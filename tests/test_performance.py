@@ -96,7 +96,8 @@ def test_training_from_the_cache_is_training_from_the_files_and_the_cache_sits_n
     for cache in ("false", "true"):
         results.append(run(compose(tmp_path / cache, "dataset=image_folder", f"dataset.root={root}", *FAST,
                                    "dataset.num_workers=2", f"dataset.cache={cache}", "augment=none",
-                                   "schedule.epochs=2", "schedule.freeze_epochs=1", "logger=none"), overrides=[]))
+                                   "schedule.epochs=2", "schedule.freeze_epochs=1", "logger=none",
+                                   "calibrate=false"), overrides=[]))
     assert results[0]["test/loss"] == results[1]["test/loss"] and results[0]["test/acc"] == results[1]["test/acc"]
     assert len(list((root / ".finetune-cache").glob("image_folder-36px-*.u8"))) == 1
     a = torch.load(tmp_path / "false" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

@@ -212,7 +212,7 @@ def test_a_full_disk_while_saving_is_named_and_the_earlier_checkpoint_stays(tmp_
 @pytest.mark.slow
 def test_ctrl_c_in_a_terminal_is_one_line_and_exit_status_130_every_time(tmp_path, shapes):
     """Ctrl-C as a terminal sends it, to the command's whole process group (its data workers too): during the
-    integrity scan with workers, twice, and during training with num_workers=2, three times at different moments.
+    integrity scan with workers, twice, and during training with num_workers=2, twice at different moments.
     Each time the one-line message and status 130; no traceback, no hang, no 'DataLoader worker exited'."""
     import time
 
@@ -236,7 +236,7 @@ def test_ctrl_c_in_a_terminal_is_one_line_and_exit_status_130_every_time(tmp_pat
         output = out.end(timeout=60)
         assert out.process.returncode == 130, output[-3000:]
         assert "Interrupted (Ctrl-C)" in output and "Traceback" not in output, output[-3000:]
-    for attempt, delay in enumerate((0.0, 0.7, 1.5)):
+    for attempt, delay in enumerate((0.0, 1.0)):
         cwd = tmp_path / f"train{attempt}"
         cwd.mkdir()
         out = Output(start_process("train", "dataset=image_folder", f"dataset.root={shapes}", *TINY,

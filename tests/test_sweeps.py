@@ -70,8 +70,8 @@ def test_jobs_of_a_sweep_leave_no_model_or_data_behind(tmp_path, shapes):
 
 
 def test_lr_find_plots_and_uses_its_suggestion_unless_lr_is_given(tmp_path, shapes):
-    base = ["dataset=image_folder", f"dataset.root={shapes}", *TINY, "tune.lr_find=true", "tune.steps=30",
-            "tune.early_stop_threshold=null"]
+    base = ["dataset=image_folder", f"dataset.root={shapes}", *TINY, "tune.lr_find=true", "tune.steps=20",
+            "tune.early_stop_threshold=null", "schedule.epochs=1", "schedule.freeze_epochs=0", "calibrate=false"]
     (tmp_path / "found").mkdir()
     (tmp_path / "found" / ".lr_find_0a1b.ckpt").write_bytes(b"left by a finder stopped with SIGTERM")
     run(compose(tmp_path / "found", *base), overrides=[])  # with the default logger (TensorBoard)

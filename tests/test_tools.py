@@ -247,6 +247,17 @@ def test_export_matches_pytorch_and_describes_itself(trained, exported, fmt):
     assert np.abs(actual - expected).max() < 1e-4
 
 
+def test_export_measures_a_sample_of_eval_images_and_refuses_a_bad_cap(trained, tmp_path):
+    run_dir, _ = trained
+    out = tmp_path / "sample.pt"
+    result = run_script("export", f"ckpt={run_dir}", "format=torchscript", "eval_images=5", f"out={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    evaluation = json.loads(out.with_suffix(".json").read_text())["evaluation"]
+    assert evaluation["split"] == "test" and evaluation["images"] == 5
+    result = run_script("export", f"ckpt={run_dir}", "format=torchscript", "eval_images=0", cwd=tmp_path)
+    assert result.returncode == 2 and "eval_images must be a number of images >= 1" in result.output
+
+
 def test_export_refuses_to_hand_over_a_model_that_does_not_match(trained, tmp_path, monkeypatch):
     from finetune import export
 

@@ -76,6 +76,10 @@ def check(cfg: DictConfig) -> None:
     if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not drop >= 0):
         raise ConfigError(f"max_accuracy_drop must be a number of accuracy points >= 0, or null to accept any drop "
                           f"(got {drop!r})")
+    cap = cfg.get("eval_images")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ConfigError(f"eval_images must be a number of images >= 1, or null for the whole test split "
+                          f"(got {cap!r})")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -123,7 +127,7 @@ def run(cfg: DictConfig) -> dict:
         name = f"{cfg.format} {'float32' if quantize == 'none' else quantize}"
         models[name] = load_exported(out, cfg.format)
         sizes = {"onnx float32": float32.stat().st_size / 1e6, name: out.stat().st_size / 1e6}
-        evaluation = measure(models, sizes, data, name, size)
+        evaluation = measure(models, sizes, data, name, size, limit=cfg.get("eval_images"), seed=cfg.get("seed", 0))
         description = describe(model, cfg.format, final_out.name, quantize, cfg.get("calibration_images"))
         description["evaluation"] = evaluation
         sidecar.write_text(json.dumps(description, indent=2) + "\n")
@@ -366,14 +370,16 @@ class RunImages:
         return (images for images, _ in self.batches("train", limit=n, seed=seed, batch_size=8))
 
 
-def measure(models: dict, sizes: dict, data: RunImages, name: str, size: int) -> dict:
-    """Each model's accuracy on the run's test images (the same uint8 batches for all), the exported model's drop
-    in points and its share of changed top-1 against PyTorch, file sizes and CPU latency per image."""
+def measure(models: dict, sizes: dict, data: RunImages, name: str, size: int, limit: int | None = None,
+            seed: int = 0) -> dict:
+    """Each model's accuracy on the run's test images (the same uint8 batches for all; at most `limit` of them, a
+    sample drawn with `seed`), the exported model's drop in points and its share of changed top-1 against PyTorch,
+    file sizes and CPU latency per image."""
     result = {"split": data.split, "images": 0, "machine": machine(), "models": {m: {} for m in models}}
     if data.split_file is not None:
         predicted = {m: [] for m in models}
         labels = []
-        for images, y in data.batches(data.split):
+        for images, y in data.batches(data.split, limit=limit, seed=seed):
             labels.append(y)
             for m, forward in models.items():
                 predicted[m].append(forward(images).argmax(1))
