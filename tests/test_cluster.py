@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from support import CONF, FAST, compose, given, sigterm_after_first_checkpoint, start_process, wait_for
+from support import (
+    CONF,
+    FAST,
+    compose,
+    given,
+    second_checkpoint,
+    sigterm_after_first_checkpoint,
+    start_process,
+)
 
 from finetune.errors import ConfigError
 from finetune.runconfig import continue_or_start
@@ -245,12 +253,10 @@ def test_a_job_that_submitit_requeues_continues_from_the_batch_it_stopped_at(tmp
     it, and the requeued job (resume=auto, as in every submitit job) continues from that step to the planned epochs."""
     sweep = tmp_path / "sweep"
     driver = start(tmp_path, "-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "dataset=image_folder",
-                   f"dataset.root={shapes}", *LEARN, "dataset.batch_size=4", "schedule.epochs=3",
+                   f"dataset.root={shapes}", *LEARN, "dataset.batch_size=4", "schedule.epochs=5",
                    "schedule.freeze_epochs=1", "logger=none")
     job_dir = sweep / "0"
-    wait_for(job_dir / "checkpoints" / "last.ckpt", driver)
-    epoch_steps = torch.load(job_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    time.sleep(1.0)
+    epoch_steps = second_checkpoint(job_dir / "checkpoints" / "last.ckpt", driver)  # then mid-epoch
     job = next(p for p in descendants(driver.pid) if "submitit.core._submit" in command_line(p))
     os.kill(job, signal.SIGUSR2)
     output = driver.communicate(timeout=600)[0]
@@ -261,7 +267,7 @@ def test_a_job_that_submitit_requeues_continues_from_the_batch_it_stopped_at(tmp
     resumed_at = int(re.search(r"Resuming from \S+last.ckpt \(global step (\d+)\)", log).group(1))
     assert resumed_at > epoch_steps  # saved where the signal stopped it, not only at the end of an epoch
     metrics = json.loads((job_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == 3 and metrics["global_step"] == 3 * epoch_steps
+    assert metrics["epochs"] == 5 and metrics["global_step"] == 5 * epoch_steps
     job_output = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.out"))
     assert "Calling checkpoint method" in job_output and "Requeued job" in job_output  # submitit's own hook did it
     assert ",completed," in (sweep / "summary.csv").read_text()

@@ -159,16 +159,12 @@ def wait_for(path, process, timeout=300):
         time.sleep(0.05)
 
 
-def sigterm_after_first_checkpoint(process, run_dir):
-    """Wait for the training `process` to write RUN_DIR's first last.ckpt (its first epoch) and then its second (the
-    next epoch, in the next phase, is done: training is under way whatever the machine's speed), send it SIGTERM a
-    moment later, in the epoch after, and check it exits with 143; the global step of that first checkpoint (the
-    steps of an epoch), and the output."""
-    import signal
-
+def second_checkpoint(last: Path, process) -> int:
+    """Wait for the training `process` to write `last` (last.ckpt) twice: after its first epoch, and after the next
+    (in the next phase: training is under way whatever the machine's speed), then a moment more, so a signal sent
+    now lands in the middle of an epoch. The first checkpoint's global step: the steps of an epoch."""
     import torch
 
-    last = run_dir / "checkpoints" / "last.ckpt"
     wait_for(last, process)
     step = torch.load(last, weights_only=True)["global_step"]
     started = time.time()
@@ -177,6 +173,17 @@ def sigterm_after_first_checkpoint(process, run_dir):
         assert time.time() - started < 300, "no second checkpoint"
         time.sleep(0.05)
     time.sleep(0.3)
+    return step
+
+
+def sigterm_after_first_checkpoint(process, run_dir):
+    """Wait for the training `process` to write RUN_DIR's first last.ckpt (its first epoch) and then its second (the
+    next epoch, in the next phase, is done: training is under way whatever the machine's speed), send it SIGTERM a
+    moment later, in the epoch after, and check it exits with 143; the global step of that first checkpoint (the
+    steps of an epoch), and the output."""
+    import signal
+
+    step = second_checkpoint(run_dir / "checkpoints" / "last.ckpt", process)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 143, output[-3000:]
