@@ -361,25 +361,19 @@ def _one_creator(database: Path, timeout: float = 120.0):
     migrations), and two runs started at once into a fresh folder made the second fail half-way through them
     ("Online migration expected to match one row"). An exclusive lock on .DATABASE.lock beside it; the second
     waits, then finds the tables made."""
+    import fcntl
+
+    from finetune.locks import flocked
+
+    path, started = database.with_name(f".{database.name}.lock"), time.monotonic()
+    while (fd := flocked(path, fcntl.LOCK_EX | fcntl.LOCK_NB)) is None:
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"another process has held {database} for {timeout:.0f} s")
+        time.sleep(0.1)
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
         yield
-        return
-    with open(database.with_name(f".{database.name}.lock"), "a") as f:
-        started = time.monotonic()
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() - started > timeout:
-                    raise TimeoutError(f"another process has held {database} for {timeout:.0f} s") from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def wandb_logged_in() -> bool:

@@ -64,40 +64,24 @@ def write_json(path: Path, data: dict) -> None:
 def held(run_dir: Path, command: str = ""):
     """The run directory for this run alone while it runs: an exclusive lock on RUN_DIR/.finetune.lock, which the
     kernel releases when the process ends however it ends (kill -9 too). A second run into the same directory is
-    refused by a ConfigError naming the run that holds it, before it writes anything. Where the system has no
-    flock (not POSIX), nothing is held."""
-    from finetune.errors import ConfigError
+    refused by a ConfigError naming the run that holds it, before it writes anything."""
+    import fcntl
 
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
+    from finetune.errors import ConfigError
+    from finetune.locks import flocked
+
     path = Path(run_dir) / LOCK
-    while True:
-        f = open(path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "a run that is starting"
-            f.close()
-            raise ConfigError(f"{run_dir} is being written by another run ({holder}): wait for it to end, or give "
-                              f"this run another hydra.run.dir") from None
-        try:  # the holder before us may have removed the file after we opened it: lock the file that is there
-            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        f.close()
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-            + (f": {command}" if command else "") + "\n")
-    f.flush()
+    fd = flocked(path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if fd is None:
+        holder = path.read_text().strip() if path.is_file() else ""
+        raise ConfigError(f"{run_dir} is being written by another run ({holder or 'a run that is starting'}): wait "
+                          f"for it to end, or give this run another hydra.run.dir")
+    os.ftruncate(fd, 0)
+    os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                  + (f": {command}" if command else "") + "\n").encode())
     try:
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        f.close()  # releases the lock
+        os.close(fd)  # releases the lock

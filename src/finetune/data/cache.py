@@ -43,6 +43,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from finetune.data.images import open_rgb
+from finetune.locks import flocked
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def open_or_build(paths: list[str], directory: Path, name: str, short_side: int,
     stem = f"{name}-{short_side}px-{cache_key(states, short_side, interpolation)}"
     pixels, index, files = (directory / f"{stem}{suffix}" for suffix in (".u8", ".index.npy", ".files.json"))
     remove_stale_temporaries(directory)
-    lock = _lock(directory / f"{stem}.lock", fcntl.LOCK_EX)  # released when closed, also if this process dies
+    lock = flocked(directory / f"{stem}.lock", fcntl.LOCK_EX)  # released when closed, also if this process dies
     try:
         complete = index.is_file()
         damage = _damage(pixels, index, len(paths)) if complete else None
@@ -171,32 +172,11 @@ def open_or_build(paths: list[str], directory: Path, name: str, short_side: int,
             finally:
                 if donor is not None:
                     donor.close()
-        cache = ImageCache(pixels, index, _lock(directory / f"{stem}.use", fcntl.LOCK_SH))
+        cache = ImageCache(pixels, index, flocked(directory / f"{stem}.use", fcntl.LOCK_SH))
     finally:
         os.close(lock)
     remove_superseded(directory, name, stem, states)
     return cache
-
-
-def _lock(path: Path, operation: int, create: bool = True) -> int | None:
-    """A descriptor of `path` holding flock `operation`; None when LOCK_NB is asked and another process holds it
-    (or, without `create`, when there is no such file). If the file is removed while this process waits for it,
-    it is opened again: the lock held is always that of the file now at `path`."""
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, operation)
-            held, now = os.fstat(fd), os.stat(path)
-            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
-                return fd
-        except (BlockingIOError, FileNotFoundError):
-            if not create or operation & fcntl.LOCK_NB:
-                os.close(fd)
-                return None
-        os.close(fd)
 
 
 def _damage(pixels: Path, index: Path, count: int) -> str | None:
@@ -278,7 +258,7 @@ def remove_stale_temporaries(directory: Path) -> None:
         if match or (STEM.fullmatch(stem) and stem != path.name and not (directory / f"{stem}.index.npy").exists()):
             left.setdefault(stem, []).append(path)
     for stem, paths in left.items():
-        lock = _lock(directory / f"{stem}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
+        lock = flocked(directory / f"{stem}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
         if lock is None and (directory / f"{stem}.lock").exists():
             continue  # being built now
         try:
@@ -348,11 +328,11 @@ def _compare(recorded: list[FileState], known: dict[str, tuple[int, int]]) -> tu
 
 def _remove(directory: Path, stem: str) -> int | None:
     """Remove cache `stem` unless a process builds or uses it; the bytes freed, or None when it is in use."""
-    lock = _lock(directory / f"{stem}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock = flocked(directory / f"{stem}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
     if lock is None:
         return None
     try:
-        use = _lock(directory / f"{stem}.use", fcntl.LOCK_EX | fcntl.LOCK_NB)
+        use = flocked(directory / f"{stem}.use", fcntl.LOCK_EX | fcntl.LOCK_NB)
         if use is None:
             return None
         freed = 0
@@ -410,14 +390,14 @@ def _find_donor(directory: Path, name: str, current: str, short_side: int, inter
         if same:
             candidates.append((same, stem, record))
     for _, stem, record in sorted(candidates, key=lambda c: c[0], reverse=True):  # stable: newest first of equals
-        lock = _lock(directory / f"{stem}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
+        lock = flocked(directory / f"{stem}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
         if lock is None:
             continue  # being built, or removed just now
         try:
             pixels, index = directory / f"{stem}.u8", directory / f"{stem}.index.npy"
             if not index.is_file() or _damage(pixels, index, len(record["files"])):
                 continue
-            use = _lock(directory / f"{stem}.use", fcntl.LOCK_SH)
+            use = flocked(directory / f"{stem}.use", fcntl.LOCK_SH)
             try:
                 rows = {path: (size, mtime_ns, *(int(v) for v in row))
                         for (path, size, mtime_ns), row in zip(record["files"], np.load(index), strict=True)}
