@@ -61,8 +61,7 @@ def _run(plan: Plan, overrides: list[str]) -> dict:
     if not resuming:
         save_config(cfg, run_dir / rundir.CONFIG)
     remove_leftovers(run_dir / rundir.CHECKPOINTS)
-    for leftover in run_dir.glob(".lr_find_*.ckpt"):  # a learning-rate finder killed before it cleaned up (9 MB)
-        leftover.unlink(missing_ok=True)
+    remove_lr_find_copies(run_dir)  # of a learning-rate finder killed before it cleaned up (9 MB)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Model first: missing pretrained weights or a bad backbone name fail before the dataset is read.
@@ -204,6 +203,12 @@ def build_model(cfg: DictConfig, backbone: torch.nn.Module, data: ImageDataModul
     )
 
 
+def remove_lr_find_copies(run_dir: Path) -> None:
+    """The copies of the model (.lr_find_*.ckpt) that Lightning's learning-rate finder keeps while it runs."""
+    for leftover in run_dir.glob(".lr_find_*.ckpt"):
+        leftover.unlink(missing_ok=True)
+
+
 def find_learning_rate(trainer: L.Trainer, model: Classifier, data: ImageDataModule, cfg: DictConfig, run_dir: Path,
                        given: bool) -> float:
     """Lightning's learning-rate finder: plot it to RUN_DIR/lr_find.png and, unless schedule.lr was given on the
@@ -219,8 +224,7 @@ def find_learning_rate(trainer: L.Trainer, model: Classifier, data: ImageDataMod
                                         update_attr=False)
     finally:
         trainer.fit_loop.max_epochs = epochs
-        for leftover in run_dir.glob(".lr_find_*.ckpt"):  # Lightning's own copy of the model, if it was stopped
-            leftover.unlink(missing_ok=True)
+        remove_lr_find_copies(run_dir)  # Lightning's own copy of the model, if it was stopped
     suggestion = finder.suggestion() if finder is not None else None
     if finder is not None:
         figure = finder.plot(suggest=suggestion is not None, show=False)
