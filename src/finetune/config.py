@@ -37,7 +37,7 @@ class DatasetConfig:
     cache_dir: Optional[str] = None  # null: DATASET_ROOT/.finetune-cache (~/.cache/finetune if root is read-only)
     decode: str = "cpu"  # cpu: workers decode and augment; device: workers read bytes, the GPU decodes and augments
     dedup: str = "group"  # same or near-copy images: keep (report only) | group (one side of the split) | drop (one)
-    dedup_threshold: int = 8  # near copies: perceptual hashes (64 bits) at most this many bits apart; 0: same hash only
+    dedup_threshold: int = 12  # near copies: 64-bit pHashes at most this many bits apart (256-bit: 4.5x); 0: same
     folds: Optional[int] = None  # K: K-fold cross-validation of everything outside the test split; null: off
     fold: int = 0  # which fold is the validation split, 0..K-1 (-m dataset.fold=range(K) runs them all)
 

@@ -230,7 +230,8 @@ def make_oxford_pets(root: Path, breeds: dict[str, tuple[int, str]], per_breed: 
 
 def plant_copy(original: Path, target: Path, kind: str) -> Path:
     """A copy of `original` at `target`, as duplicates arrive in real datasets: `exact` (the same bytes), `quality`
-    (re-encoded at JPEG quality 60), `resized` (to 3/4 of its size) or `cropped` (2 pixels off the top and left)."""
+    (re-encoded at JPEG quality 60), `resized` (to 3/4 of its size), `cropped` (2 pixels off the top and left) or
+    `probe` (3 pixels off the top and left, resized to 0.8, JPEG quality 55: the second probe's copy)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if kind == "exact":
         target.write_bytes(original.read_bytes())
@@ -241,5 +242,7 @@ def plant_copy(original: Path, target: Path, kind: str) -> Path:
         image = image.resize((w * 3 // 4, h * 3 // 4), Image.Resampling.BICUBIC)
     elif kind == "cropped":
         image = image.crop((2, 2, w, h))
-    image.save(target, "JPEG", quality=60 if kind == "quality" else 90)
+    elif kind == "probe":
+        image = image.crop((3, 3, w, h)).resize((int(w * 0.8), int(h * 0.8)), Image.Resampling.BICUBIC)
+    image.save(target, "JPEG", quality={"quality": 60, "probe": 55}.get(kind, 90))
     return target

@@ -118,8 +118,8 @@ class ImageDataModule(L.LightningDataModule):
         """
         d = self.cfg
         dedup = d.get("dedup", "group")
-        duplicates = find_duplicates(*image_hashes(source, _common_root(source.paths, d.root), d.max_pixels,
-                                                   workers=d.num_workers), d.get("dedup_threshold", 8))
+        duplicates = find_duplicates(image_hashes(source, _common_root(source.paths, d.root), d.max_pixels,
+                                                  workers=d.num_workers), d.get("dedup_threshold", 12))
         keep = duplicates.kept(source.splits) if dedup == "drop" else np.arange(len(source))
         groups = None if dedup == "keep" else duplicates.group_ids()[keep]
         kept = subset(source, keep)
