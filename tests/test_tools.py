@@ -210,7 +210,8 @@ def test_kaggle_dogs_vs_cats_submission(tmp_path, dogs_vs_cats):
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-    """`trained`'s best checkpoint exported once as ONNX and as TorchScript: {format: (path, run's result)}."""
+    """`trained`'s best checkpoint exported once as ONNX and as TorchScript, unmeasured (measure=false: the tests
+    below check parity; test_export_measures_a_sample_of_eval_images measures): {format: (path, run's result)}."""
     from finetune.checkpoints import AtomicCheckpointIO
     from finetune.export import run
     from finetune.models.classifier import load_checkpoint
@@ -224,7 +225,8 @@ def exported(trained, tmp_path_factory):
     checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "temperature": 1.7}
     AtomicCheckpointIO().save_checkpoint(checkpoint, run_dir / "checkpoints" / "best.ckpt")
     paths = {"onnx": folder / "model.onnx", "torchscript": folder / "scripted.pt"}  # each its own sidecar
-    return {fmt: (path, run(tool_cfg("export", ckpt=run_dir, format=fmt, out=path))) for fmt, path in paths.items()}
+    return {fmt: (path, run(tool_cfg("export", ckpt=run_dir, format=fmt, out=path, measure=False)))
+            for fmt, path in paths.items()}
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -243,6 +245,7 @@ def test_export_matches_pytorch_and_describes_itself(trained, exported, fmt):
     with torch.no_grad():  # calibrated, as predict's: softmax(logits / T)
         expected = (model(images) / model.temperature).softmax(1).numpy()
     assert sidecar["temperature"] == model.temperature != 1.0
+    assert sidecar["evaluation"]["measured"] is False and sidecar["evaluation"]["images"] == 0  # measure=false
     actual = load_exported(out, fmt)(images.numpy())
     assert np.abs(actual - expected).max() < 1e-4
 
@@ -254,6 +257,7 @@ def test_export_measures_a_sample_of_eval_images_and_refuses_a_bad_cap(trained, 
     assert result.returncode == 0, result.output[-3000:]
     evaluation = json.loads(out.with_suffix(".json").read_text())["evaluation"]
     assert evaluation["split"] == "test" and evaluation["images"] == 5
+    assert "CPU latency" in (out.parent / "sample.model_card.md").read_text()
     result = run_script("export", f"ckpt={run_dir}", "format=torchscript", "eval_images=0", cwd=tmp_path)
     assert result.returncode == 2 and "eval_images must be a number of images >= 1" in result.output
 
@@ -382,6 +386,7 @@ def test_every_run_has_a_model_card_and_export_copies_it_with_its_own_facts(trai
     card = out.with_name("model.model_card.md").read_text()
     assert result["model_card"] == str(out.with_name("model.model_card.md")) and card.startswith(text)
     assert "## Export" in card and "| format | onnx |" in card and "parity with PyTorch" in card
+    assert "CPU latency" not in card  # measure=false: nothing measured is claimed
 
 
 def test_runs_and_evaluate_give_95_percent_intervals_for_accuracy_and_each_class(trained, evaluated):

@@ -76,6 +76,8 @@ def check(cfg: DictConfig) -> None:
     if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not drop >= 0):
         raise ConfigError(f"max_accuracy_drop must be a number of accuracy points >= 0, or null to accept any drop "
                           f"(got {drop!r})")
+    if not isinstance(cfg.get("measure", True), bool):
+        raise ConfigError(f"measure must be true or false (got {cfg.get('measure')!r})")
     cap = cfg.get("eval_images")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
         raise ConfigError(f"eval_images must be a number of images >= 1, or null for the whole test split "
@@ -127,11 +129,20 @@ def run(cfg: DictConfig) -> dict:
         name = f"{cfg.format} {'float32' if quantize == 'none' else quantize}"
         models[name] = load_exported(out, cfg.format)
         sizes = {"onnx float32": float32.stat().st_size / 1e6, name: out.stat().st_size / 1e6}
-        evaluation = measure(models, sizes, data, name, size, limit=cfg.get("eval_images"), seed=cfg.get("seed", 0))
+        if cfg.get("measure", True):
+            evaluation = measure(models, sizes, data, name, size, limit=cfg.get("eval_images"),
+                                 seed=cfg.get("seed", 0))
+        else:
+            evaluation = {"measured": False, "split": None, "images": 0, "machine": machine(),
+                          "models": {m: {"megabytes": sizes[m]} for m in models if m in sizes}}
         description = describe(model, cfg.format, final_out.name, quantize, cfg.get("calibration_images"))
         description["evaluation"] = evaluation
         sidecar.write_text(json.dumps(description, indent=2) + "\n")
-        print(table(evaluation))
+        if cfg.get("measure", True):
+            print(table(evaluation))
+        else:
+            print("measure=false: the export's accuracy and latency are not measured, and max_accuracy_drop is not "
+                  "checked")
         exported = evaluation["models"][name]
         drop, limit = evaluation.get("accuracy_drop_points"), cfg.get("max_accuracy_drop")
         if drop is not None and limit is not None and drop > limit:
@@ -148,17 +159,19 @@ def run(cfg: DictConfig) -> dict:
     megabytes = exported["megabytes"]
     print(f"parity of the float32 graph with PyTorch: max abs difference {difference:.2e} on 3 random images "
           f"(tolerance {TOLERANCE:.0e})")
-    print(f"{out}: {megabytes:.1f} MB, CPU latency {exported['ms_per_image_batch1']:.1f} ms per image (batch of 1, "
-          f"median)")
+    latency = (f", CPU latency {exported['ms_per_image_batch1']:.1f} ms per image (batch of 1, median)"
+               if "ms_per_image_batch1" in exported else "")
+    print(f"{out}: {megabytes:.1f} MB{latency}")
     print(f"{sidecar}: input, output, preprocessing and the measurements above")
     facts = {
         "file": f"`{out.name}` ({megabytes:.1f} MB), described in `{sidecar.name}`", "format": cfg.format,
         "weights": QUANTIZE[quantize], "from": f"`{ckpt}`",
         "input": f"uint8 RGB, NCHW, {size}x{size}, any batch size (`images`)",
         "output": f"probabilities over {len(model.classes)} classes (`probabilities`)",
-        "parity with PyTorch": f"max abs difference {difference:.2e} on 3 images (float32 graph)",
-        "CPU latency": f"{exported['ms_per_image_batch1']:.1f} ms per image at batch 1, "
-                       f"{exported['ms_per_image_batch32']:.1f} at batch 32 (median, {evaluation['machine']})"}
+        "parity with PyTorch": f"max abs difference {difference:.2e} on 3 images (float32 graph)"}
+    if "ms_per_image_batch1" in exported:
+        facts["CPU latency"] = (f"{exported['ms_per_image_batch1']:.1f} ms per image at batch 1, "
+                                f"{exported['ms_per_image_batch32']:.1f} at batch 32 (median, {evaluation['machine']})")
     if "accuracy" in exported:
         facts["accuracy"] = (f"{exported['accuracy']:.4f} on {evaluation['images']} {data.split} images "
                              f"(PyTorch {evaluation['models']['pytorch float32']['accuracy']:.4f}; top-1 changed on "
@@ -166,7 +179,7 @@ def run(cfg: DictConfig) -> dict:
     card = write_export_card(run_dir, out, facts)
     print(f"{card}: the model card, with this export's facts")
     return {"path": str(out), "sidecar": str(sidecar), "max_abs_difference": difference, "megabytes": megabytes,
-            "cpu_latency_ms": exported["ms_per_image_batch1"], "model_card": str(card), "evaluation": evaluation}
+            "cpu_latency_ms": exported.get("ms_per_image_batch1"), "model_card": str(card), "evaluation": evaluation}
 
 
 WORK_PREFIX = ".export-"  # FOLDER/.export-PID-XXXX: an export's files while it runs
