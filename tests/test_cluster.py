@@ -1,5 +1,6 @@
 """Runs on clusters: resume=auto, SLURM jobs that submitit requeues, and torchrun's processes in one run directory."""
 
+import csv
 import json
 import os
 import re
@@ -289,3 +290,25 @@ def test_the_processes_torchrun_starts_write_one_run_directory(tmp_path, shapes)
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
     assert (run_dir / "train_rank1.log").is_file()  # rank 1 logs beside rank 0
     assert len(list(tmp_path.rglob("checkpoints"))) == 1
+
+
+@pytest.mark.slow
+def test_a_sweep_under_torchrun_runs_each_job_as_one_ddp_run_and_rank_0_reports_it(tmp_path, shapes):
+    """Issue 22 item 14: -m under torchrun was refused because Lightning would re-run the command for DDP's workers;
+    under torchrun it starts none. Each job is one run of the two processes, one summary."""
+    process = start(tmp_path, "-m", "dataset=image_folder", f"dataset.root={shapes}", *FAST, "trainer=ddp",
+                    "trainer.devices=2", "schedule.epochs=1", "schedule.freeze_epochs=0", "schedule.lr=1e-3,3e-3",
+                    "dataset.val_fraction=0.2", "dataset.test_fraction=0.2", "calibrate=false",
+                    module=["torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, output[-4000:]
+    sweeps = list((tmp_path / "outputs" / "sweeps").iterdir())
+    assert len(sweeps) == 1 and sweeps[0].name.startswith("torchrun-")
+    rows = list(csv.DictReader(open(sweeps[0] / "summary.csv")))
+    assert len(rows) == 2 and {lr for r in rows for lr in r["overrides"].split() if lr.startswith("schedule.lr=")} \
+        == {"schedule.lr=0.001", "schedule.lr=0.003"}
+    assert all(r["status"] == "completed" for r in rows)
+    for job in ("0", "1"):
+        assert sorted(p.name for p in (sweeps[0] / job / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+        assert json.loads((sweeps[0] / job / "metrics.json").read_text())["epochs"] == 1
+        assert (sweeps[0] / job / "train_rank1.log").is_file()  # rank 1 ran the job beside rank 0

@@ -9,6 +9,11 @@ from typing import Any
 from finetune.errors import ConfigError
 
 
+def under_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def torchrun_run_id() -> str | None:
     """torchrun's rendezvous id when this process is one of several it started, else None. Every process of the run
     has the same one, on every node, and keeps it when torchrun restarts them; `--standalone` (and a single-node
@@ -25,7 +30,7 @@ def torchrun_arguments(argv: Sequence[str]) -> list[str]:
     rendezvous id (conf/hydra/default.yaml, `run_name`), and those of ranks after the first leave .hydra/ to rank 0
     and log to train_rankN.log beside its train.log. ConfigError when torchrun gives no id to name it after and the
     command line gives no hydra.run.dir (hydra.sweep.dir with -m)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not under_torchrun():
         return []
     given = {arg.split("=", 1)[0].lstrip("+~") for arg in argv}
     if torchrun_run_id() is None and not given & {"hydra.run.dir", "hydra.sweep.dir"}:

@@ -156,11 +156,14 @@ def compile_model(model: L.LightningModule) -> None:
 
 def refuse_multirun_with_ddp(trainer: DictConfig) -> None:
     """Lightning's DDP starts its worker processes by re-running this command line, which breaks a Hydra multirun
-    on the local launcher: refuse that combination before any work."""
+    on the local launcher: refuse that combination before any work. Under torchrun it holds not: torchrun started
+    every process already, each runs the sweep's jobs in the same order, and Lightning starts none."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    from finetune.cluster import under_torchrun
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN or under_torchrun():
         return
     strategy = str(trainer.get("strategy", "auto"))
     if "ddp" not in strategy or "spawn" in strategy or _processes(trainer) <= 1:
