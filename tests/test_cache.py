@@ -150,6 +150,38 @@ def test_a_cache_whose_images_all_moved_is_reported_not_removed(tmp_path, caplog
         in caplog.text
 
 
+def test_a_dataset_moved_with_its_cache_finds_it_again_and_decodes_nothing(tmp_path, decoded, caplog):
+    """Issue 22 item 14: the cache keyed and recorded absolute paths, so a dataset moved with its .finetune-cache
+    was decoded again."""
+    paths = jpegs(tmp_path / "data")
+    first = build(paths, tmp_path / "data" / ".finetune-cache")
+    first.close()
+    (tmp_path / "data").rename(tmp_path / "moved")
+    decoded.clear()
+    moved = [p.replace(str(tmp_path / "data"), str(tmp_path / "moved")) for p in paths]
+    with caplog.at_level(logging.INFO, logger="finetune.data.cache"):
+        again = build(moved, tmp_path / "moved" / ".finetune-cache")
+    assert decoded == [] and again.pixels_path.name == first.pixels_path.name and "decoding" not in caplog.text
+    assert sorted(p.name for p in (tmp_path / "moved" / ".finetune-cache").glob("*.u8")) == [first.pixels_path.name]
+    for j, path in enumerate(moved):
+        assert np.array_equal(np.asarray(again.image(j)), fresh(path))
+
+
+def test_a_cache_of_the_same_images_under_an_earlier_name_is_copied_then_removed(tmp_path, decoded, caplog):
+    paths = jpegs(tmp_path / "data")
+    directory = tmp_path / "data" / ".finetune-cache"
+    first = build(paths, directory)
+    first.close()
+    old_stem = first.pixels_path.stem.rsplit("-", 1)[0] + "-0123456789abcdef"  # as an earlier version named it
+    for path in directory.glob(f"{first.pixels_path.stem}.*"):
+        path.rename(directory / (old_stem + path.name.removeprefix(first.pixels_path.stem)))
+    decoded.clear()
+    with caplog.at_level(logging.INFO, logger="finetune.data.cache"):
+        again = build(paths, directory)
+    assert decoded == [] and again.pixels_path == first.pixels_path
+    assert not list(directory.glob(f"{old_stem}.*")) and "which records their paths as this version does" in caplog.text
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "index"])
 def test_a_damaged_cache_is_rebuilt_instead_of_blaming_the_images(tmp_path, damage, caplog):
     paths = jpegs(tmp_path / "data")

@@ -9,12 +9,14 @@ lives next to the data, in DATASET_ROOT/.finetune-cache/ (or dataset.cache_dir),
     <name>.index.npy   (offset, height, width) per image; height 0 marks a file that could not be decoded
 
 <name> holds a hash of the file list (path, size and modification time of every file) and the size, so a changed
-dataset gets a new cache and an unchanged one is found again. The index is written last, so a cache whose index
-exists is complete; on opening, the .u8 must be as long as its index says, or the cache is rebuilt. Builders take
-a file lock (<name>.lock): concurrent runs (the ranks of a DDP run, the jobs of a sweep) build it once and the
-others wait for it. Readers map the file: the pages are the operating system's page cache, shared by every
-DataLoader worker, so host memory per worker does not grow with the dataset; the process that opened it holds a
-shared lock on <name>.use as long as it uses it.
+dataset gets a new cache and an unchanged one is found again. Paths below the cache folder's parent (the dataset's
+own folder, for the default DATASET_ROOT/.finetune-cache) are recorded relative to the cache folder, so a dataset
+moved with its cache (mv keeps modification times) finds it again; others are recorded absolute. The index is
+written last, so a cache whose index exists is complete; on opening, the .u8 must be as long as its index says, or
+the cache is rebuilt. Builders take a file lock (<name>.lock): concurrent runs (the ranks of a DDP run, the jobs of
+a sweep) build it once and the others wait for it. Readers map the file: the pages are the operating system's page
+cache, shared by every DataLoader worker, so host memory per worker does not grow with the dataset; the process that
+opened it holds a shared lock on <name>.use as long as it uses it.
 
 A changed dataset does not start from nothing: the pixels of every file whose path, size and modification time are
 unchanged are copied from an earlier cache of the same dataset, and only new or changed files are decoded. Whenever
@@ -64,12 +66,26 @@ def file_states(paths: list[str]) -> list[FileState]:
     return states
 
 
-def cache_key(states: list[FileState], short_side: int, interpolation: str) -> str:
-    """A hash of what the cache depends on: the files (path, size, modification time) and how they are resized."""
+def cache_key(states: list[FileState], short_side: int, interpolation: str, directory: Path) -> str:
+    """A hash of what the cache in `directory` depends on: the files (path as recorded, size, modification time) and
+    how they are resized."""
     h = hashlib.sha256(f"v{VERSION}|{short_side}|{interpolation}|{len(states)}".encode())
     for path, size, mtime_ns in states:
-        h.update(f"\n{path}|{size}|{mtime_ns}".encode())
+        h.update(f"\n{stored(path, directory)}|{size}|{mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def stored(path: str, directory: Path) -> str:
+    """How the cache in `directory` records `path`: relative to `directory` when the file lies below its parent
+    (they move together), else absolute."""
+    path = os.path.abspath(path)
+    base = os.path.abspath(directory)
+    return os.path.relpath(path, base) if path.startswith(os.path.dirname(base) + os.sep) else path
+
+
+def located(recorded: str, directory: Path) -> str:
+    """The absolute path of a file the cache in `directory` recorded as `recorded`."""
+    return recorded if os.path.isabs(recorded) else os.path.normpath(os.path.join(os.path.abspath(directory), recorded))
 
 
 def resize_short_side(image: Image.Image, short_side: int, interpolation: str) -> Image.Image:
@@ -151,7 +167,7 @@ def open_or_build(paths: list[str], directory: Path, name: str, short_side: int,
     superseded caches of the same dataset in `directory` are removed on the way."""
     directory.mkdir(parents=True, exist_ok=True)
     states = file_states(paths)
-    stem = f"{name}-{short_side}px-{cache_key(states, short_side, interpolation)}"
+    stem = f"{name}-{short_side}px-{cache_key(states, short_side, interpolation, directory)}"
     pixels, index, files = (directory / f"{stem}{suffix}" for suffix in (".u8", ".index.npy", ".files.json"))
     remove_stale_temporaries(directory)
     lock = flocked(directory / f"{stem}.lock", fcntl.LOCK_EX)  # released when closed, also if this process dies
@@ -175,7 +191,7 @@ def open_or_build(paths: list[str], directory: Path, name: str, short_side: int,
         cache = ImageCache(pixels, index, flocked(directory / f"{stem}.use", fcntl.LOCK_SH))
     finally:
         os.close(lock)
-    remove_superseded(directory, name, stem, states)
+    remove_superseded(directory, name, stem, states, short_side, interpolation)
     return cache
 
 
@@ -199,7 +215,7 @@ def _damage(pixels: Path, index: Path, count: int) -> str | None:
 
 def _write_files(files: Path, states: list[FileState], short_side: int, interpolation: str) -> None:
     record = {"version": VERSION, "short_side": short_side, "interpolation": interpolation,
-              "files": [[os.path.abspath(path), size, mtime_ns] for path, size, mtime_ns in states]}
+              "files": [[stored(path, files.parent), size, mtime_ns] for path, size, mtime_ns in states]}
     tmp = files.with_name(f"{files.name.removesuffix('.files.json')}.files.tmp-{os.getpid()}.json")
     try:
         tmp.write_text(json.dumps(record, separators=(",", ":")))
@@ -209,10 +225,10 @@ def _write_files(files: Path, states: list[FileState], short_side: int, interpol
 
 
 def _read_files(files: Path) -> dict | None:
-    """A cache's record of its files, or None when it cannot be read (left alone then)."""
+    """A cache's record of its files (absolute paths), or None when it cannot be read (left alone then)."""
     try:
         record = json.loads(files.read_text())
-        record["files"] = [(str(p), int(size), int(mtime)) for p, size, mtime in record["files"]]
+        record["files"] = [(located(str(p), files.parent), int(size), int(mtime)) for p, size, mtime in record["files"]]
         int(record["short_side"]), str(record["interpolation"]), int(record["version"])
         return record
     except (OSError, ValueError, TypeError, KeyError):
@@ -274,11 +290,13 @@ def remove_stale_temporaries(directory: Path) -> None:
                 os.close(lock)
 
 
-def remove_superseded(directory: Path, name: str, current: str, states: list[FileState]) -> None:
+def remove_superseded(directory: Path, name: str, current: str, states: list[FileState], short_side: int,
+                      interpolation: str) -> None:
     """Remove the caches of dataset `name` in `directory` (any size) that can never be used again: some of their
-    files have changed or gone since they were built. One that a running job uses stays and is named, with the
-    command to remove it later; so is one whose files are all gone (the dataset moved, or its disk is not mounted).
-    A cache whose files are all as they were (another subset, another size) is left alone."""
+    files have changed or gone since they were built, or they hold the very images of `current` under the name an
+    earlier version gave them. One that a running job uses stays and is named, with the command to remove it later;
+    so is one whose files are all gone (the dataset moved, or its disk is not mounted). A cache whose files are all as
+    they were (another subset, another size) is left alone."""
     known = {os.path.abspath(path): (size, mtime_ns) for path, size, mtime_ns in states}
     for stem in _caches_of(directory, name):
         if stem == current:
@@ -287,7 +305,12 @@ def remove_superseded(directory: Path, name: str, current: str, states: list[Fil
         if record is None or not record["files"]:
             continue
         changed, gone, example = _compare(record["files"], known)
-        if not changed and not gone:
+        if changed or gone:
+            why = f"{changed + gone:,} of its images changed or gone since (e.g. {example})"
+        elif (record["short_side"], record["interpolation"], len(record["files"])) == \
+                (short_side, interpolation, len(states)) and {p for p, _, _ in record["files"]} == set(known):
+            why = f"it holds the same images as {current}, which records their paths as this version does"
+        else:
             continue
         size = _size(directory, stem)
         if not changed and gone == len(record["files"]):
@@ -295,12 +318,11 @@ def remove_superseded(directory: Path, name: str, current: str, states: list[Fil
                         "moved or its disk is not mounted. If it is gone for good, free the space: %s",
                         directory / stem, size / 1e6, f"{gone:,}", example, _rm(directory, stem))
         elif (freed := _remove(directory, stem)) is not None:
-            log.info("Image cache: removed %s (%.1f MB freed), superseded: %s of its images changed or gone since "
-                     "(e.g. %s)", directory / stem, freed / 1e6, f"{changed + gone:,}", example)
+            log.info("Image cache: removed %s (%.1f MB freed), superseded: %s", directory / stem, freed / 1e6, why)
         elif (directory / f"{stem}.index.npy").exists():  # else another process has just removed it
-            log.warning("Image cache %s (%.1f MB) is superseded (%s of its images changed or gone since, e.g. %s) "
-                        "but a running job is using it; the first run after it ends removes it, or then: %s",
-                        directory / stem, size / 1e6, f"{changed + gone:,}", example, _rm(directory, stem))
+            log.warning("Image cache %s (%.1f MB) is superseded (%s) but a running job is using it; the first run "
+                        "after it ends removes it, or then: %s", directory / stem, size / 1e6, why,
+                        _rm(directory, stem))
 
 
 def _compare(recorded: list[FileState], known: dict[str, tuple[int, int]]) -> tuple[int, int, str]:
