@@ -176,7 +176,9 @@ def test_in_memory_images_are_hashed_and_a_cifar_test_image_copied_into_training
 
 
 def test_hashes_are_cached_so_a_second_run_only_stats_the_files(tmp_path, monkeypatch):
-    root = make_image_folder(tmp_path, CLASSES, 4)
+    from finetune.data.integrity import scan
+
+    root = make_image_folder(tmp_path / "data", CLASSES, 4)
     source = read_source("image_folder", str(root))
     first = dups.image_hashes(source, root, 10**8)
     assert (root / dups.HASH_CACHE_NAME).is_file()
@@ -189,6 +191,12 @@ def test_hashes_are_cached_so_a_second_run_only_stats_the_files(tmp_path, monkey
     os.utime(source.paths[0], ns=(1, 1))  # a changed file is hashed again, and only it
     dups.image_hashes(source, root, 10**8)
     assert hashed == [source.paths[0]]
+    hashed.clear()  # a dataset moved with its caches keeps them (the paths in them are relative to the dataset)
+    assert scan(source.paths, root, 10**8).checked == len(source)
+    root.rename(tmp_path / "moved")
+    moved = read_source("image_folder", str(tmp_path / "moved"))
+    assert dups.image_hashes(moved, tmp_path / "moved", 10**8).digests[1:] == again.digests[1:] and hashed == []
+    assert scan(moved.paths, tmp_path / "moved", 10**8).cached == len(moved)
 
 
 def test_crops_resizes_and_re_encodes_are_found_and_distinct_images_on_noise_are_not_grouped(tmp_path, caplog):

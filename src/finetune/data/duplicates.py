@@ -120,7 +120,7 @@ def image_hashes(source: Source, root: Path, max_pixels: int, workers: int = 0) 
     for path in source.paths:
         st = os.stat(path)
         key = [st.st_size, st.st_mtime_ns]
-        hit = cached.get(path)
+        hit = cached.get(os.path.abspath(path))
         if hit is not None and hit[:2] == key:
             entries[path] = hit
         else:

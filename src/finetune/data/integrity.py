@@ -86,7 +86,7 @@ def scan(paths: list[str], root: str | Path, max_pixels: int, workers: int = 0,
             result.bad.append((path, "not a regular file (a FIFO, device or socket): not opened"))
             continue
         key = (st.st_size, st.st_mtime_ns)
-        hit = cached.get(path)
+        hit = cached.get(os.path.abspath(path))
         if hit is not None and tuple(hit[:2]) == key:
             result.cached += 1
             entries[path] = hit
@@ -161,9 +161,10 @@ def _save_cache(path: Path, files: dict[str, list], max_pixels: int) -> None:
 
 
 def load_cache(path: Path, header: dict, valid: Callable[[list], bool]) -> dict[str, list]:
-    """The cached entries ({path: [size, mtime_ns, ...]}), or nothing when the file is missing, unreadable, of another
-    header (version, settings), or not what this code writes (any valid-but-wrong JSON): the files are then read
-    again."""
+    """The cached entries ({absolute path: [size, mtime_ns, ...]}), or nothing when the file is missing, unreadable,
+    of another header (version, settings), or not what this code writes (any valid-but-wrong JSON): the files are
+    then read again. Paths below the cache file's folder are stored relative to it (save_cache), so a dataset moved
+    with its caches keeps them."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -173,7 +174,8 @@ def load_cache(path: Path, header: dict, valid: Callable[[list], bool]) -> dict[
     files = data.get("files")
     if not isinstance(files, dict):
         return {}
-    return {k: v for k, v in files.items() if isinstance(v, list) and len(v) >= 2
+    folder = os.path.abspath(path.parent)
+    return {os.path.join(folder, k): v for k, v in files.items() if isinstance(v, list) and len(v) >= 2
             and all(isinstance(x, int) for x in v[:2]) and valid(v)}
 
 
@@ -181,6 +183,8 @@ def save_cache(path: Path, header: dict, files: dict[str, list], what: str) -> N
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        folder = os.path.abspath(path.parent) + os.sep
+        files = {os.path.abspath(k).removeprefix(folder): v for k, v in files.items()}
         tmp.write_text(json.dumps({**header, "files": files}))
         tmp.replace(path)
     except OSError as e:  # a cache that cannot be written costs time, not correctness
