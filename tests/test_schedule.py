@@ -376,6 +376,28 @@ def test_a_run_resumed_in_the_middle_of_an_epoch_trains_what_that_epoch_trains(t
     assert all(len(s["with_grad"]) > 100 and s["lr"]["backbone"] > 0 for s in steps)
 
 
+def test_sigterm_while_validating_saves_the_epoch_and_resume_finishes_its_validation(tmp_path, shapes):
+    """Issue 22 item 14: SIGTERM during the validation inside fitting saved nothing (the epoch's steps were lost)."""
+    from support.recorders import SigtermInValidation
+
+    from finetune.callbacks.preemption import Preempted
+
+    SigtermInValidation.fired = False
+    with pytest.raises(Preempted):
+        train(tmp_path, shapes, "schedule.epochs=3", "schedule.freeze_epochs=1", "logger=csv",
+              "callbacks.extra=[{_target_: support.recorders.SigtermInValidation, epoch: 1}]")
+    run_dir = tmp_path / "run"
+    stopped = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stopped["epoch"] == 1 and stopped["global_step"] > 0
+    metrics = run(compose(tmp_path / "ignored", f"resume={run_dir}"),
+                  overrides=["callbacks.extra=[{_target_: support.recorders.BatchKinds}]"])
+    assert metrics["epochs"] == 3 and metrics["global_step"] * 2 == stopped["global_step"] * 3  # no epoch trained twice
+    rows = [r for path in run_dir.rglob("metrics.csv") for r in csv.DictReader(open(path))]
+    assert sorted(int(r["epoch"]) for r in rows if r.get("val/acc")) == [0, 1, 2]  # each epoch validated once
+    validated = [epoch for epoch, _ in BatchKinds.instances[-1].val]
+    assert validated.count(1) == validated.count(2) > 1  # epoch 1's validation run again whole, from its first batch
+
+
 def test_resumed_after_the_frozen_epochs_cached_features_give_way_to_images(tmp_path, shapes):
     """The first training loader can be made before a resumed run's epoch is restored (to count the schedule's
     steps): it must be made again for the epoch the run is at, images once the backbone trains."""

@@ -134,3 +134,21 @@ class Boom(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         raise RuntimeError("boom: something nobody foresaw")
+
+
+class SigtermInValidation(L.Callback):
+    """Acts as if SIGTERM arrived during the validation at the end of epoch `epoch` (after its first batch): Lightning's
+    SIGTERMException at that validation batch boundary, as a job pre-empted while it validates gets. Once per
+    process, so that the resumed run (which keeps its callbacks) finishes."""
+
+    fired = False
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not trainer.sanity_checking and trainer.current_epoch == self.epoch and not SigtermInValidation.fired:
+            SigtermInValidation.fired = True
+            raise SIGTERMException()

@@ -25,15 +25,36 @@ class Interrupted(FinetuneError):
 
 class SaveOnPreemption(L.Callback):
     """Lightning turns SIGTERM (what clusters send before pre-empting a job) into a SIGTERMException at the next
-    batch boundary, on every rank; this writes last.ckpt there, so resume=RUN_DIR continues from that step.
-    Only SIGTERM saves: a checkpoint after any other error (a NaN loss, say) could hold a broken model."""
+    batch boundary, on every rank; this writes last.ckpt there, so resume=RUN_DIR continues from that step. That
+    boundary may be one of the validation inside fitting: the checkpoint then holds the epoch's training, and says
+    that validation was under way from its first batch (`_validate_again`), so that the resumed run validates the
+    epoch whole (the metrics of the batches done are not in a checkpoint) before it trains on. Not in the sanity
+    check before training (nothing trained yet). Only SIGTERM saves: a checkpoint after any other error (a NaN loss,
+    say) could hold a broken model."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.training:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING \
+                and not trainer.sanity_checking:
+            if trainer.validating:
+                _validate_again(trainer.fit_loop.epoch_loop.val_loop.batch_progress)
             trainer.save_checkpoint(self.path)
+
+
+def _validate_again(progress) -> None:
+    """Rewind the progress of the validation under way to "its first batch started, none processed": what Lightning
+    (2.6) reads, on restoring, as stopped in the middle of validation (RESTARTED_MID_EVALUATION), which it then runs
+    from the batch after the last completed one, here the first. As saved by Lightning, a SIGTERM at a validation
+    batch boundary reads as stopped after the epoch's last training batch, and the resumed run skips the epoch's
+    validation altogether."""
+    current, total = progress.current, progress.total
+    total.ready, total.started = total.ready - current.ready + 1, total.started - current.started + 1
+    total.processed, total.completed = total.processed - current.processed, total.completed - current.completed
+    current.ready, current.started, current.processed, current.completed = 1, 1, 0, 0
 
 
 class RequeueAtBatchBoundary(L.Callback):
