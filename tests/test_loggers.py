@@ -193,7 +193,7 @@ def test_mlflow_file_store_with_the_model_uploaded(tmp_path, shapes, monkeypatch
     assert str(store) in client.get_run(record["run_id"]).info.artifact_uri  # the file store keeps them inside
 
 
-def test_wandb_offline_by_default_holds_the_metrics_config_and_best_checkpoint(tmp_path, shapes):
+def test_wandb_offline_by_default_holds_the_metrics_config_and_best_checkpoint(tmp_path, shapes, caplog):
     metrics, run_dir = train(tmp_path, shapes, "logger=wandb", "logger.experiment=shapes")
     record = json.loads((run_dir / "trackers.json").read_text())["wandb"]
     assert record["offline"] is True and record["project"] == "shapes"
@@ -207,6 +207,15 @@ def test_wandb_offline_by_default_holds_the_metrics_config_and_best_checkpoint(t
     assert summary["config"]["backbone"] == "mobilenetv2_100" and summary["config"]["schedule.lr"] == 1e-3
     val = [h["val/acc"] for h in wandb_history(folder) if "val/acc" in h]
     assert len(val) == 2
+    # resumed: W&B cannot continue an offline run, so its second part has a folder of its own, and the log says so
+    (run_dir / "metrics.json").unlink()  # as if it had stopped after its second epoch
+    cfg = compose(tmp_path / "resumed", f"resume={run_dir}", "schedule.epochs=3")
+    with caplog.at_level("WARNING", logger="finetune"):
+        run(cfg, overrides=given(cfg))
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(record["run_id"]) for f in folders)
+    assert f"W&B cannot continue an offline run (wandb/wandb#4624): the resumed part of run {record['run_id']}" \
+        in caplog.text
 
 
 def test_a_resumed_run_continues_its_own_mlflow_run(tmp_path, shapes):

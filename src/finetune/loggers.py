@@ -75,6 +75,10 @@ def _wandb(cfg: DictConfig, run_dir: Path, earlier: dict):
     s = cfg.logger
     name, tags = run_identity(s, run_dir)
     run_id = earlier.get("wandb", {}).get("run_id")
+    if run_id is not None and s.offline:
+        log.warning("W&B cannot continue an offline run (wandb/wandb#4624): the resumed part of run %s is logged to a "
+                    "folder of its own beside the first, %s/offline-run-*-%s; each holds its part, and the run's "
+                    "TensorBoard events and metrics.json hold the whole run", run_id, run_dir / "wandb", run_id)
     logger = WandbLogger(name=name, save_dir=str(run_dir), project=s.experiment, id=run_id,
                          mode="offline" if s.offline else "online", group=tags.get("sweep"), job_type="train",
                          notes=tags.get("overrides"))
