@@ -78,8 +78,16 @@ def command_line_problem(args: list[str]) -> str | None:
     from finetune.presets import CONF
 
     given = dict(arg.partition("=")[::2] for arg in args if "=" in arg and not arg.startswith("-"))
-    if "hydra.run.dir" in given and given.get("resume", "null") in ("null", "None", "") and "-m" not in args \
-            and "--multirun" not in args:  # before Hydra writes its .hydra/ and train.log into a finished run
+    one_run = "-m" not in args and "--multirun" not in args
+    first_process = int(os.environ.get("RANK", "0") or 0) == 0 and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
+    if "hydra.run.dir" in given and one_run and first_process:  # before Hydra writes .hydra/ and train.log there
+        from finetune import rundir
+
+        run_dir = Path(given["hydra.run.dir"]).expanduser()
+        holder = rundir.holder(run_dir)
+        if holder is not None:
+            return rundir.held_message(run_dir, holder)
+    if "hydra.run.dir" in given and given.get("resume", "null") in ("null", "None", "") and one_run:
         from finetune.runconfig import refuse_a_finished_run
 
         try:

@@ -60,6 +60,30 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(clean(data), indent=2, allow_nan=False) + "\n")
 
 
+def held_message(run_dir: Path, holder: str) -> str:
+    return (f"{run_dir} is being written by another run ({holder or 'a run that is starting'}): wait for it to end, "
+            f"or give this run another hydra.run.dir")
+
+
+def holder(run_dir: Path) -> str | None:
+    """Who holds RUN_DIR (see `held`) now, as its lock file says it ('' while it starts); None when no run does."""
+    import fcntl
+
+    from finetune.locks import flocked
+
+    path = Path(run_dir) / LOCK
+    if not path.is_file():
+        return None
+    fd = flocked(path, fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
+    if fd is not None:
+        os.close(fd)
+        return None
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:  # its run ended just now
+        return None
+
+
 @contextlib.contextmanager
 def held(run_dir: Path, command: str = ""):
     """The run directory for this run alone while it runs: an exclusive lock on RUN_DIR/.finetune.lock, which the
@@ -73,9 +97,7 @@ def held(run_dir: Path, command: str = ""):
     path = Path(run_dir) / LOCK
     fd = flocked(path, fcntl.LOCK_EX | fcntl.LOCK_NB)
     if fd is None:
-        holder = path.read_text().strip() if path.is_file() else ""
-        raise ConfigError(f"{run_dir} is being written by another run ({holder or 'a run that is starting'}): wait "
-                          f"for it to end, or give this run another hydra.run.dir")
+        raise ConfigError(held_message(run_dir, path.read_text().strip() if path.is_file() else ""))
     os.ftruncate(fd, 0)
     os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
                   + (f": {command}" if command else "") + "\n").encode())
