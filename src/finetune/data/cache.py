@@ -45,6 +45,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from finetune.data.images import open_rgb
+from finetune.data.integrity import located_path, stored_path
 from finetune.locks import flocked
 
 log = logging.getLogger(__name__)
@@ -71,21 +72,8 @@ def cache_key(states: list[FileState], short_side: int, interpolation: str, dire
     how they are resized."""
     h = hashlib.sha256(f"v{VERSION}|{short_side}|{interpolation}|{len(states)}".encode())
     for path, size, mtime_ns in states:
-        h.update(f"\n{stored(path, directory)}|{size}|{mtime_ns}".encode())
+        h.update(f"\n{stored_path(path, directory, below=directory.parent)}|{size}|{mtime_ns}".encode())
     return h.hexdigest()[:16]
-
-
-def stored(path: str, directory: Path) -> str:
-    """How the cache in `directory` records `path`: relative to `directory` when the file lies below its parent
-    (they move together), else absolute."""
-    path = os.path.abspath(path)
-    base = os.path.abspath(directory)
-    return os.path.relpath(path, base) if path.startswith(os.path.dirname(base) + os.sep) else path
-
-
-def located(recorded: str, directory: Path) -> str:
-    """The absolute path of a file the cache in `directory` recorded as `recorded`."""
-    return recorded if os.path.isabs(recorded) else os.path.normpath(os.path.join(os.path.abspath(directory), recorded))
 
 
 def resize_short_side(image: Image.Image, short_side: int, interpolation: str) -> Image.Image:
@@ -215,7 +203,8 @@ def _damage(pixels: Path, index: Path, count: int) -> str | None:
 
 def _write_files(files: Path, states: list[FileState], short_side: int, interpolation: str) -> None:
     record = {"version": VERSION, "short_side": short_side, "interpolation": interpolation,
-              "files": [[stored(path, files.parent), size, mtime_ns] for path, size, mtime_ns in states]}
+              "files": [[stored_path(path, files.parent, below=files.parent.parent), size, mtime_ns]
+                        for path, size, mtime_ns in states]}
     tmp = files.with_name(f"{files.name.removesuffix('.files.json')}.files.tmp-{os.getpid()}.json")
     try:
         tmp.write_text(json.dumps(record, separators=(",", ":")))
@@ -228,7 +217,8 @@ def _read_files(files: Path) -> dict | None:
     """A cache's record of its files (absolute paths), or None when it cannot be read (left alone then)."""
     try:
         record = json.loads(files.read_text())
-        record["files"] = [(located(str(p), files.parent), int(size), int(mtime)) for p, size, mtime in record["files"]]
+        record["files"] = [(located_path(str(p), files.parent), int(size), int(mtime))
+                           for p, size, mtime in record["files"]]
         int(record["short_side"]), str(record["interpolation"]), int(record["version"])
         return record
     except (OSError, ValueError, TypeError, KeyError):

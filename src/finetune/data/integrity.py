@@ -160,6 +160,18 @@ def _save_cache(path: Path, files: dict[str, list], max_pixels: int) -> None:
     save_cache(path, {"version": CACHE_VERSION, "max_pixels": max_pixels}, files, "integrity-scan")
 
 
+def stored_path(path: str, folder: Path, below: Path | None = None) -> str:
+    """How a cache in `folder` records `path`: relative to `folder` when the file lies below `below` (default: the
+    folder itself), so that they move together; else absolute."""
+    path, base = os.path.abspath(path), os.path.abspath(below if below is not None else folder)
+    return os.path.relpath(path, os.path.abspath(folder)) if path.startswith(base + os.sep) else path
+
+
+def located_path(recorded: str, folder: Path) -> str:
+    """The absolute path of a file that a cache in `folder` recorded as `recorded` (stored_path)."""
+    return recorded if os.path.isabs(recorded) else os.path.normpath(os.path.join(os.path.abspath(folder), recorded))
+
+
 def load_cache(path: Path, header: dict, valid: Callable[[list], bool]) -> dict[str, list]:
     """The cached entries ({absolute path: [size, mtime_ns, ...]}), or nothing when the file is missing, unreadable,
     of another header (version, settings), or not what this code writes (any valid-but-wrong JSON): the files are
@@ -174,8 +186,7 @@ def load_cache(path: Path, header: dict, valid: Callable[[list], bool]) -> dict[
     files = data.get("files")
     if not isinstance(files, dict):
         return {}
-    folder = os.path.abspath(path.parent)
-    return {os.path.join(folder, k): v for k, v in files.items() if isinstance(v, list) and len(v) >= 2
+    return {located_path(k, path.parent): v for k, v in files.items() if isinstance(v, list) and len(v) >= 2
             and all(isinstance(x, int) for x in v[:2]) and valid(v)}
 
 
@@ -183,8 +194,7 @@ def save_cache(path: Path, header: dict, files: dict[str, list], what: str) -> N
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        folder = os.path.abspath(path.parent) + os.sep
-        files = {os.path.abspath(k).removeprefix(folder): v for k, v in files.items()}
+        files = {stored_path(k, path.parent): v for k, v in files.items()}
         tmp.write_text(json.dumps({**header, "files": files}))
         tmp.replace(path)
     except OSError as e:  # a cache that cannot be written costs time, not correctness
