@@ -79,8 +79,9 @@ def command_line_problem(args: list[str]) -> str | None:
 
     given = dict(arg.partition("=")[::2] for arg in args if "=" in arg and not arg.startswith("-"))
     one_run = "-m" not in args and "--multirun" not in args
-    first_process = int(os.environ.get("RANK", "0") or 0) == 0 and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
-    if "hydra.run.dir" in given and one_run and first_process:  # before Hydra writes .hydra/ and train.log there
+    from finetune.runconfig import is_rank_zero
+
+    if "hydra.run.dir" in given and one_run and is_rank_zero():  # before Hydra writes .hydra/ and train.log there
         from finetune import rundir
 
         run_dir = Path(given["hydra.run.dir"]).expanduser()

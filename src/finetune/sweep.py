@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from finetune import loggers
+from finetune.runconfig import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class SweepReport(Callback):
         cli.job_error = None
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN or not _first_process():
+        if config.hydra.mode != RunMode.MULTIRUN or not is_rank_zero():  # torchrun: rank 0 reports
             return
         from finetune import cli
 
@@ -76,7 +76,7 @@ class SweepReport(Callback):
                      len(rows) - len(done), done[0]["val_acc_best"], done[0]["overrides"] or "(defaults)")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not _first_process():
+        if not is_rank_zero():  # under torchrun each process runs the sweep's jobs; rank 0 alone reports them
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_summary(sweep_dir)
@@ -97,12 +97,6 @@ class SweepReport(Callback):
             log.error("%d of %d jobs failed: %s", len(failed), len(rows),
                       "; ".join(f"job {r['job']}: {r['error']}" for r in failed))
             sys.exit(1)
-
-
-def _first_process() -> bool:
-    """False in the processes of ranks after the first that torchrun started: each runs the sweep's jobs too (as one
-    DDP run each), and rank 0 alone reports them."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def write_summary(sweep_dir: Path) -> list[dict]:
