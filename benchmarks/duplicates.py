@@ -78,7 +78,9 @@ def pairs_of(hashes, rule: str) -> set[tuple[int, int]]:
     from finetune.data import duplicates as dups
 
     if rule == "finetune":
-        found = dups.confirmed_pairs(hashes, 12)
+        from finetune.config import DatasetConfig
+
+        found = dups.confirmed_pairs(hashes, DatasetConfig().dedup_threshold)
     else:
         found = dups.near_pairs(hashes.coarse[:, 0], 8)
     return {(int(i), int(j)) for i, j in found}

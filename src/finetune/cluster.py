@@ -20,9 +20,7 @@ def torchrun_run_id() -> str | None:
     torchrun without an endpoint) makes a new random one per run. None also where it is torchrun's default, "none",
     which names no run in particular."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or run_id in ("", "none"):
-        return None
-    return run_id
+    return run_id if under_torchrun() and run_id not in ("", "none") else None
 
 
 def torchrun_arguments(argv: Sequence[str]) -> list[str]:

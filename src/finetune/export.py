@@ -129,7 +129,8 @@ def run(cfg: DictConfig) -> dict:
         name = f"{cfg.format} {'float32' if quantize == 'none' else quantize}"
         models[name] = load_exported(out, cfg.format)
         sizes = {"onnx float32": float32.stat().st_size / 1e6, name: out.stat().st_size / 1e6}
-        if cfg.get("measure", True):
+        measured = cfg.get("measure", True)
+        if measured:
             evaluation = measure(models, sizes, data, name, size, limit=cfg.get("eval_images"),
                                  seed=cfg.get("seed", 0))
         else:
@@ -138,7 +139,7 @@ def run(cfg: DictConfig) -> dict:
         description = describe(model, cfg.format, final_out.name, quantize, cfg.get("calibration_images"))
         description["evaluation"] = evaluation
         sidecar.write_text(json.dumps(description, indent=2) + "\n")
-        if cfg.get("measure", True):
+        if measured:
             print(table(evaluation))
         else:
             print("measure=false: the export's accuracy and latency are not measured, and max_accuracy_drop is not "
