@@ -226,23 +226,21 @@ class Duplicates:
 
 
 def find_duplicates(hashes: Hashes, threshold: int) -> Duplicates:
-    """Group the samples with the same bytes or hashes, and the near copies (`confirmed_pairs`), transitively."""
+    """Group the samples with the same hashes (the same bytes among them), and the near copies (`confirmed_pairs`),
+    transitively."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     n = len(hashes)
-    # samples with the same four hashes or the same bytes are joined through one node, and compared once
+    # samples with the same four hashes (same bytes hash alike) are joined through one node, and compared once
     keys = np.c_[hashes.coarse, hashes.fine.reshape(n, 8)]
     unique, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    _, same_bytes = np.unique(np.array(hashes.digests, dtype=object).astype(str), return_inverse=True)
-    reps = Hashes(hashes.coarse[first], hashes.fine[first], [hashes.digests[j] for j in first])
-    pairs = confirmed_pairs(reps, threshold)
-    u = len(unique)
-    # a graph of the samples (0..n-1), their distinct hashes (n..n+u-1) and their distinct bytes (n+u..): each sample
-    # joined to its hashes and its bytes, each hash to the hashes of its near copies
-    rows = np.r_[np.arange(n), np.arange(n), pairs[:, 0] + n]
-    cols = np.r_[inverse.ravel() + n, same_bytes.ravel() + n + u, pairs[:, 1] + n]
-    size = n + u + int(same_bytes.max(initial=-1)) + 1
+    pairs = confirmed_pairs(Hashes(hashes.coarse[first], hashes.fine[first], []), threshold)
+    # a graph of the samples (0..n-1) and their distinct hashes (n..n+u-1): each sample joined to its hashes, each
+    # hash to the hashes of its near copies
+    rows = np.r_[np.arange(n), pairs[:, 0] + n]
+    cols = np.r_[inverse.ravel() + n, pairs[:, 1] + n]
+    size = n + len(unique)
     graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(size, size))
     _, component = connected_components(graph, directed=False)
     component = component[:n]
