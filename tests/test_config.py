@@ -53,7 +53,11 @@ def test_every_preset_composes_and_validates(tmp_path, group):
             with pytest.raises(ConfigError, match="no CUDA GPU"):  # composes, and says why it cannot run here
                 validate(compose(tmp_path, f"{group}={option}", f"dataset.root={tmp_path}"))
             continue
-        cfg = validate(compose(tmp_path, f"{group}={option}", f"dataset.root={tmp_path}"))
+        extra = []
+        if (group, option) == ("dataset", "table"):  # its table is the user's: one that exists
+            (tmp_path / "labels.csv").write_text("path,label\n")
+            extra = ["dataset.table=labels.csv"]
+        cfg = validate(compose(tmp_path, f"{group}={option}", f"dataset.root={tmp_path}", *extra))
         assert group in ("debug", "experiment") or cfg[group] is not None
 
 

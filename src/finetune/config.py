@@ -27,6 +27,10 @@ class DatasetConfig:
     val_fraction: float = 0.1  # of all images; of the training images where the dataset has an official test split
     test_fraction: float = 0.1  # ignored where the dataset has an official test split
     split_file: Optional[str] = None  # a split.csv of an earlier run, to train and test on exactly its images
+    table: Optional[str] = None  # dataset=table: the CSV or Parquet file of paths and labels (relative to root)
+    path_column: Optional[str] = None  # dataset=table: the column of image paths; null: found by its name or cells
+    label_column: Optional[str] = None  # dataset=table: the column of labels; null: found by its name
+    split_column: Optional[str] = None  # dataset=table: a column of train/val/test; null: `split` if there is one
     duplicate_ids: str = "refuse"  # a label file (labels.csv) giving one id two labels: refuse | first (keep the first)
     limit_per_class: Optional[int] = None  # a seeded subset of N images per class (and official split)
     balance: str = "none"  # none | weights (class-weighted loss) | sampler (class-balanced batches)

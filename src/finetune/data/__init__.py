@@ -18,7 +18,7 @@ DECODE = ("cpu", "device")
 def check(d: Any) -> None:
     """The `dataset` config `d`: its reader, a root that exists, and the values types cannot say; one line each."""
     from finetune.data.duplicates import DEDUP, MAX_THRESHOLD
-    from finetune.data.sources import DUPLICATE_IDS, READERS, TARGETS
+    from finetune.data.sources import DUPLICATE_IDS, OWN_KEYS, READERS, TARGETS
     from finetune.errors import suggest
 
     def ok(condition: bool, message: str) -> None:
@@ -32,6 +32,15 @@ def check(d: Any) -> None:
         ok(d.target in TARGETS.get(d.name, ()), f"dataset.target={d.target}: for dataset={d.name} it is {options}")
     if d.root is not None and not d.download:
         ok(Path(d.root).expanduser().is_dir(), f"dataset.root={d.root}: no such directory")
+    for reader, keys in OWN_KEYS.items():
+        for key in keys:
+            ok(d.name == reader or d.get(key) is None, f"dataset.{key} is for dataset={reader}; dataset={d.name} "
+                                                       "does not read it (leave it null)")
+    if d.name == "table":
+        ok(bool(d.get("table")), "dataset=table needs dataset.table=FILE: a CSV or Parquet file of image paths and "
+                                 "labels (relative to dataset.root, or absolute)")
+        table = Path(d.root or ".").expanduser() / Path(d.table).expanduser()
+        ok(table.is_file(), f"dataset.table={d.table}: no such file ({table})")
     ok(d.batch_size > 0, f"dataset.batch_size must be > 0 (got {d.batch_size})")
     ok(d.num_workers >= 0, f"dataset.num_workers must be >= 0 (got {d.num_workers})")
     ok(d.image_size is None or d.image_size >= 8, f"dataset.image_size must be >= 8 (got {d.image_size})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import stat
@@ -455,6 +456,152 @@ def read_oxford_pets(root: str | None, target: str = "breed", duplicate_ids: str
                   splits=[r[3] for r in present], passed_over=passed_over)
 
 
+# dataset=table: the columns found by name where dataset.path_column / label_column / split_column are not given
+PATH_COLUMNS = ("path", "file", "filename", "file_name", "filepath", "image", "image_path", "img")
+LABEL_COLUMNS = ("label", "class", "class_name", "category", "target")
+SPLIT_COLUMNS = ("split",)
+
+
+def read_table(root: str | None, table: str | None = None, path_column: str | None = None,
+               label_column: str | None = None, split_column: str | None = None,
+               duplicate_ids: str = "refuse") -> Source:
+    """A label table: a CSV or Parquet file (dataset.table, relative to ROOT or absolute) with a column of image paths
+    (relative to ROOT, or absolute), a column of labels (one class name or number per image) and, optionally, a
+    split column (train/val/test, kept as given). Columns are found by name (PATH_COLUMNS, LABEL_COLUMNS, `split`),
+    or the path column as the one whose cells all name image files, unless named in dataset.path_column,
+    label_column and split_column. Rows without a path or a label, and rows whose file is missing, are passed over
+    (skipped.csv); a file named twice with two labels is refused, or its first row kept (duplicate_ids=first). A bad
+    table (a missing column, an unknown split value, a label column mixing numbers and names) is one DataError
+    naming the file, the row and the column."""
+    base = require_dir(root, "table")
+    if not table:
+        raise DataError("dataset=table needs dataset.table: a CSV or Parquet file of image paths and labels "
+                        f"(relative to dataset.root={root}, or absolute)")
+    file = base / Path(table).expanduser()
+    if not file.is_file():
+        raise DataError(f"dataset.table={table}: no such file ({file})")
+    header, rows = _table_rows(file)
+    path_col = _column(file, header, path_column, "path_column", PATH_COLUMNS, rows,
+                       lambda v: isinstance(v, str) and is_image_file(os.path.basename(v.strip())))
+    split_col = _column(file, header, split_column, "split_column", SPLIT_COLUMNS, rows, None, required=False)
+    rest = [h for h in header if h not in (path_col, split_col)]
+    label_col = _column(file, header, label_column, "label_column", LABEL_COLUMNS, rows, None,
+                        only=rest[0] if len(rest) == 1 else None)
+    passed_over: list[tuple[str, str]] = []
+    labelled, split_of, numbers, names = [], {}, None, None
+    for where, row in rows:
+        cell, label = row.get(path_col), row.get(label_col)
+        label = label.strip() if isinstance(label, str) else label
+        if cell is None or not str(cell).strip():
+            passed_over.append((where, f"no image path in column {path_col!r}"))
+            continue
+        if label is None or label == "" or (isinstance(label, float) and math.isnan(label)):
+            passed_over.append((where, f"no label in column {label_col!r}"))
+            continue
+        if isinstance(label, bool) or not isinstance(label, (str, int, float)):
+            raise DataError(f"{where}: the label in column {label_col!r} is {label!r}: one class name or number per "
+                            "image (several labels or other kinds of targets are not read yet)")
+        if _is_number(label):
+            if float(label) != int(float(label)):
+                raise DataError(f"{where}: label {label} in column {label_col!r} is not a whole number: class numbers "
+                                "are whole (a numeric target to regress is not read yet)")
+            numbers = numbers or (where, label)
+        else:
+            names = names or (where, label)
+        if numbers and names:
+            raise DataError(f"{file}: column {label_col!r} mixes numbers ({numbers[0]}: {numbers[1]!r}) and names "
+                            f"({names[0]}: {names[1]!r}): one kind of label per column")
+        path = os.path.normpath(base / str(cell).strip())
+        if split_col is not None:
+            split = str(row.get(split_col) or "").strip().lower()
+            if split not in SPLIT_FOLDERS:
+                raise DataError(f"{where}: split {row.get(split_col)!r} in column {split_col!r} is not one of train, "
+                                "val, test (or training, valid, validation, testing)")
+            split_of.setdefault(path, SPLIT_FOLDERS[split])
+        labelled.append((path, _label_name(label), where))
+    pairs = one_label_per_id(labelled, file, duplicate_ids, passed_over)
+    classes = sorted({label for _, label in pairs}, key=(lambda c: int(float(c))) if numbers else None)
+    index = {name: i for i, name in enumerate(classes)}
+    paths, labels = [], []
+    for path, label in pairs:
+        if os.path.isfile(path):
+            paths.append(path)
+            labels.append(index[label])
+        else:
+            passed_over.append((path, f"missing: named in {file}"))
+    splits = [split_of[p] for p in paths] if split_col is not None else None
+    if splits is not None:
+        _warn_classes_missing_from_train(classes, labels, splits, root)
+    return Source(classes, paths, np.array(labels, dtype=np.int64), splits=splits, passed_over=passed_over)
+
+
+def _table_rows(file: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    """The header and the rows of a CSV (a byte-order mark, spaces after commas allowed) or Parquet file, each row
+    with where it is (FILE:LINE, or FILE row N)."""
+    import csv
+
+    if file.suffix.lower() in (".parquet", ".pq"):
+        from finetune.errors import require_extra
+
+        require_extra("parquet", f"dataset.table={file.name}", ("pyarrow",))
+        import pyarrow.parquet as pq
+
+        try:
+            data = pq.read_table(file)
+        except Exception as e:
+            raise DataError(f"dataset.table={file}: not a readable Parquet file ({e})") from None
+        return list(data.column_names), [(f"{file} row {i}", row) for i, row in enumerate(data.to_pylist(), start=1)]
+    with open(file, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM
+        try:
+            reader = csv.reader(f, skipinitialspace=True)
+            header = [h.strip() for h in next(reader, [])]
+            rows = [(f"{file}:{reader.line_num}", dict(zip(header, (c.strip() for c in cells))))
+                    for cells in reader if any(c.strip() for c in cells)]
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"dataset.table={file}: not a CSV file ({e}); a CSV or Parquet table is read") from None
+    if len(set(header)) != len(header) or not all(header):
+        raise DataError(f"{file}: its header ({','.join(header)}) must name each column once")
+    return header, rows
+
+
+def _column(file: Path, header: list[str], given: str | None, key: str, names: tuple[str, ...],
+            rows: list[tuple[str, dict]], holds=None, required: bool = True, only: str | None = None) -> str | None:
+    """The column for dataset.KEY: as given (it must exist), else the one named like `names`, else the only one
+    whose cells all satisfy `holds`, else `only`; a DataError when none or several could be it and it is required."""
+    columns = ", ".join(header)
+    if given:
+        if given not in header:
+            raise DataError(f"{file}: no column {given!r} (dataset.{key}); its columns: {columns}")
+        return given
+    named = [h for h in header if h.lower() in names]
+    if len(named) == 1:
+        return named[0]
+    if holds is not None and not named:
+        named = [h for h in header if rows and all(holds(row.get(h)) for _, row in rows if row.get(h))]
+        if len(named) == 1:
+            return named[0]
+    if not named and only is not None:
+        return only
+    if not required and not named:
+        return None
+    what = f"several could be it ({', '.join(named)})" if named else "none is named for it"
+    raise DataError(f"{file}: which column is dataset.{key}? {what}; its columns: {columns}. Set "
+                    f"dataset.{key}=NAME")
+
+
+def _is_number(value) -> bool:
+    """Whether a label cell is a finite number (1, 2.0, "3")."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _label_name(value) -> str:
+    """A class's name: as written, and a number as a whole number (1, 1.0 and "1" are one class)."""
+    return str(int(float(value))) if _is_number(value) and float(value) == int(float(value)) else str(value)
+
+
 READERS: dict[str, Callable[..., Source]] = {
     "digits": read_digits,
     "dogs_vs_cats": read_dogs_vs_cats,
@@ -464,21 +611,26 @@ READERS: dict[str, Callable[..., Source]] = {
     "cifar10": read_cifar10,
     "oxford_pets": read_oxford_pets,
     "image_folder": read_image_folder,
+    "table": read_table,
 }
 
 
 # Readers that take dataset.target, and the values they take; the first is the default.
 TARGETS = {"oxford_pets": ("breed", "species")}
 # Readers of a label file, which take dataset.duplicate_ids.
-LABEL_FILES = ("dog_breeds", "oxford_pets")
+LABEL_FILES = ("dog_breeds", "oxford_pets", "table")
+# Readers that take keys of their own: the dataset config's keys they take.
+OWN_KEYS = {"table": ("table", "path_column", "label_column", "split_column")}
 
 
 def read_dataset(d) -> Source:
     """read_source with the keys of a `dataset` config."""
-    return read_source(d.name, d.root, d.get("target"), duplicate_ids=d.get("duplicate_ids") or "refuse")
+    return read_source(d.name, d.root, d.get("target"), duplicate_ids=d.get("duplicate_ids") or "refuse",
+                       **{key: d.get(key) for key in OWN_KEYS.get(d.name, ())})
 
 
-def read_source(name: str, root: str | None, target: str | None = None, duplicate_ids: str = "refuse") -> Source:
+def read_source(name: str, root: str | None, target: str | None = None, duplicate_ids: str = "refuse",
+                **own: str | None) -> Source:
     """Read dataset `name` from `root`; a DataError if it has fewer than two classes with images."""
     if name not in READERS:
         from finetune.errors import suggest
@@ -491,7 +643,7 @@ def read_source(name: str, root: str | None, target: str | None = None, duplicat
     options = {"target": target} if target is not None else {}
     if name in LABEL_FILES:
         options["duplicate_ids"] = duplicate_ids
-    source = READERS[name](root, **options)
+    source = READERS[name](root, **options, **own)
     counts = np.bincount(source.labels, minlength=len(source.classes))
     present = [c for c, n in zip(source.classes, counts) if n > 0]
     if len(present) < 2:
