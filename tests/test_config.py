@@ -57,6 +57,8 @@ def test_every_preset_composes_and_validates(tmp_path, group):
         if (group, option) == ("dataset", "table"):  # its table is the user's: one that exists
             (tmp_path / "labels.csv").write_text("path,label\n")
             extra = ["dataset.table=labels.csv"]
+        if (group, option) == ("dataset", "hf"):
+            extra = [f"dataset.path={tmp_path}"]
         cfg = validate(compose(tmp_path, f"{group}={option}", f"dataset.root={tmp_path}", *extra))
         assert group in ("debug", "experiment") or cfg[group] is not None
 

@@ -29,7 +29,9 @@ class DatasetConfig:
     split_file: Optional[str] = None  # a split.csv of an earlier run, to train and test on exactly its images
     table: Optional[str] = None  # dataset=table: the CSV or Parquet file of paths and labels (relative to root)
     path_column: Optional[str] = None  # dataset=table: the column of image paths; null: found by its name or cells
-    label_column: Optional[str] = None  # dataset=table: the column of labels; null: found by its name
+    label_column: Optional[str] = None  # dataset=table or hf: the column of labels; null: found by name or type
+    path: Optional[str] = None  # dataset=hf: a folder saved with save_to_disk, an image folder, or a Hub name
+    image_column: Optional[str] = None  # dataset=hf: the column of images; null: the one of Image type
     split_column: Optional[str] = None  # dataset=table: a column of train/val/test; null: `split` if there is one
     duplicate_ids: str = "refuse"  # a label file (labels.csv) giving one id two labels: refuse | first (keep the first)
     limit_per_class: Optional[int] = None  # a seeded subset of N images per class (and official split)

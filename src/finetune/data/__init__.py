@@ -32,15 +32,20 @@ def check(d: Any) -> None:
         ok(d.target in TARGETS.get(d.name, ()), f"dataset.target={d.target}: for dataset={d.name} it is {options}")
     if d.root is not None and not d.download:
         ok(Path(d.root).expanduser().is_dir(), f"dataset.root={d.root}: no such directory")
-    for reader, keys in OWN_KEYS.items():
-        for key in keys:
-            ok(d.name == reader or d.get(key) is None, f"dataset.{key} is for dataset={reader}; dataset={d.name} "
-                                                       "does not read it (leave it null)")
+    for key in sorted({key for keys in OWN_KEYS.values() for key in keys} - set(OWN_KEYS.get(d.name, ()))):
+        readers = " or ".join(f"dataset={r}" for r, keys in OWN_KEYS.items() if key in keys)
+        ok(d.get(key) is None, f"dataset.{key} is for {readers}; dataset={d.name} does not read it (leave it null)")
     if d.name == "table":
         ok(bool(d.get("table")), "dataset=table needs dataset.table=FILE: a CSV or Parquet file of image paths and "
                                  "labels (relative to dataset.root, or absolute)")
         table = Path(d.root or ".").expanduser() / Path(d.table).expanduser()
         ok(table.is_file(), f"dataset.table={d.table}: no such file ({table})")
+    if d.name == "hf":
+        ok(bool(d.get("path")), "dataset=hf needs dataset.path=NAME_OR_DIR: a folder saved with save_to_disk, an "
+                                "image folder, or a Hugging Face Hub dataset name")
+        from finetune.errors import require_extra
+
+        require_extra("hf", f"dataset.path={d.path}", ("datasets",))
     ok(d.batch_size > 0, f"dataset.batch_size must be > 0 (got {d.batch_size})")
     ok(d.num_workers >= 0, f"dataset.num_workers must be >= 0 (got {d.num_workers})")
     ok(d.image_size is None or d.image_size >= 8, f"dataset.image_size must be >= 8 (got {d.image_size})")

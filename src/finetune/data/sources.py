@@ -8,43 +8,22 @@ import os
 import re
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from finetune.errors import FinetuneError
+from finetune.data.samples import (  # noqa: F401 (re-exported: the readers' types)
+    IMAGE_EXTENSIONS,
+    LABEL_COLUMNS,
+    SPLIT_FOLDERS,
+    DataError,
+    Source,
+    is_image_file,
+    warn_classes_missing_from_train,
+)
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-class DataError(FinetuneError):
-    """A dataset that cannot be read as configured."""
-
-
-@dataclass
-class Source:
-    """Labelled samples of one dataset.
-
-    `paths` names each sample: a file, or `NAME#INDEX` for datasets that ship decoded pixels in `images`.
-    `splits` holds the dataset's official split per sample ('train', 'val', 'test'), where it has one.
-    """
-
-    classes: list[str]
-    paths: list[str]
-    labels: np.ndarray
-    images: np.ndarray | None = None  # (N, H, W, 3) uint8
-    splits: list[str] | None = None
-    passed_over: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files the reader did not take
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def require_dir(root: str | None, dataset: str) -> Path:
@@ -95,10 +74,6 @@ def read_dogs_vs_cats(root: str | None) -> Source:
     return Source(["cat", "dog"], paths, np.array(labels, dtype=np.int64))
 
 
-SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                 "test": "test", "testing": "test"}
-
-
 def read_image_folder(root: str | None) -> Source:
     """ROOT/<class>/**/<image>: one folder per class, named for it; files in nested folders count too.
 
@@ -125,7 +100,7 @@ def read_image_folder(root: str | None) -> Source:
                 paths += files
                 labels += [classes.index(name)] * len(files)
                 splits += [split] * len(files)
-        _warn_classes_missing_from_train(classes, labels, splits, root)
+        warn_classes_missing_from_train(classes, labels, splits, root)
         return Source(classes, paths, np.array(labels, dtype=np.int64), splits=splits, passed_over=passed_over)
     for folder in split_named:  # beside class folders: an unlabelled set, or a misplaced split
         inside = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -141,19 +116,6 @@ def read_image_folder(root: str | None) -> Source:
     paths = [p for files in found.values() for p in files]
     labels = [label for label, files in enumerate(found.values()) for _ in files]
     return Source(list(found), paths, np.array(labels, dtype=np.int64), passed_over=passed_over)
-
-
-def _warn_classes_missing_from_train(classes: list[str], labels: list[int], splits: list[str],
-                                     root: str | None) -> None:
-    """A class with images only in the official val/ or test/ folder cannot be learnt: say so before training."""
-    counts = {name: {} for name in classes}
-    for label, split in zip(labels, splits):
-        counts[classes[label]][split] = counts[classes[label]].get(split, 0) + 1
-    for name, where in counts.items():
-        if not where.get("train"):
-            found = ", ".join(f"{n} in {s}/" for s, n in sorted(where.items()))
-            log.warning("dataset.root=%s: class %r has no training images (only %s): the model cannot learn it, and "
-                        "each of its images will count as an error", root, name, found)
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -458,7 +420,6 @@ def read_oxford_pets(root: str | None, target: str = "breed", duplicate_ids: str
 
 # dataset=table: the columns found by name where dataset.path_column / label_column / split_column are not given
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "filepath", "image", "image_path", "img")
-LABEL_COLUMNS = ("label", "class", "class_name", "category", "target")
 SPLIT_COLUMNS = ("split",)
 
 
@@ -531,7 +492,7 @@ def read_table(root: str | None, table: str | None = None, path_column: str | No
             passed_over.append((path, f"missing: named in {file}"))
     splits = [split_of[p] for p in paths] if split_col is not None else None
     if splits is not None:
-        _warn_classes_missing_from_train(classes, labels, splits, root)
+        warn_classes_missing_from_train(classes, labels, splits, root)
     return Source(classes, paths, np.array(labels, dtype=np.int64), splits=splits, passed_over=passed_over)
 
 
@@ -612,7 +573,14 @@ READERS: dict[str, Callable[..., Source]] = {
     "oxford_pets": read_oxford_pets,
     "image_folder": read_image_folder,
     "table": read_table,
+    "hf": lambda root, **keys: _read_hf(root, **keys),
 }
+
+
+def _read_hf(root: str | None, **keys) -> Source:
+    from finetune.data.hf import read_hf  # datasets, an optional extra, only when asked for
+
+    return read_hf(root, **keys)
 
 
 # Readers that take dataset.target, and the values they take; the first is the default.
@@ -620,7 +588,8 @@ TARGETS = {"oxford_pets": ("breed", "species")}
 # Readers of a label file, which take dataset.duplicate_ids.
 LABEL_FILES = ("dog_breeds", "oxford_pets", "table")
 # Readers that take keys of their own: the dataset config's keys they take.
-OWN_KEYS = {"table": ("table", "path_column", "label_column", "split_column")}
+OWN_KEYS = {"table": ("table", "path_column", "label_column", "split_column"),
+            "hf": ("path", "image_column", "label_column")}
 
 
 def read_dataset(d) -> Source:

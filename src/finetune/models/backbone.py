@@ -240,9 +240,10 @@ def cached_weights(name: str) -> str | None:
     return None
 
 
-def hub_unavailable(name: str, seconds: float = 5.0) -> str | None:
-    """Why `name`'s weights cannot be downloaded now (the hub is off, or its host does not answer within
-    `seconds`), or None when a download may be tried: one short connection attempt, not timm's retries."""
+def hub_unavailable(name: str | None = None, seconds: float = 5.0) -> str | None:
+    """Why `name`'s weights (without a name: anything on the Hugging Face Hub) cannot be downloaded now (the hub is
+    off, or its host does not answer within `seconds`), or None when a download may be tried: one short connection
+    attempt, not timm's or datasets' retries."""
     import os
     import socket
     import threading
@@ -250,7 +251,7 @@ def hub_unavailable(name: str, seconds: float = 5.0) -> str | None:
 
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in OFFLINE_VALUES:
         return "HF_HUB_OFFLINE is set"
-    cfg = _pretrained_cfg(name)
+    cfg = _pretrained_cfg(name) if name else None
     from huggingface_hub import constants
 
     hub = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).hostname or "huggingface.co"  # a mirror too

@@ -1,0 +1,218 @@
+"""dataset=hf: a Hugging Face `datasets` dataset as a Source. A folder saved with `save_to_disk` is loaded with
+`load_from_disk`, any other folder as an `imagefolder`, anything else as a Hub name (from the local cache with
+HF_HUB_OFFLINE=1; otherwise the Hub must answer within seconds, or the run stops in one line). Images that the
+dataset holds as files are read where they lie; images it holds as bytes are written once, unchanged, to a folder
+of files (ROOT/.finetune-hf, or beside a saved dataset, or ~/.cache/finetune/hf), so that everything else (the
+integrity scan, duplicate checks, the image cache, evaluate) reads them as it reads any dataset. One label per
+image: a ClassLabel, a whole number or a name; the dataset's own train/validation/test splits are kept."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from finetune.data.samples import LABEL_COLUMNS, SPLIT_FOLDERS, DataError, Source, warn_classes_missing_from_train
+
+log = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("image", "img", "images", "picture", "photo")
+FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+COMPLETE = ".complete"  # written last into a folder of extracted images: the folder is whole
+
+
+def read_hf(root: str | None, path: str | None = None, image_column: str | None = None,
+            label_column: str | None = None) -> Source:
+    """The dataset at `path` (a folder, or a Hub name), its images from `image_column` and labels from
+    `label_column` (found from the features where not given); a DataError naming what is wrong."""
+    from finetune.errors import require_extra
+
+    if not path:
+        raise DataError("dataset=hf needs dataset.path: a folder saved with save_to_disk, an image folder, or a "
+                        "Hugging Face Hub dataset name")
+    require_extra("hf", f"dataset.path={path}", ("datasets",))
+    splits = _load(path)
+    first = next(iter(splits.values()))
+    image_col = _image_column(first, image_column, path)
+    label_col = _label_column(first, label_column, image_col, path)
+    names = _class_names(first, label_col, path)
+    folder = _images_folder(root, path)
+    paths, labels, split_names, passed_over = [], [], [], []
+    official = len(splits) > 1 or next(iter(splits)) not in ("train",)
+    found_names: set[str] = set()
+    for split_name, data in splits.items():
+        split = SPLIT_FOLDERS.get(split_name.lower())
+        if split is None:
+            log.warning("dataset.path=%s: split %r is none of train, validation, test: left out", path, split_name)
+            passed_over.append((f"{path}[{split_name}]", "a split that is none of train, validation, test"))
+            continue
+        files = _image_files(data, image_col, folder / _fingerprint(data) / split_name, f"{path}[{split_name}]",
+                             passed_over)
+        for file, label in zip(files, data[label_col]):
+            if file is None:
+                continue
+            if label is None:
+                passed_over.append((file, f"no label in column {label_col!r}"))
+                continue
+            name = names[label] if names is not None else str(label)
+            found_names.add(name)
+            paths.append(file)
+            labels.append(name)
+            split_names.append(split)
+    classes = names if names is not None else sorted(found_names, key=_sort_key(found_names))
+    index = {name: i for i, name in enumerate(classes)}
+    label_ids = [index[name] for name in labels]
+    if official:
+        warn_classes_missing_from_train(classes, label_ids, split_names, path)
+    return Source(list(classes), paths, np.array(label_ids, dtype=np.int64),
+                  splits=split_names if official else None, passed_over=passed_over)
+
+
+def _load(path: str) -> dict:
+    """{split name: Dataset} of the dataset at `path`."""
+    import datasets
+
+    folder = Path(path).expanduser()
+    try:
+        if folder.is_dir() and ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()):
+            loaded = datasets.load_from_disk(str(folder))
+        elif folder.is_dir():
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(folder))
+        else:
+            from finetune.models.backbone import hub_unavailable
+
+            why = None if datasets.config.HF_HUB_OFFLINE else hub_unavailable()
+            if why:
+                raise DataError(f"dataset.path={path}: no such folder, and as a Hub dataset it cannot be downloaded "
+                                f"({why}): run with HF_HUB_OFFLINE=1 to use the local cache, or give the folder of "
+                                "a dataset saved with save_to_disk")
+            try:
+                loaded = datasets.load_dataset(path)
+            except Exception:
+                if not datasets.config.HF_HUB_OFFLINE:
+                    raise
+                raise DataError(f"dataset.path={path}: no such folder, and as a Hub dataset it is not in the local "
+                                "cache (offline: HF_HUB_OFFLINE is set): run once with the network to cache it, or "
+                                "give the folder of a dataset saved with save_to_disk") from None
+    except DataError:
+        raise
+    except Exception as e:  # datasets' own errors: not found, not cached offline, not a dataset folder
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"dataset.path={path}: cannot be loaded as a Hugging Face dataset ({text[:300]})") from None
+    return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+
+
+def _image_column(data, given: str | None, path: str) -> str:
+    from datasets import Image
+
+    columns = ", ".join(data.column_names)
+    if given:
+        if given not in data.column_names:
+            raise DataError(f"dataset.path={path}: no column {given!r} (dataset.image_column); its columns: {columns}")
+        return given
+    found = [c for c, f in data.features.items() if isinstance(f, Image)] or \
+        [c for c in data.column_names if c.lower() in IMAGE_COLUMNS]
+    if len(found) != 1:
+        what = f"several could be it ({', '.join(found)})" if found else "none holds images"
+        raise DataError(f"dataset.path={path}: which column is dataset.image_column? {what}; its columns: {columns}")
+    return found[0]
+
+
+def _label_column(data, given: str | None, image_col: str, path: str) -> str:
+    from datasets import ClassLabel
+
+    columns = ", ".join(data.column_names)
+    if given:
+        if given not in data.column_names:
+            raise DataError(f"dataset.path={path}: no column {given!r} (dataset.label_column); its columns: {columns}")
+        return given
+    found = [c for c, f in data.features.items() if isinstance(f, ClassLabel)] or \
+        [c for c in data.column_names if c.lower() in (*LABEL_COLUMNS, "labels")]
+    rest = [c for c in data.column_names if c != image_col]
+    if not found and len(rest) == 1:
+        found = rest
+    if len(found) != 1:
+        what = f"several could be it ({', '.join(found)})" if found else "none is named for it"
+        raise DataError(f"dataset.path={path}: which column is dataset.label_column? {what}; its columns: {columns}")
+    return found[0]
+
+
+def _class_names(data, label_col: str, path: str) -> list[str] | None:
+    """The ClassLabel's names, or None when the labels are numbers or names written in the rows; a DataError for
+    labels of another kind (several per image, fractions)."""
+    from datasets import ClassLabel, Value
+
+    feature = data.features[label_col]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    if isinstance(feature, Value) and (feature.dtype.startswith(("int", "uint")) or feature.dtype in ("string",
+                                                                                                    "large_string")):
+        return None
+    kind = "several labels per image" if not isinstance(feature, Value) else f"{feature.dtype} values"
+    raise DataError(f"dataset.path={path}: column {label_col!r} holds {kind}: one class name or whole number per "
+                    "image is read (multi-label and numeric targets are not read yet)")
+
+
+def _sort_key(names: set[str]):
+    return (lambda n: int(n)) if all(n.lstrip("-").isdigit() for n in names) else None
+
+
+def _fingerprint(data) -> str:
+    return str(getattr(data, "_fingerprint", "") or "unknown")[:32]
+
+
+def _images_folder(root: str | None, path: str) -> Path:
+    """Where images held as bytes are written: ROOT/.finetune-hf, beside a saved dataset, or the user's cache."""
+    if root:
+        return Path(root).expanduser() / ".finetune-hf"
+    folder = Path(path).expanduser()
+    if folder.is_dir() and os.access(folder, os.W_OK):
+        return folder / ".finetune-hf"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune" / "hf"
+
+
+def _image_files(data, image_col: str, folder: Path, where: str, passed_over: list) -> list[str | None]:
+    """A file per row: where the dataset's image lies, or the file its bytes were written to (once: a folder marked
+    complete is reused); None, and a row in `passed_over`, for a row without an image."""
+    from datasets import Image
+
+    cells = data.cast_column(image_col, Image(decode=False))[image_col]
+    complete = (folder / COMPLETE).is_file()
+    files: list[str | None] = []
+    written = 0
+    for i, cell in enumerate(cells):
+        source = (cell or {}).get("path")
+        data_bytes = (cell or {}).get("bytes")
+        if not data_bytes and source and os.path.isfile(source):
+            files.append(os.path.abspath(source))
+            continue
+        if not data_bytes:
+            files.append(None)
+            passed_over.append((f"{where} row {i}", "no image in the row"))
+            continue
+        file = folder / f"{i:08d}{_extension(data_bytes)}"
+        if not complete:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(data_bytes)
+            tmp.replace(file)
+            written += 1
+        files.append(str(file))
+    if written:
+        (folder / COMPLETE).write_text("")
+        log.info("%s: %s images written once as files to %s", where, f"{written:,}", folder)
+    return files
+
+
+def _extension(data: bytes) -> str:
+    """The file extension of encoded image bytes, from their header (not decoded); '.png' when unknown."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return FORMATS.get(image.format or "", ".png")
+    except (UnidentifiedImageError, OSError):
+        return ".png"  # the integrity scan reports it as not an image

@@ -1,0 +1,102 @@
+"""dataset=hf: a Hugging Face dataset saved with save_to_disk (images held as bytes), an image folder read by
+`imagefolder`, a Hub name without a network, and labels of kinds not read yet: each as a user runs it."""
+
+import csv
+import json
+import socket
+
+import pytest
+from support import FAST, run_script
+
+from finetune.data.sources import DataError, read_source
+
+pytest.importorskip("datasets")  # the hf extra: the dev group installs it
+
+LEARN = [*FAST, "schedule.epochs=8", "schedule.freeze_epochs=0", "schedule.lr=1e-2", "schedule.backbone_lr_ratio=1",
+         "calibrate=false", "logger=csv"]
+
+
+def saved_dataset(shapes, folder):
+    """`shapes` as a DatasetDict (train: 32 images per class, test: 8) holding each image's bytes, saved to
+    `folder` with save_to_disk; {split: [(bytes, class name)]}."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+
+    classes = sorted(p.name for p in shapes.iterdir() if p.is_dir())
+    rows = {"train": [], "test": []}
+    for name in classes:
+        for i, image in enumerate(sorted((shapes / name).glob("*.jpg"))):
+            rows["train" if i < 32 else "test"].append((image.read_bytes(), name))
+    features = Features({"image": Image(), "label": ClassLabel(names=classes)})
+    DatasetDict({split: Dataset.from_dict({"image": [{"bytes": b, "path": None} for b, _ in r],
+                                           "label": [classes.index(n) for _, n in r]}, features=features)
+                 for split, r in rows.items()}).save_to_disk(str(folder))
+    return rows
+
+
+def test_train_script_learns_from_a_saved_dataset_keeps_its_splits_and_evaluate_agrees(tmp_path, shapes):
+    rows = saved_dataset(shapes, tmp_path / "saved")
+    result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'saved'}", *LEARN, cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    run_dir = next((tmp_path / "outputs" / "runs").iterdir())
+    split = list(csv.DictReader(open(run_dir / "split.csv")))
+    tested = [r for r in split if r["split"] == "test"]
+    assert sorted((open(r["path"], "rb").read(), r["label"]) for r in tested) == sorted(rows["test"])  # kept as given
+    assert all(r["path"].startswith(str(tmp_path / "saved" / ".finetune-hf")) for r in split)  # the bytes, as files
+    assert len([r for r in split if r["split"] != "test"]) == len(rows["train"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test_images"] == 24 and metrics["test/acc"] >= 0.8  # learnt: 3 classes, chance is 1/3
+    result = run_script("evaluate", f"ckpt={run_dir}", "num_workers=0", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    assert json.loads((run_dir / "eval" / "metrics.json").read_text())["accuracy"] == \
+        pytest.approx(metrics["test/acc"], abs=1e-6)
+
+
+def test_an_image_folder_is_read_where_its_files_lie(tmp_path, shapes, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    source = read_source("hf", None, path=str(shapes))
+    expected = read_source("image_folder", str(shapes))
+    assert source.classes == expected.classes and source.splits is None
+    assert sorted(zip(source.paths, [source.classes[k] for k in source.labels])) == \
+        sorted(zip(expected.paths, [expected.classes[k] for k in expected.labels]))  # no copies: the files
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_hub_name_without_a_network_and_labels_not_read_yet_are_one_line(tmp_path, shapes, monkeypatch):
+    import datasets
+
+    result = run_script("train", "dataset=hf", "dataset.path=someone/beans", *FAST, cwd=tmp_path)  # HF_HUB_OFFLINE=1
+    assert result.returncode == 2, result.output[-2000:]
+    assert "dataset.path=someone/beans: no such folder, and as a Hub dataset it is not in the local cache (offline: " \
+           "HF_HUB_OFFLINE is set)" in result.output.strip().splitlines()[-1] and "Traceback" not in result.output
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # online, but the Hub does not answer
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(DataError, match=r"dataset.path=someone/beans: no such folder, and as a Hub dataset it cannot "
+                                        r"be downloaded \(127.0.0.1 is unreachable.*HF_HUB_OFFLINE=1"):
+        read_source("hf", None, path="someone/beans")
+
+    from datasets import Dataset, Image, Sequence, Value
+
+    images = [{"bytes": p.read_bytes(), "path": None} for p in sorted((shapes / "red").glob("*.jpg"))[:4]]
+    for labels, kind in (([["a", "b"], ["a"], ["b"], []], "several labels per image"), ([0.5, 1.5, 2.0, 0.1],
+                                                                                          "float64 values")):
+        feature = Sequence(Value("string")) if kind.startswith("several") else Value("float64")
+        Dataset.from_dict({"image": images, "target": labels},
+                          features=datasets_features(Image(), feature)).save_to_disk(str(tmp_path / kind))
+        with pytest.raises(DataError, match=f"column 'target' holds {kind}: one class name or whole number per image"):
+            read_source("hf", None, path=str(tmp_path / kind))
+    result = run_script("train", "dataset=hf", *FAST, cwd=tmp_path)
+    assert result.returncode == 2 and "dataset=hf needs dataset.path=NAME_OR_DIR" in result.output
+
+
+def datasets_features(image, target):
+    from datasets import Features
+
+    return Features({"image": image, "target": target})
