@@ -85,13 +85,16 @@ def test_a_hub_name_without_a_network_and_labels_not_read_yet_are_one_line(tmp_p
     from datasets import Dataset, Image, Sequence, Value
 
     images = [{"bytes": p.read_bytes(), "path": None} for p in sorted((shapes / "red").glob("*.jpg"))[:4]]
-    for labels, kind in (([["a", "b"], ["a"], ["b"], []], "several labels per image"), ([0.5, 1.5, 2.0, 0.1],
-                                                                                          "float64 values")):
-        feature = Sequence(Value("string")) if kind.startswith("several") else Value("float64")
-        Dataset.from_dict({"image": images, "target": labels},
-                          features=datasets_features(Image(), feature)).save_to_disk(str(tmp_path / kind))
-        with pytest.raises(DataError, match=f"column 'target' holds {kind}: one class name or whole number per image"):
-            read_source("hf", None, path=str(tmp_path / kind))
+    several = Sequence(Value("string"))
+    Dataset.from_dict({"image": images, "target": [["a", "b"], ["a"], ["b"], []]},
+                      features=datasets_features(Image(), several)).save_to_disk(str(tmp_path / "multi"))
+    with pytest.raises(DataError, match="column 'target' holds several labels per image: one class name or whole "
+                                        "number per image is read"):
+        read_source("hf", None, path=str(tmp_path / "multi"))
+    Dataset.from_dict({"image": images, "target": [1.0, 0.5, 2.0, 1.0]},
+                      features=datasets_features(Image(), Value("float64"))).save_to_disk(str(tmp_path / "fraction"))
+    with pytest.raises(DataError, match=r"\[train\] row 1: label 0.5 in column 'target' is not a whole number"):
+        read_source("hf", None, path=str(tmp_path / "fraction"))
     result = run_script("train", "dataset=hf", *FAST, cwd=tmp_path)
     assert result.returncode == 2 and "dataset=hf needs dataset.path=NAME_OR_DIR" in result.output
 
@@ -100,3 +103,24 @@ def datasets_features(image, target):
     from datasets import Features
 
     return Features({"image": image, "target": target})
+
+
+def test_unlabelled_rows_and_splits_are_left_out_and_labels_are_read_as_the_table_reads_them(tmp_path, shapes):
+    """-1 is a ClassLabel's "no label" (it indexed the last class); a test split without the label column is
+    unlabelled (it stopped the run); names are stripped and numbers written plainly, as dataset=table reads them."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+
+    images = [{"bytes": p.read_bytes(), "path": None} for p in sorted((shapes / "red").glob("*.jpg"))[:6]]
+    features = Features({"image": Image(), "label": ClassLabel(names=["cat", "dog"])})
+    DatasetDict({"train": Dataset.from_dict({"image": images, "label": [0, 1, -1, 0, 1, 0]}, features=features),
+                 "test": Dataset.from_dict({"image": images[:2]}, features=Features({"image": Image()}))}
+                ).save_to_disk(str(tmp_path / "a"))
+    source = read_source("hf", None, path=str(tmp_path / "a"))
+    assert source.classes == ["cat", "dog"] and [source.classes[k] for k in source.labels] == ["cat", "dog", "cat",
+                                                                                              "dog", "cat"]
+    assert any(reason == "no label in column 'label'" for _, reason in source.passed_over)
+    assert (f"{tmp_path / 'a'}[test]", "a split without the label column 'label' (unlabelled)") in source.passed_over
+    Dataset.from_dict({"image": images, "label": [" 01", "1", "2", "2 ", "10", "1"]},
+                      features=Features({"image": Image(), "label": Value("string")})).save_to_disk(str(tmp_path / "b"))
+    source = read_source("hf", None, path=str(tmp_path / "b"))
+    assert source.classes == ["1", "2", "10"] and list(source.labels) == [0, 0, 1, 1, 2, 0]

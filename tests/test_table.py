@@ -105,3 +105,30 @@ def test_table_keys_are_checked_before_any_work(tmp_path, shapes):
     result = run_script("train", "dataset=image_folder", f"dataset.root={shapes}", "dataset.table=x.csv",
                         cwd=tmp_path)
     assert result.returncode == 2 and "dataset.table is for dataset=table" in result.output
+
+
+def test_one_file_however_spelt_a_class_without_images_and_what_spreadsheets_write(tmp_path, shapes, monkeypatch):
+    """Found by an adversarial read: with a relative root the same file under two spellings was two samples; a
+    class whose only file is missing stayed a class; pandas' index column was refused; a file in two splits kept its
+    first silently; an unquoted comma cut the label short silently."""
+    rows = table_rows(shapes)
+    monkeypatch.chdir(shapes.parent)
+    relative = shapes.name
+    first = rows[0][0]
+    write_csv(tmp_path / "t.csv", ["", "path", "label"],  # pandas' to_csv: an unnamed index column first
+              [[str(i), p, label] for i, (p, label, _) in enumerate(rows)] +
+              [["900", str(shapes / first), "red"], ["901", "ghost/none.jpg", "ghost"]])
+    with pytest.raises(DataError, match=r"gives 1 ids more than one label"):  # ./x and /abs/x are one file
+        read_source("table", relative, table=str(tmp_path / "t.csv"))
+    write_csv(tmp_path / "t.csv", ["", "path", "label"], [[str(i), p, label] for i, (p, label, _) in enumerate(rows)]
+              + [["901", "ghost/none.jpg", "ghost"]])
+    source = read_source("table", relative, table=str(tmp_path / "t.csv"))
+    assert "ghost" not in source.classes and len(source) == len(rows)  # no class without images
+    write_csv(tmp_path / "s.csv", ["path", "label", "split"], [*rows, ("./" + first, rows[0][1], "test")])
+    with pytest.raises(DataError, match=r"s.csv:122: \./.* is in split 'test' \(column 'split'\), but in 'train' at "
+                                        r".*s.csv:2: one split per image"):
+        read_source("table", relative, table=str(tmp_path / "s.csv"))
+    (tmp_path / "c.csv").write_text("path,label\n" + f"{first},Great Dane, large\n")
+    with pytest.raises(DataError, match=r"c.csv:2: 3 cells under a header of 2 columns: a comma inside a cell must be "
+                                        "quoted"):
+        read_source("table", relative, table=str(tmp_path / "c.csv"))

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-from finetune.data.samples import LABEL_COLUMNS, SPLIT_FOLDERS, DataError, Source, warn_classes_missing_from_train
+from finetune.data.samples import (
+    LABEL_COLUMNS,
+    SPLIT_FOLDERS,
+    DataError,
+    Source,
+    class_order,
+    is_number,
+    is_whole,
+    label_name,
+    warn_classes_missing_from_train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +56,38 @@ def read_hf(root: str | None, path: str | None = None, image_column: str | None 
     found_names: set[str] = set()
     for split_name, data in splits.items():
         split = SPLIT_FOLDERS.get(split_name.lower())
-        if split is None:
-            log.warning("dataset.path=%s: split %r is none of train, validation, test: left out", path, split_name)
-            passed_over.append((f"{path}[{split_name}]", "a split that is none of train, validation, test"))
+        where = f"{path}[{split_name}]"
+        if split is None or label_col not in data.column_names:
+            why = ("a split that is none of train, validation, test" if split is None else
+                   f"a split without the label column {label_col!r} (unlabelled)")
+            log.warning("dataset.path=%s: %s is %s: left out", path, split_name, why)
+            passed_over.append((where, why))
             continue
-        files = _image_files(data, image_col, folder / _fingerprint(data) / split_name, f"{path}[{split_name}]",
-                             passed_over)
-        for file, label in zip(files, data[label_col]):
+        files = _image_files(data, image_col, folder / _fingerprint(data) / split_name, where, passed_over)
+        for i, (file, label) in enumerate(zip(files, data[label_col])):
             if file is None:
                 continue
-            if label is None:
+            if isinstance(label, str):
+                label = label.strip()
+            if label is None or label == "" or (names is not None and label == -1) or \
+                    (isinstance(label, float) and math.isnan(label)):  # -1: a ClassLabel's "no label"
                 passed_over.append((file, f"no label in column {label_col!r}"))
                 continue
-            name = names[label] if names is not None else str(label)
+            if names is not None and not 0 <= label < len(names):
+                raise DataError(f"{where} row {i}: label {label} in column {label_col!r} is not one of its "
+                                f"ClassLabel's {len(names)} classes (0 to {len(names) - 1})")
+            if names is None and is_number(label) and not is_whole(label):
+                raise DataError(f"{where} row {i}: label {label} in column {label_col!r} is not a whole number: "
+                                "class numbers are whole (a numeric target to regress is not read yet)")
+            name = names[label] if names is not None else label_name(label)
             found_names.add(name)
             paths.append(file)
             labels.append(name)
             split_names.append(split)
-    classes = names if names is not None else sorted(found_names, key=_sort_key(found_names))
+    if official and "train" not in split_names:
+        raise DataError(f"dataset.path={path}: none of its splits ({', '.join(splits)}) is a labelled train split: "
+                        "nothing to learn from")
+    classes = names if names is not None else class_order(found_names)
     index = {name: i for i, name in enumerate(classes)}
     label_ids = [index[name] for name in labels]
     if official:
@@ -148,16 +173,12 @@ def _class_names(data, label_col: str, path: str) -> list[str] | None:
     feature = data.features[label_col]
     if isinstance(feature, ClassLabel):
         return list(feature.names)
-    if isinstance(feature, Value) and (feature.dtype.startswith(("int", "uint")) or feature.dtype in ("string",
-                                                                                                    "large_string")):
-        return None
+    if isinstance(feature, Value) and feature.dtype.startswith(("int", "uint", "float", "string", "large_string",
+                                                               "bool")):
+        return None  # numbers (whole ones: checked per row) or names
     kind = "several labels per image" if not isinstance(feature, Value) else f"{feature.dtype} values"
     raise DataError(f"dataset.path={path}: column {label_col!r} holds {kind}: one class name or whole number per "
-                    "image is read (multi-label and numeric targets are not read yet)")
-
-
-def _sort_key(names: set[str]):
-    return (lambda n: int(n)) if all(n.lstrip("-").isdigit() for n in names) else None
+                    "image is read (several labels per image are not read yet)")
 
 
 def _fingerprint(data) -> str:
@@ -179,6 +200,11 @@ def _image_files(data, image_col: str, folder: Path, where: str, passed_over: li
     complete is reused); None, and a row in `passed_over`, for a row without an image."""
     from datasets import Image
 
+    feature = data.features[image_col]
+    if not isinstance(feature, Image) and getattr(feature, "dtype", None) not in ("string", "large_string", "binary",
+                                                                                   "large_binary"):
+        raise DataError(f"{where}: column {image_col!r} holds {type(feature).__name__} values, not one image per row "
+                        "(an Image feature, a file path, or encoded bytes)")
     cells = data.cast_column(image_col, Image(decode=False))[image_col]
     complete = (folder / COMPLETE).is_file()
     files: list[str | None] = []
@@ -191,10 +217,10 @@ def _image_files(data, image_col: str, folder: Path, where: str, passed_over: li
             continue
         if not data_bytes:
             files.append(None)
-            passed_over.append((f"{where} row {i}", "no image in the row"))
+            passed_over.append((f"{where} row {i}", f"missing: {source}" if source else "no image in the row"))
             continue
         file = folder / f"{i:08d}{_extension(data_bytes)}"
-        if not complete:
+        if not complete or not file.is_file():  # a file removed since is written again
             folder.mkdir(parents=True, exist_ok=True)
             tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
             tmp.write_bytes(data_bytes)

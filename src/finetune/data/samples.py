@@ -4,6 +4,8 @@ readers share. Imports nothing of the package but its errors, so that any reader
 from __future__ import annotations
 
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,3 +62,44 @@ def warn_classes_missing_from_train(classes: list[str], labels: list[int], split
             found = ", ".join(f"{n} in {s}/" for s, n in sorted(where.items()))
             log.warning("dataset.root=%s: class %r has no training images (only %s): the model cannot learn it, and "
                         "each of its images will count as an error", root, name, found)
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def is_number(value) -> bool:
+    """Whether a label is a finite number: an int or float, or a string written as one ("3", "2.0", "-1e3")."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return math.isfinite(value)
+    return isinstance(value, str) and _NUMBER.fullmatch(value.strip()) is not None
+
+
+def is_whole(value) -> bool:
+    """Whether a number (is_number) is a whole one."""
+    if isinstance(value, int):
+        return True
+    number = float(value)
+    return number == int(number)
+
+
+def label_name(value) -> str:
+    """A class's name as the readers give it: a name stripped of spaces; a whole number written plainly, so that 1,
+    1.0, "01" and " 1" are one class (ints exactly, however large)."""
+    if isinstance(value, bool):
+        return str(value)
+    if is_number(value) and is_whole(value):
+        if isinstance(value, int):
+            return str(value)
+        text = str(value).strip()
+        return str(int(text)) if re.fullmatch(r"[+-]?\d+", text) else str(int(float(text)))
+    return str(value).strip()
+
+
+def class_order(names) -> list[str]:
+    """Class names in order: numerically when they are all whole numbers, else alphabetically."""
+    names = set(names)
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)

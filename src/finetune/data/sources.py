@@ -18,7 +18,11 @@ from finetune.data.samples import (  # noqa: F401 (re-exported: the readers' typ
     SPLIT_FOLDERS,
     DataError,
     Source,
+    class_order,
     is_image_file,
+    is_number,
+    is_whole,
+    label_name,
     warn_classes_missing_from_train,
 )
 
@@ -459,11 +463,11 @@ def read_table(root: str | None, table: str | None = None, path_column: str | No
         if label is None or label == "" or (isinstance(label, float) and math.isnan(label)):
             passed_over.append((where, f"no label in column {label_col!r}"))
             continue
-        if isinstance(label, bool) or not isinstance(label, (str, int, float)):
+        if not isinstance(label, (str, int, float)):
             raise DataError(f"{where}: the label in column {label_col!r} is {label!r}: one class name or number per "
                             "image (several labels or other kinds of targets are not read yet)")
-        if _is_number(label):
-            if float(label) != int(float(label)):
+        if is_number(label):
+            if not is_whole(label):
                 raise DataError(f"{where}: label {label} in column {label_col!r} is not a whole number: class numbers "
                                 "are whole (a numeric target to regress is not read yet)")
             numbers = numbers or (where, label)
@@ -472,25 +476,36 @@ def read_table(root: str | None, table: str | None = None, path_column: str | No
         if numbers and names:
             raise DataError(f"{file}: column {label_col!r} mixes numbers ({numbers[0]}: {numbers[1]!r}) and names "
                             f"({names[0]}: {names[1]!r}): one kind of label per column")
-        path = os.path.normpath(base / str(cell).strip())
+        path = os.path.abspath(os.path.join(base.absolute(), os.path.expanduser(str(cell).strip())))
+        key = os.path.realpath(path)  # one file however it is spelt (./a.jpg, an absolute path, a link)
         if split_col is not None:
             split = str(row.get(split_col) or "").strip().lower()
             if split not in SPLIT_FOLDERS:
                 raise DataError(f"{where}: split {row.get(split_col)!r} in column {split_col!r} is not one of train, "
                                 "val, test (or training, valid, validation, testing)")
-            split_of.setdefault(path, SPLIT_FOLDERS[split])
-        labelled.append((path, _label_name(label), where))
-    pairs = one_label_per_id(labelled, file, duplicate_ids, passed_over)
-    classes = sorted({label for _, label in pairs}, key=(lambda c: int(float(c))) if numbers else None)
-    index = {name: i for i, name in enumerate(classes)}
-    paths, labels = [], []
-    for path, label in pairs:
-        if os.path.isfile(path):
-            paths.append(path)
-            labels.append(index[label])
-        else:
+            first = split_of.setdefault(key, (SPLIT_FOLDERS[split], where))
+            if first[0] != SPLIT_FOLDERS[split]:
+                raise DataError(f"{where}: {cell} is in split {SPLIT_FOLDERS[split]!r} (column {split_col!r}), but in "
+                                f"{first[0]!r} at {first[1]}: one split per image")
+        labelled.append((key, label_name(label), where, path))
+    spelt = {}
+    for key, _, _, path in labelled:
+        spelt.setdefault(key, path)
+    pairs = one_label_per_id([(key, label, where) for key, label, where, _ in labelled], file, duplicate_ids,
+                             passed_over)
+    kept = []
+    for key, label in pairs:
+        path = spelt[key]
+        if not os.path.isfile(path):
             passed_over.append((path, f"missing: named in {file}"))
-    splits = [split_of[p] for p in paths] if split_col is not None else None
+        elif not is_image_file(os.path.basename(path)):
+            passed_over.append((path, f"not an image file by its name: named in {file}"))
+        else:
+            kept.append((key, path, label))
+    classes = class_order(label for _, _, label in kept)  # classes of the images that are there
+    index = {name: i for i, name in enumerate(classes)}
+    paths, labels = [path for _, path, _ in kept], [index[label] for _, _, label in kept]
+    splits = [split_of[key][0] for key, _, _ in kept] if split_col is not None else None
     if splits is not None:
         warn_classes_missing_from_train(classes, labels, splits, root)
     return Source(classes, paths, np.array(labels, dtype=np.int64), splits=splits, passed_over=passed_over)
@@ -516,13 +531,21 @@ def _table_rows(file: Path) -> tuple[list[str], list[tuple[str, dict]]]:
         try:
             reader = csv.reader(f, skipinitialspace=True)
             header = [h.strip() for h in next(reader, [])]
-            rows = [(f"{file}:{reader.line_num}", dict(zip(header, (c.strip() for c in cells))))
-                    for cells in reader if any(c.strip() for c in cells)]
+            rows = []
+            for cells in reader:
+                cells = [c.strip() for c in cells]
+                if not any(cells):
+                    continue
+                if any(cells[len(header):]):
+                    raise DataError(f"{file}:{reader.line_num}: {len(cells)} cells under a header of {len(header)} "
+                                    "columns: a comma inside a cell must be quoted (\"Great Dane, large\")")
+                rows.append((f"{file}:{reader.line_num}", dict(zip(header, cells))))
         except (UnicodeDecodeError, csv.Error) as e:
             raise DataError(f"dataset.table={file}: not a CSV file ({e}); a CSV or Parquet table is read") from None
-    if len(set(header)) != len(header) or not all(header):
-        raise DataError(f"{file}: its header ({','.join(header)}) must name each column once")
-    return header, rows
+    named = [h for h in header if h]  # a column without a name (pandas' index, a spreadsheet's empty ones) is not read
+    if len(set(named)) != len(named):
+        raise DataError(f"{file}: its header ({','.join(header)}) names a column twice")
+    return named, [(where, {k: v for k, v in row.items() if k}) for where, row in rows]
 
 
 def _column(file: Path, header: list[str], given: str | None, key: str, names: tuple[str, ...],
@@ -548,19 +571,6 @@ def _column(file: Path, header: list[str], given: str | None, key: str, names: t
     what = f"several could be it ({', '.join(named)})" if named else "none is named for it"
     raise DataError(f"{file}: which column is dataset.{key}? {what}; its columns: {columns}. Set "
                     f"dataset.{key}=NAME")
-
-
-def _is_number(value) -> bool:
-    """Whether a label cell is a finite number (1, 2.0, "3")."""
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def _label_name(value) -> str:
-    """A class's name: as written, and a number as a whole number (1, 1.0 and "1" are one class)."""
-    return str(int(float(value))) if _is_number(value) and float(value) == int(float(value)) else str(value)
 
 
 READERS: dict[str, Callable[..., Source]] = {
