@@ -39,9 +39,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(folder)
         except (OSError, RuntimeError) as e:
             hidden.unlink(missing_ok=True)
+            if _interrupted(e):  # Ctrl-C in the middle of torch.save: torch then fails its write ("unexpected pos")
+                raise KeyboardInterrupt from None
             raise _save_failed(path, e) from None
         finally:
             os.close(folder)
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Whether `error` was raised while a KeyboardInterrupt was being handled: what a save stopped by Ctrl-C raises
+    (the zip writer's own error on the way out), which is no full disk."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__context__
+    return False
 
 
 def _save_failed(path: Path, error: Exception) -> Exception:
