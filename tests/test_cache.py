@@ -282,11 +282,11 @@ def test_a_build_killed_with_sigkill_leaves_nothing_the_next_open_does_not_remov
     child = FORK.Process(target=build_slowly, args=(paths, directory))
     child.start()
     try:
-        for _ in range(300):
-            if list(directory.glob("*.u8.tmp-*")):
+        for _ in range(300):  # the temporary appears empty and is written a moment later: wait for both
+            temporaries = list(directory.glob("*.u8.tmp-*"))
+            if temporaries and temporaries[0].stat().st_size > 0:
                 break
             time.sleep(0.1)
-        temporaries = list(directory.glob("*.u8.tmp-*"))
         assert temporaries and temporaries[0].stat().st_size > 0
         remove_stale_temporaries(directory)  # while the build runs, its temporary stays
         assert temporaries[0].exists()
