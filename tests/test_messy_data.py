@@ -207,7 +207,7 @@ def test_evaluate_reads_a_moved_dataset_from_its_new_folder(tmp_path, shapes):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     splits = np.array(["train", "val", "test"] * (len(source) // 3) + ["train"] * (len(source) % 3))
-    write_split(run_dir / "split.csv", source.paths, source.labels, source.classes, splits)
+    write_split(run_dir / "split.csv", source.paths, [source.classes[y] for y in source.labels], splits)
     OmegaConf.save({"dataset": {"name": "image_folder", "root": str(old)}}, run_dir / "config.yaml")
     new = tmp_path / "new" / "shapes"
     shutil.move(old, new)

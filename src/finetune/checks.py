@@ -19,7 +19,7 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Check what the schema's types cannot; return the config with every interpolation resolved."""
-    from finetune import data, loggers, schedule
+    from finetune import data, loggers, schedule, tasks
     from finetune.data import transforms
     from finetune.models import heads
 
@@ -51,6 +51,7 @@ def validate(cfg: DictConfig) -> DictConfig:
            "set augment.mixup=0 and augment.cutmix=0, or schedule.cache_features=false")
     schedule.check(s)
     heads.check(cfg.head)
+    tasks.check(cfg)
 
     b = cfg.callbacks.dashboards
     _check(b.every_n_epochs >= 1 and b.images >= 1 and b.max_classes >= 2,

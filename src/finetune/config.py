@@ -30,6 +30,8 @@ class DatasetConfig:
     table: Optional[str] = None  # dataset=table: the CSV or Parquet file of paths and labels (relative to root)
     path_column: Optional[str] = None  # dataset=table: the column of image paths; null: found by its name or cells
     label_column: Optional[str] = None  # dataset=table or hf: the column of labels; null: found by name or type
+    label_sep: Optional[str] = None  # dataset=table: what separates several labels in a cell (task=multilabel: a space)
+    target_column: Optional[str] = None  # dataset=table or hf: a column of numbers to regress (task=regression)
     path: Optional[str] = None  # dataset=hf: a folder saved with save_to_disk, an image folder, or a Hub name
     image_column: Optional[str] = None  # dataset=hf: the column of images; null: the one of Image type
     split_column: Optional[str] = None  # dataset=table: a column of train/val/test; null: `split` if there is one
@@ -62,6 +64,7 @@ class HeadConfig:
     hidden: int = 256  # mlp only: width of the dense layer
     dropout: float = 0.2
     binary: bool = False  # two classes only: one sigmoid output trained with binary cross-entropy, as in Keras
+    loss: Optional[str] = None  # task=regression: mse | huber; null: the task's own (finetune.tasks.TASKS)
 
 
 @dataclass
@@ -168,6 +171,9 @@ class TuneConfig:
 @dataclass
 class TrainConfig:
     seed: int = 42
+    # multiclass | multilabel | regression (finetune.tasks.TASKS); null: inferred from the data (several labels in one
+    # cell: multilabel; dataset.target_column: regression; else multiclass), and the log says which
+    task: Optional[str] = None
     calibrate: bool = True  # fit a temperature on the validation split after training (calibrated probabilities)
     run_dir: str = "${hydra:runtime.output_dir}"  # where this run writes everything
     # null: a fresh run. RUN_DIR of an earlier run: continue it from RUN_DIR/checkpoints/last.ckpt. auto: continue the

@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir = run_dir_of(ckpt)
     out = output_folder(cfg.out, run_dir)
     try:
-        source, indices, described = evaluation_set(cfg, model.classes, run_dir, out)
+        source, indices, described = evaluation_set(cfg, model.classes, run_dir, out, task=model.task.name)
     except BaseException:
         if not any(out.iterdir()):  # nothing to evaluate on: no empty eval folder is left behind
             out.rmdir()
@@ -49,6 +49,8 @@ def run(cfg: DictConfig) -> dict:
         log.warning("Could not evaluate %s: %s", source.paths[indices[i]], reason)
     if not ok.any():
         raise DataError(f"none of the {len(indices)} images could be loaded (see the warnings above)")
+    if model.task.name != "multiclass":
+        return _evaluate_task(cfg, model, ckpt, run_dir, out, source, indices[ok], raw[ok], len(failed), described)
     labels = source.labels[indices][ok]
     raw = raw[ok]
     probs = rescale(raw, model.temperature)  # what predict and the export give: calibrated
@@ -80,6 +82,56 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
+def _evaluate_task(cfg: DictConfig, model, ckpt: Path, run_dir: Path, out: Path, source: Source, indices: np.ndarray,
+                   outputs: np.ndarray, unreadable: int, described: str) -> dict:
+    """evaluate for a multi-label model (mAP, F1 at its thresholds, a table per label, precision-recall curves) or a
+    regression model (MAE, RMSE, R^2, predicted against true and the residuals)."""
+    from finetune.plots import precision_recall_figure, regression_figure
+    from finetune.scores import multilabel_scores, regression_scores
+
+    classes, targets = model.classes, source.targets[indices]
+    paths = [source.paths[j] for j in indices]
+    if model.task.name == "multilabel":
+        metrics = multilabel_scores(outputs, targets, model.thresholds, classes)
+        with open(out / "per_label.csv", "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["label", "ap", "f1", "precision", "recall", "threshold", "images"])
+            for name, row in metrics["per_label"].items():
+                writer.writerow([name, *(row[key] for key in ("ap", "f1", "precision", "recall", "threshold",
+                                                               "images"))])
+        with open(out / "predictions.csv", "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["path", "labels", "predicted", *classes])
+            for path, y, p in zip(paths, targets, outputs):
+                writer.writerow([path, "|".join(c for c, on in zip(classes, y) if on > 0.5),
+                                 "|".join(c for c, x, t in zip(classes, p, model.thresholds) if x >= t),
+                                 *(f"{x:.6f}" for x in p)])
+        _save(precision_recall_figure(outputs, targets, classes, model.thresholds), out / "pr_curves.png")
+        summary = (f"mAP {metrics['map']:.4f}  F1 macro {metrics['f1_macro']:.4f}  micro {metrics['f1_micro']:.4f} "
+                   f"(at the thresholds fitted on the validation split)") if metrics["map"] is not None else \
+            f"no label has positives here; F1 micro {metrics['f1_micro']:.4f}"
+    else:
+        predicted = outputs[:, 0]
+        metrics = regression_scores(predicted, targets)
+        with open(out / "predictions.csv", "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["path", classes[0], "predicted", "error"])
+            writer.writerows((path, f"{y:.6g}", f"{p:.6g}", f"{p - y:.6g}") for path, y, p in
+                             zip(paths, targets, predicted))
+        _save(regression_figure(predicted, targets, classes[0]), out / "predicted_vs_true.png")
+        r2 = f"{metrics['r2']:.4f}" if metrics["r2"] is not None else "none (a constant target)"
+        summary = (f"MAE {metrics['mae']:.4f}  RMSE {metrics['rmse']:.4f}  R^2 {r2}  (predicting the mean: MAE "
+                   f"{metrics['mae_of_the_mean']:.4f})")
+    metrics.update({"task": model.task.name, "images": len(indices), "unreadable": unreadable,
+                    "checkpoint": str(ckpt), "evaluated_on": described, "tta": bool(cfg.tta)})
+    write_json(out / "metrics.json", metrics)
+    write_curves(out / "curves.png", run_dir, "map" if model.task.name == "multilabel" else "mae")
+    log.info("%s", summary)
+    log.info("Evaluation written to %s", out)
+    log_evaluation(run_dir, out, {k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    return metrics
+
+
 def output_folder(out: str | None, run_dir: Path) -> Path:
     """out, or RUN_DIR/eval (eval-2, ... if taken): an earlier evaluation is never overwritten."""
     if out is not None:
@@ -92,13 +144,20 @@ def output_folder(out: str | None, run_dir: Path) -> Path:
     return folder
 
 
-def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path) -> tuple[Source, np.ndarray, str]:
+def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path,
+                   task: str = "multiclass") -> tuple[Source, np.ndarray, str]:
     """The images to evaluate on, labelled with the model's class indices, and a description of them."""
     if cfg.get("dataset") is not None:
         d = cfg.dataset
-        if OmegaConf.is_missing(d, "root"):
+        if OmegaConf.is_missing(d, "root") and d.name != "hf":
             raise ConfigError(f"dataset={d.name}: give its folder with dataset.root=DIR")
-        source = read_dataset(d)
+        source = read_dataset(d, task)
+        if task == "multilabel":
+            source = _as_the_models_labels(source, classes, d.name)
+        if task != "multiclass":
+            source = drop_unusable(source, d.root, cfg.max_pixels, d.get("max_bad_fraction", 0.05),
+                                   out / "skipped.csv", workers=cfg.num_workers)
+            return source, np.arange(len(source)), f"dataset={d.name} ({d.root or d.get('path')}), all of it"
         unknown = [c for c in source.classes if c not in classes]
         if unknown:
             raise DataError(f"dataset={d.name} has classes the model does not know: {', '.join(unknown[:5])} "
@@ -122,7 +181,7 @@ def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path
     elif d.get("root") is not None and not Path(d.root).expanduser().is_dir():
         raise DataError(f"the dataset {run_dir} was trained on is not in {d.root} any more: if the dataset moved, "
                         "give its new folder with root=DIR")
-    source = apply_split_file(read_dataset(d), split_file, only=cfg.split, moved=moved,
+    source = apply_split_file(read_dataset(d, task), split_file, only=cfg.split, moved=moved,
                               hint="; if the dataset moved, give its new folder with root=DIR" if moved is None else "")
     if list(source.classes) != list(classes):
         raise DataError(f"the classes of {run_dir}'s dataset changed since training: {source.classes} != {classes}")
@@ -132,6 +191,19 @@ def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path
     source = drop_unusable(subset(source, np.flatnonzero(chosen)), d.root, cfg.max_pixels, 1.0, out / "skipped.csv",
                            workers=cfg.num_workers)
     return source, np.arange(len(source)), f"the {cfg.split} split of {run_dir}"
+
+
+def _as_the_models_labels(source: Source, classes: list[str], name: str) -> Source:
+    """A multi-label dataset's targets over the model's labels, in its order; a DataError for a label it does not
+    know."""
+    unknown = [c for c in source.classes if c not in classes]
+    if unknown:
+        raise DataError(f"dataset={name} has labels the model does not know: {', '.join(unknown[:5])} (the model's: "
+                        f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
+    targets = np.zeros((len(source), len(classes)), dtype=np.float32)
+    targets[:, [classes.index(c) for c in source.classes]] = source.targets
+    source.targets, source.classes = targets, list(classes)
+    return source
 
 
 def intervals(predicted: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
@@ -216,25 +288,25 @@ def write_predictions(path: Path, paths: list[str], labels: np.ndarray, probs: n
 
 def read_history(run_dir: Path) -> dict[str, dict[int, float]]:
     """{metric: {epoch: value}} from the run's CSV logs (csv/version_*/metrics.csv, in order; a resumed run's later
-    segments win), for train/val loss and accuracy."""
+    segments win), for train/val loss and accuracy (mAP, MAE)."""
     history: dict[str, dict[int, float]] = {}
     for file in sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
         with open(file, newline="") as f:
             for row in csv.DictReader(f):
                 if not row.get("epoch"):
                     continue
-                for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+                for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/map", "train/mae", "val/mae"):
                     if row.get(key):
                         history.setdefault(key, {})[int(float(row["epoch"]))] = float(row[key])
     return history
 
 
-def write_curves(path: Path, run_dir: Path) -> None:
+def write_curves(path: Path, run_dir: Path, metric: str = "acc") -> None:
     history = read_history(run_dir)
     if not history:
         log.info("No CSV logs in %s (logger.csv was off): curves.png is not written", run_dir)
         return
-    _save(curves_figure(history, title=run_dir.name), path)
+    _save(curves_figure(history, title=run_dir.name, metric=metric), path)
 
 
 def write_top_losses(path: Path, source: Source, indices: np.ndarray, labels: np.ndarray, probs: np.ndarray,

@@ -45,18 +45,26 @@ TOLERANCE = 1e-4
 
 
 class Deployable(nn.Module):
-    """uint8 RGB images (N, 3, H, W) in, class probabilities (N, classes) out: normalisation and softmax inside.
-    A plain nn.Module holding the Classifier's network, so exporters see no Lightning machinery."""
+    """uint8 RGB images (N, 3, H, W) in, class probabilities (N, classes) out: normalisation and softmax inside. A
+    multi-label model gives each label's probability (sigmoid), a regression model the value in the target's units
+    (N, 1). A plain nn.Module holding the Classifier's network, so exporters see no Lightning machinery."""
 
     def __init__(self, model: Classifier):
         super().__init__()
         self.backbone, self.head, self.binary = model.backbone, model.head, model.binary
+        self.task = model.task.name
+        self.output_name = "values" if self.task == "regression" else "probabilities"
         self.temperature = float(model.temperature)  # a constant in the graph: probabilities are calibrated
+        self.target_mean, self.target_std = model.target_mean, model.target_std  # regression: constants too
         self.register_buffer("mean", model.mean.clone())
         self.register_buffer("std", model.std.clone())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.backbone(normalize(images, self.mean, self.std)))
+        if self.task == "multilabel":
+            return torch.sigmoid(logits)
+        if self.task == "regression":
+            return logits * self.target_std + self.target_mean
         logits = two_class_logits(logits) if self.binary else logits
         return torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=1)
 
@@ -112,7 +120,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         float32 = out if quantize == "none" else work / "float32.onnx"
         if cfg.format == "onnx":
-            export_onnx(deployable, example, float32)
+            export_onnx(deployable, example, float32, deployable.output_name)
         else:
             export_torchscript(deployable, example, float32)
         difference = parity(deployable, load_exported(float32, cfg.format), size)
@@ -148,7 +156,9 @@ def run(cfg: DictConfig) -> dict:
         drop, limit = evaluation.get("accuracy_drop_points"), cfg.get("max_accuracy_drop")
         if drop is not None and limit is not None and drop > limit:
             raise FinetuneError(
-                f"the {name} model is {drop:.2f} accuracy points below PyTorch's on {evaluation['images']} "
+                f"the {name} model is {drop:.2f} {'percent' if evaluation.get('metric') == 'MAE' else 'points'} "
+                f"{'worse than' if evaluation.get('metric') == 'MAE' else 'below'} PyTorch's "
+                f"{evaluation.get('metric', 'accuracy')} on {evaluation['images']} "
                 f"{data.split} images (the table above), more than max_accuracy_drop={limit}: nothing was written. "
                 f"Use {'quantize=fp16 or quantize=none' if quantize == 'int8' else 'quantize=none'}, more "
                 f"calibration images, or max_accuracy_drop={int(drop) + 1} to accept it")
@@ -168,15 +178,19 @@ def run(cfg: DictConfig) -> dict:
         "file": f"`{out.name}` ({megabytes:.1f} MB), described in `{sidecar.name}`", "format": cfg.format,
         "weights": QUANTIZE[quantize], "from": f"`{ckpt}`",
         "input": f"uint8 RGB, NCHW, {size}x{size}, any batch size (`images`)",
-        "output": f"probabilities over {len(model.classes)} classes (`probabilities`)",
+        "output": {"multiclass": f"probabilities over {len(model.classes)} classes (`probabilities`)",
+                   "multilabel": f"a probability per label, {len(model.classes)} labels, each present from its "
+                                 f"threshold on (`probabilities`; thresholds in the sidecar)",
+                   "regression": f"{model.classes[0]} in its units (`values`)"}[model.task.name],
         "parity with PyTorch": f"max abs difference {difference:.2e} on 3 images (float32 graph)"}
     if "ms_per_image_batch1" in exported:
         facts["CPU latency"] = (f"{exported['ms_per_image_batch1']:.1f} ms per image at batch 1, "
                                 f"{exported['ms_per_image_batch32']:.1f} at batch 32 (median, {evaluation['machine']})")
     if "accuracy" in exported:
-        facts["accuracy"] = (f"{exported['accuracy']:.4f} on {evaluation['images']} {data.split} images "
-                             f"(PyTorch {evaluation['models']['pytorch float32']['accuracy']:.4f}; top-1 changed on "
-                             f"{exported['top1_changed']:.1%})")
+        metric = evaluation.get("metric", "accuracy")
+        changed = f"; decisions changed on {exported['top1_changed']:.1%}" if "top1_changed" in exported else ""
+        facts[metric] = (f"{exported['accuracy']:.4f} on {evaluation['images']} {data.split} images "
+                         f"(PyTorch {evaluation['models']['pytorch float32']['accuracy']:.4f}{changed})")
     card = write_export_card(run_dir, out, facts)
     print(f"{card}: the model card, with this export's facts")
     return {"path": str(out), "sidecar": str(sidecar), "max_abs_difference": difference, "megabytes": megabytes,
@@ -238,12 +252,12 @@ def companions(path: Path) -> tuple[Path, Path, Path]:
     return path, path.with_suffix(".json"), path.with_name(f"{path.stem}.model_card.md")
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> None:
+def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, output_name: str = "probabilities") -> None:
     for name in ("onnx_ir", "onnxscript"):  # their passes log every folded constant at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"],
-                                output_names=["probabilities"], dynamic_shapes=({0: batch},), verbose=False)
+                                output_names=[output_name], dynamic_shapes=({0: batch},), verbose=False)
     program.save(str(out))
 
 
@@ -317,7 +331,7 @@ def load_exported(path: Path, fmt: str):
         from finetune.exported import onnx_session
 
         session = onnx_session(path, spinning=False)  # timed beside PyTorch
-        return lambda images: session.run(["probabilities"], {"images": images})[0]
+        return lambda images: session.run(None, {"images": images})[0]
     module = torch.jit.load(str(path), map_location="cpu").eval()
 
     def run_torchscript(images: np.ndarray) -> np.ndarray:
@@ -359,7 +373,8 @@ class RunImages:
         options = OmegaConf.create({"dataset": None, "root": self.cfg.get("root"), "split": split, "ckpt": str(
             self.cfg.ckpt), "max_pixels": self.cfg.max_pixels, "num_workers": self.cfg.num_workers})
         with tempfile.TemporaryDirectory() as scratch:  # unreadable images are named in the log, as evaluate does
-            source, indices, _ = evaluation_set(options, self.model.classes, self.run_dir, Path(scratch))
+            source, indices, _ = evaluation_set(options, self.model.classes, self.run_dir, Path(scratch),
+                                                task=self.model.task.name)
         self._read_splits[split] = source, indices
         return source, indices
 
@@ -378,7 +393,8 @@ class RunImages:
         loader = DataLoader(images, batch_size=batch_size, num_workers=self.cfg.num_workers, collate_fn=_collate)
         for batch, positions, _ in loader:
             if batch is not None:
-                yield batch.numpy(), source.labels[indices[positions]]
+                chosen = indices[positions]
+                yield batch.numpy(), source.labels[chosen] if source.targets is None else source.targets[chosen]
 
     def calibration_batches(self, n: int, seed: int):
         return (images for images, _ in self.batches("train", limit=n, seed=seed, batch_size=8))
@@ -388,25 +404,29 @@ def measure(models: dict, sizes: dict, data: RunImages, name: str, size: int, li
             seed: int = 0) -> dict:
     """Each model's accuracy on the run's test images (the same uint8 batches for all; at most `limit` of them, a
     sample drawn with `seed`), the exported model's drop in points and its share of changed top-1 against PyTorch,
-    file sizes and CPU latency per image."""
+    file sizes and CPU latency per image. A multi-label model's accuracy is its mAP, and its changed decisions are
+    labels decided otherwise at its thresholds; a regression model's is its MAE, and its drop the MAE's rise in
+    percent of PyTorch's."""
+    task = data.model.task.name
     result = {"split": data.split, "images": 0, "machine": machine(), "models": {m: {} for m in models}}
     if data.split_file is not None:
-        predicted = {m: [] for m in models}
+        outputs = {m: [] for m in models}
         labels = []
         for images, y in data.batches(data.split, limit=limit, seed=seed):
             labels.append(y)
             for m, forward in models.items():
-                predicted[m].append(forward(images).argmax(1))
-        labels = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
-        result["images"] = int(len(labels))
-        if len(labels):
-            reference = np.concatenate(predicted["pytorch float32"])
+                outputs[m].append(forward(images))
+        result["images"] = int(sum(len(y) for y in labels))
+        if labels:
+            labels = np.concatenate(labels)
+            scored = {m: score(task, np.concatenate(outputs[m]), labels, data.model) for m in models}
+            reference = scored["pytorch float32"]
             for m in models:
-                p = np.concatenate(predicted[m])
-                result["models"][m]["accuracy"] = float((p == labels).mean())
-                result["models"][m]["top1_changed"] = float((p != reference).mean())
-            result["accuracy_drop_points"] = round(100 * (result["models"]["pytorch float32"]["accuracy"]
-                                                          - result["models"][name]["accuracy"]), 4)
+                result["models"][m]["accuracy"] = scored[m][0]
+                if scored[m][1] is not None:
+                    result["models"][m]["top1_changed"] = float((scored[m][1] != reference[1]).mean())
+            result["metric"] = METRIC_OF[task]
+            result["accuracy_drop_points"] = round(drop(task, reference[0], scored[name][0]), 4)
     elif data.split is None:
         log.warning("%s has no split.csv and config.yaml: the export's accuracy is not measured", data.run_dir)
     one = torch.randint(0, 256, (32, 3, size, size), dtype=torch.uint8,
@@ -429,18 +449,44 @@ def measure(models: dict, sizes: dict, data: RunImages, name: str, size: int, li
     return result
 
 
+# what `accuracy` in an export's measurement is, per task
+METRIC_OF = {"multiclass": "accuracy", "multilabel": "mAP", "regression": "MAE"}
+
+
+def score(task: str, outputs: np.ndarray, labels: np.ndarray, model: Classifier) -> tuple[float, np.ndarray | None]:
+    """A model's figure on a split (accuracy, mAP or MAE) from its outputs, and its decisions (top-1 class, labels
+    at the model's thresholds; none for regression) to compare with another's."""
+    if task == "regression":
+        return float(np.abs(outputs.reshape(-1) - labels.reshape(-1)).mean()), None
+    if task == "multilabel":
+        from finetune.scores import multilabel_scores
+
+        scores = multilabel_scores(outputs, labels, model.thresholds, model.classes)
+        return scores["map"] or 0.0, outputs >= np.asarray(model.thresholds)[None, :]
+    return float((outputs.argmax(1) == labels).mean()), outputs.argmax(1)
+
+
+def drop(task: str, reference: float, exported: float) -> float:
+    """How far the export falls below PyTorch: points of accuracy or mAP; for regression the MAE's rise in percent."""
+    if task == "regression":
+        return 100 * (exported - reference) / reference if reference > 0 else 0.0
+    return 100 * (reference - exported)
+
+
 def table(evaluation: dict) -> str:
     """The measurements as a small text table."""
     split = f"{evaluation['images']} {evaluation['split']} images" if evaluation["images"] else "not measured"
-    lines = [f"{'model':<18} {'accuracy':>9} {'drop':>6} {'top-1 changed':>14} {'MB':>7} {'ms/img b1':>10} "
-             f"{'ms/img b32':>11}   (accuracy on {split}; CPU, {evaluation['machine']})"]
+    metric = evaluation.get("metric", "accuracy")
+    lines = [f"{'model':<18} {metric:>9} {'drop':>6} {'top-1 changed':>14} {'MB':>7} {'ms/img b1':>10} "
+             f"{'ms/img b32':>11}   ({metric} on {split}; CPU, {evaluation['machine']})"]
     reference = evaluation["models"]["pytorch float32"].get("accuracy")
+    task = {"mAP": "multilabel", "MAE": "regression"}.get(metric, "multiclass")
     for m, r in evaluation["models"].items():
         accuracy = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"
-        drop = f"{100 * (reference - r['accuracy']):.2f}" if "accuracy" in r and m != "pytorch float32" else "-"
+        drop_ = f"{drop(task, reference, r['accuracy']):.2f}" if "accuracy" in r and m != "pytorch float32" else "-"
         changed = f"{r['top1_changed']:.1%}" if "top1_changed" in r and m != "pytorch float32" else "-"
         megabytes = f"{r['megabytes']:.2f}" if "megabytes" in r else "-"
-        lines.append(f"{m:<18} {accuracy:>9} {drop:>6} {changed:>14} {megabytes:>7} {r['ms_per_image_batch1']:>10.2f} "
+        lines.append(f"{m:<18} {accuracy:>9} {drop_:>6} {changed:>14} {megabytes:>7} {r['ms_per_image_batch1']:>10.2f} "
                      f"{r['ms_per_image_batch32']:>11.2f}")
     return "\n".join(lines)
 
@@ -476,6 +522,7 @@ def describe(model: Classifier, fmt: str, filename: str, quantize: str = "none",
                              f"centre-crop {size}x{size}"},
         "preprocessing": {"resize": resize, "interpolation": pre["interpolation"], "crop": size,
                           "crop_pct": float(pre["crop_pct"])},
+        "task": model.task.name,
         "output": {"name": "probabilities", "dtype": "float32", "shape": ["batch", len(model.classes)],
                    "classes": model.classes},
         "inside_the_model": {"normalise": {"mean": pre["mean"], "std": pre["std"], "scale": "x / 255"},
@@ -483,6 +530,15 @@ def describe(model: Classifier, fmt: str, filename: str, quantize: str = "none",
         "temperature": float(model.temperature),
         "backbone": model.hparams.backbone_config["name"],
     }
+    if model.task.name == "multilabel":  # each label on its own: present where its probability reaches its threshold
+        description["inside_the_model"] = {**description["inside_the_model"], "softmax": False, "sigmoid": True}
+        description["thresholds"] = dict(zip(model.classes, model.thresholds))
+    elif model.task.name == "regression":
+        description["output"] = {"name": "values", "dtype": "float32", "shape": ["batch", 1],
+                                 "target": model.classes[0]}
+        description["inside_the_model"] = {"normalise": description["inside_the_model"]["normalise"],
+                                           "softmax": False,
+                                           "target_scale": {"mean": model.target_mean, "std": model.target_std}}
     if quantize == "int8":
         description["quantization"] = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                                        "weights": "int8, per channel", "activations": "uint8, MinMax ranges",

@@ -41,8 +41,13 @@ class ExportedModel:
         try:
             meta = json.loads(sidecar.read_text())
             self.pre = meta["preprocessing"]
-            self.classes = list(meta["output"]["classes"])
-            self.softmax_inside = bool(meta.get("inside_the_model", {}).get("softmax", True))
+            self.task = str(meta.get("task", "multiclass"))
+            output = meta["output"]
+            self.classes = [output["target"]] if self.task == "regression" else list(output["classes"])
+            self.thresholds = [float(meta["thresholds"][c]) for c in self.classes] if self.task == "multilabel" \
+                else None
+            self.softmax_inside = self.task != "multiclass" or \
+                bool(meta.get("inside_the_model", {}).get("softmax", True))
             self.temperature = float(meta.get("temperature", 1.0))
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{sidecar}: not an export sidecar with preprocessing and classes ({e!r}); export the "

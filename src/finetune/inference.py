@@ -76,7 +76,9 @@ def probabilities(model: Classifier | ExportedModel, source: Source, indices: np
                   max_pixels: int = 100_000_000, progress: bool = False,
                   temperature: float | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """Softmax probabilities (len(indices) x classes; NaN rows for failed images) and {position: reason} of the
-    images that could not be loaded. With `tta`, each image's probabilities are the mean over its ten crops.
+    images that could not be loaded; for a multi-label model each label's probability (sigmoid), for a regression
+    model the value in the target's units (one column). With `tta`, each image's probabilities are the mean over its
+    ten crops.
     The logits are divided by `temperature`, by default the model's own (calibrated after training). An
     ExportedModel runs on the CPU with onnxruntime, its own temperature inside it."""
     exported = isinstance(model, ExportedModel)
@@ -95,7 +97,7 @@ def probabilities(model: Classifier | ExportedModel, source: Source, indices: np
         model = model.to(device).eval()
 
         def forward(images):
-            return (model(images.to(device, non_blocking=True)).float() / t).softmax(1).cpu().numpy()
+            return model.outputs(model(images.to(device, non_blocking=True)), t).cpu().numpy()
     out = np.full((len(indices), len(model.classes)), np.nan, dtype=np.float32)
     failed: dict[int, str] = {}
     batches = loader

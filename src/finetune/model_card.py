@@ -34,7 +34,12 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
     base = name[len("hf-hub:"):] if name.startswith("hf-hub:") else (f"timm/{name}" if pretrained and "." in name
                                                                      else None)
     arch = backbone.get("architecture", name)
-    accuracy = metrics.get("test/acc")
+    from finetune.tasks import task_of
+
+    task = task_of(metrics.get("task"))
+    headline = task.headline[0]  # test/acc, test/map, test/mae
+    metric_name = {"multiclass": "accuracy", "multilabel": "mAP", "regression": "MAE"}[task.name]
+    accuracy = metrics.get(headline)
     held_out = sum(counts.get("test", [])) > 0  # without a test split, no test figures: only val/acc_best
     split = "test"
     where = "the test split" if held_out else ("the validation split alone (this run has no test split, so no test "
@@ -46,13 +51,14 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
               f"datasets:{_yaml_list([dataset])}"]
     if base:
         header.append(f"base_model: {json.dumps(base)}")
-    header.append(f"metrics:{_yaml_list(['accuracy'])}")
+    header.append(f"metrics:{_yaml_list([metric_name.lower()])}")
     if accuracy is not None:
         header += ["model-index:", f"- name: {json.dumps(f'{dataset}-{arch}')}",
                    "  results:", "  - task:", "      type: image-classification",
                    f"    dataset:\n      name: {json.dumps(dataset)}\n      type: {json.dumps(dataset)}\n"
-                   f"      split: {split}", "    metrics:", "    - type: accuracy", f"      value: {accuracy:.4f}",
-                   f"      name: {split} accuracy ({test_images} images, best checkpoint)"]
+                   f"      split: {split}", "    metrics:", f"    - type: {metric_name.lower()}",
+                   f"      value: {accuracy:.4f}",
+                   f"      name: {split} {metric_name} ({test_images} images, best checkpoint)"]
     header.append("---")
 
     totals = {s: sum(counts.get(s, [])) for s in SPLIT_NAMES}
@@ -66,16 +72,27 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
         f"head alone for {s.freeze_epochs} epochs, then the backbone (`unfreeze={s.unfreeze}`) at " \
         f"{s.backbone_lr_ratio} x the head's rate"
     size = preprocessing["image_size"]
-    measured = [(key, metrics[key]) for key in ("test/acc", "test/loss", "test/balanced_acc", "test/acc_top5",
-                                                "val/acc_best", "val/temperature", "test/nll_before",
-                                                "test/nll_after", "test/ece_before", "test/ece_after")
-                if metrics.get(key) is not None]
+    keys = ("test/acc", "test/loss", "test/balanced_acc", "test/acc_top5", "val/acc_best", "val/temperature",
+            "test/nll_before", "test/nll_after", "test/ece_before", "test/ece_after") if task.name == "multiclass" \
+        else (*task.headline, "test/loss", f"{task.monitor}_best", "test/label_frequency")
+    measured = [(key, metrics[key]) for key in keys if metrics.get(key) is not None]
+    what = {"multiclass": f"An image classifier for {len(classes)} classes",
+            "multilabel": f"A multi-label image classifier (any number of {len(classes)} labels per image:",
+            "regression": f"An image regressor of `{classes[0]}`"}[task.name]
+    listed = f" ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})" if task.name == "multiclass" else \
+        (f" {', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})" if task.name == "multilabel" else "")
+    limits = {"multiclass": f"It knows only these {len(classes)} classes: any other image (another animal, an empty "
+                            "room, a drawing) is still\n  given one of them, often with high confidence.",
+              "multilabel": f"It knows only these {len(classes)} labels, each decided at the threshold fitted on the "
+                            "validation split\n  (`val/thresholds`); other things in an image are not named.",
+              "regression": "It predicts within the range of the targets it was trained on; far outside it, its "
+                            "values\n  are extrapolations nobody measured."}[task.name]
     card = "\n".join(header) + f"""
 
 # {dataset} classifier: {name}
 
-An image classifier for {len(classes)} classes ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}),
-fine-tuned with finetune from a timm backbone. Run directory: `{run_dir}`.
+{what}{listed},
+fine-tuned with finetune from a timm backbone (`task={task.name}`). Run directory: `{run_dir}`.
 
 ## Model
 
@@ -122,8 +139,7 @@ from the checkpoint alone (class names and preprocessing included).
 
 ## Limitations
 
-- It knows only these {len(classes)} classes: any other image (another animal, an empty room, a drawing) is still
-  given one of them, often with high confidence.
+- {limits}
 - It was trained at {size}x{size} pixels on the images of `{cfg.dataset.root}`; photos unlike them (other
   cameras, lighting, framing) may be classified worse than the test accuracy says.
 - The {'test' if held_out else 'validation'} accuracy was measured on {test_images} images: each image more or
@@ -136,13 +152,14 @@ def _phase_table(phases: list[dict]) -> str:
     """What each phase gave, as validation accuracy (metrics.json's `phases`): nothing for a one-phase run."""
     if len(phases) < 2:
         return ""
-    rows = ["", "| phase | trains | epochs | val/acc at its end | best | on the best before it |",
+    monitor = next(key[:-4] for key in phases[0] if key.endswith("_end"))  # val/acc, val/map or val/mae
+    rows = ["", f"| phase | trains | epochs | {monitor} at its end | best | on the best before it |",
             "|---|---|---|---:|---:|---:|"]
     for p in phases:
         gain = "" if p.get("gain") is None else f"{p['gain']:+.4f}"
         trains = {"head": "the head", "all": "everything"}.get(p["train"], f"head + last {p['train']} blocks")
-        rows.append(f"| {p['phase']} | {trains} | {p['epochs'][0]}-{p['epochs'][1]} | {p['val/acc_end']:.4f} | "
-                    f"{p['val/acc_best']:.4f} | {gain} |")
+        rows.append(f"| {p['phase']} | {trains} | {p['epochs'][0]}-{p['epochs'][1]} | {p[monitor + '_end']:.4f} | "
+                    f"{p[monitor + '_best']:.4f} | {gain} |")
     return "\n".join(rows) + "\n"
 
 

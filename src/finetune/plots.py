@@ -38,19 +38,21 @@ def confusion_matrix_figure(matrix: np.ndarray, classes: list[str], title: str =
     return fig
 
 
-def curves_figure(history: dict[str, dict[int, float]], title: str = "Training curves") -> Figure:
-    """Loss and accuracy per epoch, train and val, from a run's logs ({metric: {epoch: value}})."""
+def curves_figure(history: dict[str, dict[int, float]], title: str = "Training curves", metric: str = "acc") -> Figure:
+    """Loss and accuracy (or `metric`: map, mae) per epoch, train and val, from a run's logs
+    ({metric: {epoch: value}})."""
     fig = Figure(figsize=(11, 4.2), layout="constrained")
-    for i, kind in enumerate(("loss", "acc")):
+    names = {"loss": "loss", "acc": "accuracy", "map": "mAP", "mae": "MAE"}
+    for i, kind in enumerate(("loss", metric)):
         ax = fig.add_subplot(1, 2, i + 1)
         for stage in ("train", "val"):
             series = history.get(f"{stage}/{kind}", {})
             if series:
                 epochs = sorted(series)
                 ax.plot([e + 1 for e in epochs], [series[e] for e in epochs], marker="o", label=stage)
-        ax.set_title(f"{title}: {'loss' if kind == 'loss' else 'accuracy'}")
+        ax.set_title(f"{title}: {names[kind]}")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("loss" if kind == "loss" else "accuracy")
+        ax.set_ylabel(names[kind])
         ax.grid(alpha=0.3)
         ax.legend()
     return fig
@@ -97,3 +99,52 @@ def figure_to_array(figure: Figure, dpi: int = 90) -> np.ndarray:
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def precision_recall_figure(probs: np.ndarray, targets: np.ndarray, classes: list[str],
+                            thresholds: list[float]) -> Figure:
+    """A multi-label model's precision-recall curve per label (at most 30), each with its AP and the point of its
+    fitted threshold."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    fig = Figure(figsize=(7, 5.5), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    for k, name in list(enumerate(classes))[:30]:
+        y = targets[:, k] > 0.5
+        if not y.any():
+            continue
+        precision, recall, _ = precision_recall_curve(y, probs[:, k])
+        line, = ax.plot(recall, precision, label=f"{name} (AP {average_precision_score(y, probs[:, k]):.3f})")
+        decided = probs[:, k] >= thresholds[k]
+        if decided.any():
+            ax.plot([(decided & y).sum() / y.sum()], [(decided & y).sum() / decided.sum()], "o", color=line.get_color())
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Precision-recall per label (dots: the fitted thresholds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def regression_figure(predicted: np.ndarray, targets: np.ndarray, name: str) -> Figure:
+    """Predicted against true (with the line of perfect prediction), and the residuals against the prediction."""
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    ax = fig.add_subplot(1, 2, 1)
+    ax.scatter(targets, predicted, s=12, alpha=0.7)
+    low, high = float(min(targets.min(), predicted.min())), float(max(targets.max(), predicted.max()))
+    ax.plot([low, high], [low, high], color="grey", linestyle="--", label="predicted = true")
+    ax.set_xlabel(f"true {name}")
+    ax.set_ylabel(f"predicted {name}")
+    ax.set_title("Predicted against true")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax = fig.add_subplot(1, 2, 2)
+    ax.scatter(predicted, predicted - targets, s=12, alpha=0.7)
+    ax.axhline(0, color="grey", linestyle="--")
+    ax.set_xlabel(f"predicted {name}")
+    ax.set_ylabel("residual (predicted - true)")
+    ax.set_title("Residuals")
+    ax.grid(alpha=0.3)
+    return fig

@@ -110,9 +110,10 @@ class Schedule:
     the state at any epoch, and so a resumed run, is a function of the epoch and the boundaries already passed.
     """
 
-    def __init__(self, config: dict, blocks: int):
+    def __init__(self, config: dict, blocks: int, monitor: str = "val/acc", mode: str = "max"):
         self.config = with_defaults(config)
         self.blocks = blocks
+        self.monitor, self.mode = monitor, mode  # the validation metric that ends phases early (finetune.tasks)
         s = self.config
         self.epochs: int = s["epochs"]
         self.layer_decay: float = s["layer_decay"]
@@ -216,21 +217,23 @@ class Schedule:
     # --- ending phases early (patience) -----------------------------------------------------------------------
 
     def observe(self, epoch: int, val_acc: float) -> str | None:
-        """Record epoch `epoch`'s val/acc; end its phase after it when the phase's patience has run out. Returns
-        why the phase ended, or None."""
+        """Record epoch `epoch`'s value of the monitored metric (val/acc); end its phase after it when the phase's
+        patience has run out. Returns why the phase ended, or None."""
+        from finetune.tasks import better
+
         phase = self.phase_at(epoch)
         self.history[epoch] = float(val_acc)
         if phase is None:
             return None
         if self.tracking != phase.index:
             self.tracking, self.best, self.best_epoch = phase.index, None, -1
-        if self.best is None or val_acc > self.best:
+        if better(self.mode, val_acc, self.best):
             self.best, self.best_epoch = val_acc, epoch
             return None
         start, end = self.bounds()[phase.index]
         if phase.patience is not None and epoch - self.best_epoch >= phase.patience and epoch + 1 < end:
             self.ends[phase.index] = epoch + 1
-            return (f"val/acc has not improved for {phase.patience} epochs (best {self.best:.4f} at epoch "
+            return (f"{self.monitor} has not improved for {phase.patience} epochs (best {self.best:.4f} at epoch "
                     f"{self.best_epoch})")
         return None
 
@@ -242,11 +245,12 @@ class Schedule:
             seen = [(e, v) for e, v in sorted(self.history.items()) if start <= e < end]
             if not seen:
                 continue
-            best = max(v for _, v in seen)
+            pick = max if self.mode == "max" else min
+            best = pick(v for _, v in seen)
             rows.append({"phase": phase.index + 1, "train": phase.train, "epochs": [start, end - 1],
-                         "val/acc_end": seen[-1][1], "val/acc_best": best,
+                         f"{self.monitor}_end": seen[-1][1], f"{self.monitor}_best": best,
                          "gain": None if best_before is None else best - best_before})
-            best_before = best if best_before is None else max(best_before, best)
+            best_before = best if best_before is None else pick(best_before, best)
         return rows
 
     def describe_gains(self) -> list[str]:
@@ -258,8 +262,8 @@ class Schedule:
             gain = "" if row["gain"] is None else (
                 f"; {row['gain']:+.4f} on the best of the phases before" if row["gain"] else
                 "; no better than the phases before")
-            lines.append(f"phase {row['phase']} (epochs {first}-{last}, {phase.describe(self.blocks)}): val/acc "
-                         f"{row['val/acc_end']:.4f} at its end, best {row['val/acc_best']:.4f}{gain}")
+            lines.append(f"phase {row['phase']} (epochs {first}-{last}, {phase.describe(self.blocks)}): {self.monitor} "
+                         f"{row[self.monitor + '_end']:.4f} at its end, best {row[self.monitor + '_best']:.4f}{gain}")
         return lines
 
     # --- parameter groups and rates ---------------------------------------------------------------------------

@@ -27,7 +27,15 @@ from finetune.runconfig import is_rank_zero
 log = logging.getLogger(__name__)
 
 COLUMNS = ("job", "overrides", "val_acc_best", "val_acc_best_ci95", "test_acc", "test_acc_ci95", "epochs",
-           "wall_time_s", "status", "error")
+           "wall_time_s", "status", "error", "task", "val_best", "test_map", "test_f1_macro", "test_f1_micro",
+           "test_mae", "test_rmse", "test_r2")
+
+
+def _task(rows: list[dict]):
+    """The task of a sweep's jobs (finetune.tasks): its monitored metric and headline test figure name the columns."""
+    from finetune.tasks import task_of
+
+    return task_of(next((r.get("task") for r in rows if r.get("task")), None))
 
 
 class SweepReport(Callback):
@@ -52,6 +60,9 @@ class SweepReport(Callback):
         metrics = {}
         if (job_dir / "metrics.json").is_file():
             metrics = json.loads((job_dir / "metrics.json").read_text())
+        from finetune.tasks import task_of
+
+        task = task_of(metrics.get("task"))
         record = {
             "job": int(config.hydra.job.num),
             "overrides": " ".join(config.hydra.overrides.task),
@@ -67,13 +78,19 @@ class SweepReport(Callback):
             "fold": int(config.dataset.fold) if config.dataset.get("folds") else None,
             "setting": " ".join(o for o in config.hydra.overrides.task
                                 if o.split("=", 1)[0].lstrip("+~") != "dataset.fold"),
+            # the task's own figures: the monitored metric's best (val/acc_best, val/map_best, val/mae_best) and
+            # its test figures
+            "task": task.name,
+            "val_best": metrics.get(f"{task.monitor}_best"),
+            **{key.replace("/", "_"): metrics.get(key) for key in ("test/map", "test/f1_macro", "test/f1_micro",
+                                                                    "test/mae", "test/rmse", "test/r2")},
         }
         (job_dir / "job.json").write_text(json.dumps(record, indent=2) + "\n")
         rows = write_summary(Path(config.hydra.sweep.dir))
         done = [r for r in rows if r["status"] == "completed"]
-        if done:
-            log.info("Sweep so far: %d jobs (%d failed); best val/acc_best %.4f with %s", len(rows),
-                     len(rows) - len(done), done[0]["val_acc_best"], done[0]["overrides"] or "(defaults)")
+        if done and _best(done[0]) is not None:
+            log.info("Sweep so far: %d jobs (%d failed); best %s_best %.4f with %s", len(rows), len(rows) - len(done),
+                     _task(rows).monitor, _best(done[0]), done[0]["overrides"] or "(defaults)")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_rank_zero():  # under torchrun each process runs the sweep's jobs; rank 0 alone reports them
@@ -89,9 +106,11 @@ class SweepReport(Callback):
         print(f"Summary: {sweep_dir / 'summary.csv'}, summary.md{folds}")
         for line in loggers.hints(config.logger, sweep_dir, sweep=True):
             print(line)
-        if best is not None:
-            tested = f", test/acc {best['test_acc']:.4f}" if best["test_acc"] is not None else ", no test split"
-            print(f"Best job ({best['job']}, val/acc_best {best['val_acc_best']:.4f}{tested}): "
+        if best is not None and _best(best) is not None:
+            task = _task(rows)
+            test = _test(best, task)
+            tested = f", {task.headline[0]} {test:.4f}" if test is not None else ", no test split"
+            print(f"Best job ({best['job']}, {task.monitor}_best {_best(best):.4f}{tested}): "
                   f"{best['overrides'] or '(defaults)'}")
         if failed:
             log.error("%d of %d jobs failed: %s", len(failed), len(rows),
@@ -102,30 +121,43 @@ class SweepReport(Callback):
 def write_summary(sweep_dir: Path) -> list[dict]:
     """Gather SWEEP_DIR/*/job.json into summary.csv and summary.md, best val/acc_best first, failed jobs last."""
     rows = [json.loads(p.read_text()) for p in sweep_dir.glob("*/job.json")]
-    rows.sort(key=lambda r: (r["status"] != "completed", -(r["val_acc_best"] or 0.0), r["job"]))
+    task = _task(rows)
+    sign = -1 if task.mode == "max" else 1
+    rows.sort(key=lambda r: (r["status"] != "completed", _best(r) is None, sign * (_best(r) or 0.0), r["job"]))
     tmp = sweep_dir / "summary.csv.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: r.get(k) for k in COLUMNS} for r in rows)
     tmp.replace(sweep_dir / "summary.csv")
-    lines = ["| job | overrides | val/acc_best (95% CI) | test/acc (95% CI) | epochs | wall time | status |",
-             "|---:|---|---:|---:|---:|---:|---|"]
+    intervals = " (95% CI)" if task.name == "multiclass" else ""
+    lines = [f"| job | overrides | {task.monitor}_best{intervals} | {task.headline[0]}{intervals} | epochs | wall time "
+             f"| status |", "|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
         status = r["status"] if r["status"] == "completed" else f"failed: {r['error']}"
         lines.append(f"| {r['job']} | {r['overrides'] or '(defaults)'} | "
-                     f"{_with_interval(r['val_acc_best'], r.get('val_acc_best_ci95'))} | "
-                     f"{_with_interval(r['test_acc'], r.get('test_acc_ci95'))} | "
+                     f"{_with_interval(_best(r), r.get('val_acc_best_ci95'))} | "
+                     f"{_with_interval(_test(r, task), r.get('test_acc_ci95'))} | "
                      f"{r['epochs'] if r['epochs'] is not None else ''} | {_seconds(r['wall_time_s'])} | {status} |")
-    lines += ["", *_not_told_apart(rows), *_over_folds(rows, sweep_dir)]
+    lines += ["", *_not_told_apart(rows), *_over_folds(rows, sweep_dir, task)]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return rows
+
+
+def _best(row: dict) -> float | None:
+    """A job's best value of its monitored metric (val/acc_best for jobs recorded before tasks)."""
+    return row.get("val_best", row.get("val_acc_best"))
+
+
+def _test(row: dict, task) -> float | None:
+    """A job's headline test figure: test/acc, test/map or test/mae."""
+    return row.get(task.headline[0].replace("/", "_"))
 
 
 FOLD_COLUMNS = ("overrides", "folds", "val_acc_best_mean", "val_acc_best_std", "test_acc_mean", "test_acc_std")
 
 
-def _over_folds(rows: list[dict], sweep_dir: Path) -> list[str]:
+def _over_folds(rows: list[dict], sweep_dir: Path, task=None) -> list[str]:
     """A K-fold sweep (dataset.fold=range(K)): mean and standard deviation of val/acc_best and test/acc over the
     completed folds of each setting (the other overrides), best mean first, in summary.md and folds.csv."""
     settings: dict[str, list[dict]] = {}
@@ -134,15 +166,17 @@ def _over_folds(rows: list[dict], sweep_dir: Path) -> list[str]:
             settings.setdefault(r["setting"], []).append(r)
     if not settings:
         return []
+    task = task or _task(rows)
     table = []
     for setting, done in settings.items():
-        val = [r["val_acc_best"] for r in done if r["val_acc_best"] is not None]
-        test = [r["test_acc"] for r in done if r["test_acc"] is not None]
+        val = [_best(r) for r in done if _best(r) is not None]
+        test = [_test(r, task) for r in done if _test(r, task) is not None]
         table.append({"overrides": setting, "folds": len(done), "val_acc_best_mean": mean(val) if val else None,
                       "val_acc_best_std": stdev(val) if len(val) > 1 else None,
                       "test_acc_mean": mean(test) if test else None,
                       "test_acc_std": stdev(test) if len(test) > 1 else None})
-    table.sort(key=lambda t: -(t["val_acc_best_mean"] or 0.0))
+    sign = -1 if task.mode == "max" else 1
+    table.sort(key=lambda t: sign * (t["val_acc_best_mean"] or 0.0))
     with open(sweep_dir / "folds.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FOLD_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -150,9 +184,9 @@ def _over_folds(rows: list[dict], sweep_dir: Path) -> list[str]:
     tested = any(t["test_acc_mean"] is not None for t in table)
     lines = ["", "Over the folds (mean ± standard deviation of the completed folds, n - 1 in its denominator; " + (
              "every fold is tested on the same test split):" if tested else
-             "no test split (dataset.test_fraction=0), so no test figures: each fold's val/acc_best chose its own "
-             "checkpoint and is optimistic):"), "",
-             "| overrides | folds | val/acc_best | test/acc |", "|---|---:|---:|---:|"]
+             f"no test split (dataset.test_fraction=0), so no test figures: each fold's {task.monitor}_best chose its "
+             "own checkpoint and is optimistic):"), "",
+             f"| overrides | folds | {task.monitor}_best | {task.headline[0]} |", "|---|---:|---:|---:|"]
     for t in table:
         lines.append(f"| {t['overrides'] or '(defaults)'} | {t['folds']} | "
                      f"{_plus_minus(t['val_acc_best_mean'], t['val_acc_best_std'])} | "

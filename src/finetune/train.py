@@ -25,6 +25,7 @@ from finetune.models.classifier import Classifier, UnsafeCheckpoint, load_checkp
 from finetune.runconfig import Plan, command_line_overrides, gives, is_rank_zero, plan, record_resume, save_config
 from finetune.schedule import Schedule
 from finetune.stats import accuracy_interval
+from finetune.tasks import agrees, task_of
 from finetune.trainer import build_trainer, compile_model, refuse_multirun_with_ddp
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def _run(plan: Plan, overrides: list[str]) -> dict:
                       moved=moved_dataset(run_dir, cfg) if resuming else None)
     data.prepare_data()
     data.setup("fit")
+    agrees(task_of(data.task), cfg)  # a task the data said: the keys only another task uses are refused
     model = build_model(cfg, backbone, data, preprocessing)
     if cfg.trainer.get("compile"):
         compile_model(model)
@@ -87,7 +89,7 @@ def _run(plan: Plan, overrides: list[str]) -> dict:
     else:
         if cfg.tune.lr_find:
             find_learning_rate(trainer, model, data, cfg, run_dir, given=gives(overrides, "schedule.lr"))
-        log_hparams(trainer, cfg, preprocessing.image_size)
+        log_hparams(trainer, cfg, preprocessing.image_size, data.task)
         log_class_counts(trainer, data)
         log_duplicate_groups(trainer, data)
     with loggers.ended(trainer, run_dir, cfg.logger.log_model):
@@ -98,16 +100,23 @@ def _run(plan: Plan, overrides: list[str]) -> dict:
         metrics = test_best(trainer, model, data, run_dir)
         metrics["phases"] = phases
         if trainer.is_global_zero:  # before the trackers close: an uploaded best.ckpt holds its temperature
-            if cfg.calibrate:
+            if data.task == "multilabel":  # the thresholds predict and the export decide labels by
+                metrics.update(fit_thresholds_of_best(run_dir, data, trainer.strategy.root_device))
+            elif cfg.calibrate and data.task == "multiclass":
                 metrics.update(calibrate_best(run_dir, data, trainer.strategy.root_device))
             write_model_card(cfg, model, data, metrics, run_dir)
             # Last: resume=auto takes a run with metrics.json for finished, so it is written once all else is done.
             rundir.write_json(run_dir / rundir.METRICS, metrics)
-    if "test/acc" in metrics:
+    task = task_of(data.task)
+    if task.name == "multiclass" and "test/acc" in metrics:
         log.info("Test accuracy %.4f (best checkpoint). Run directory: %s", metrics["test/acc"], run_dir)
+    elif any(metrics.get(key) is not None for key in task.headline):
+        figures = "  ".join(f"{key} {metrics[key]:.4f}" for key in task.headline if metrics.get(key) is not None)
+        log.info("Test (best checkpoint): %s. Run directory: %s", figures, run_dir)
     else:
-        log.info("No test split, no test accuracy; val/acc_best %s. Run directory: %s",
-                 f"{metrics['val/acc_best']:.4f}" if metrics.get("val/acc_best") is not None else "none", run_dir)
+        best = metrics.get(f"{task.monitor}_best")
+        log.info("No test split, no test figures; %s_best %s. Run directory: %s", task.monitor,
+                 f"{best:.4f}" if best is not None else "none", run_dir)
     for line in loggers.hints(cfg.logger, run_dir):
         log.info("%s", line)
     # Let this run's model, data and trainer go (they hold reference cycles), so a sweep's jobs do not add up.
@@ -175,7 +184,7 @@ def build_data(cfg: DictConfig, preprocessing: Preprocessing, run_dir: Path,
     s = cfg.schedule
     return ImageDataModule(cfg.dataset, cfg.augment, preprocessing, cfg.seed, run_dir, split_file=split_file,
                            split_moved=moved, cache_features=s.cache_features, feature_views=s.cache_views,
-                           ema=s.ema is not None)
+                           ema=s.ema is not None, task=cfg.get("task"))
 
 
 def moved_dataset(run_dir: Path, cfg: DictConfig) -> tuple[str, str] | None:
@@ -200,6 +209,8 @@ def build_model(cfg: DictConfig, backbone: torch.nn.Module, data: ImageDataModul
         preprocessing=preprocessing.as_dict(),
         class_weights=data.class_weights() if cfg.dataset.balance == "weights" else None,
         mix={"mixup": cfg.augment.mixup, "cutmix": cfg.augment.cutmix},
+        task=data.task,
+        target_stats=data.target_stats() if data.task == "regression" else None,
     )
 
 
@@ -263,18 +274,51 @@ def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_
                     "figure: dataset.test_fraction=0.1")
         metrics = {}
     best_score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    monitor = model.task.monitor
     if best_score is not None:
-        metrics["val/acc_best"] = float(best_score)
+        metrics[f"{monitor}_best"] = float(best_score)
     metrics["epochs"] = trainer.current_epoch
     metrics["global_step"] = trainer.global_step
     metrics["best_checkpoint"] = str(Path(best).relative_to(run_dir)) if best else None
     metrics["test_images"] = len(data.indices("test"))
     metrics["val_images"] = len(data.indices("val"))
+    metrics["task"] = model.task.name
+    if model.task.name != "multiclass":
+        return metrics
     # 95% Wilson intervals: how far the accuracies could be from the truth on sets this small
     if "test/acc" in metrics:
         metrics["test/acc_ci95"] = accuracy_interval(metrics["test/acc"], metrics["test_images"])
     metrics["val/acc_best_ci95"] = accuracy_interval(metrics.get("val/acc_best"), metrics["val_images"])
     return metrics
+
+
+def fit_thresholds_of_best(run_dir: Path, data: ImageDataModule, device: torch.device) -> dict:
+    """Multi-label: fit each label's threshold (its best F1) on the validation split and store them in best.ckpt, where
+    evaluate, predict and export read them; the test split's F1 (macro, micro) at them, and its per-label figures."""
+    from finetune.models.classifier import load_classifier
+    from finetune.scores import fit_thresholds, multilabel_scores
+
+    best = run_dir / "checkpoints" / "best.ckpt"
+    if not best.is_file() or not len(data.indices("val")):
+        return {}
+    model = load_classifier(best).to(device)
+    val_logits, val_targets = split_logits(model, data, "val", device)
+    thresholds = fit_thresholds(val_logits.sigmoid().numpy(), val_targets.numpy())
+    checkpoint = load_checkpoint(best)
+    checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "thresholds": thresholds}
+    AtomicCheckpointIO().save_checkpoint(checkpoint, best)
+    result: dict = {"val/thresholds": dict(zip(data.classes, [round(t, 4) for t in thresholds]))}
+    if len(data.indices("test")):
+        test_logits, test_targets = split_logits(model, data, "test", device)
+        scores = multilabel_scores(test_logits.sigmoid().numpy(), test_targets.numpy(), thresholds, data.classes)
+        result.update({"test/f1_macro": scores["f1_macro"], "test/f1_micro": scores["f1_micro"],
+                       "test/label_frequency": scores["label_frequency"], "test/per_label": scores["per_label"]})
+        log.info("Thresholds fitted per label on %d validation images (stored in %s); test F1 macro %.4f, micro "
+                 "%.4f", len(val_targets), best, scores["f1_macro"], scores["f1_micro"])
+    else:
+        log.info("Thresholds fitted per label on %d validation images (stored in %s); no test split to measure them "
+                 "on", len(val_targets), best)
+    return result
 
 
 def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -> dict:

@@ -57,8 +57,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data=None, resuming: bool = Fa
     s = cfg.schedule
     # Two savers: Lightning's save_last writes last.ckpt only in epochs that also write a new best, so on its own
     # it would leave resume an old epoch. The first ModelCheckpoint is the trainer's `checkpoint_callback`.
+    from finetune.tasks import task_of
+
     checkpoints = run_dir / rundir.CHECKPOINTS
-    best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/acc", mode="max",
+    task = task_of(data.task if data is not None and data.source is not None else cfg.get("task"))
+    best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor=task.monitor, mode=task.mode,
                            save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
     last = ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False)
@@ -88,7 +91,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data=None, resuming: bool = Fa
         callbacks.append(Dashboards(dashboards.every_n_epochs, dashboards.images, dashboards.max_classes,
                                     dashboards.graph))
     if cfg.callbacks.early_stopping_patience is not None:
-        callbacks.append(EarlyStopping("val/acc", mode="max", patience=cfg.callbacks.early_stopping_patience))
+        callbacks.append(EarlyStopping(task.monitor, mode=task.mode, patience=cfg.callbacks.early_stopping_patience))
     callbacks += [instantiate(extra) for extra in cfg.callbacks.extra]
     if cfg.callbacks.progress_bar:
         callbacks.append(ProgressBar(refresh_rate=10))  # reading the live loss is a host sync: not every step

@@ -246,3 +246,53 @@ def plant_copy(original: Path, target: Path, kind: str) -> Path:
         image = image.crop((3, 3, w, h)).resize((int(w * 0.8), int(h * 0.8)), Image.Resampling.BICUBIC)
     image.save(target, "JPEG", quality={"quality": 60, "probe": 55}.get(kind, 90))
     return target
+
+
+def multilabel_image(rng: np.random.Generator, present: list[str], size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """Grey noise with one shape of each colour in `present`, each in a quadrant of its own (none hides another)."""
+    w, h = size
+    noise = rng.integers(90, 170, size=(h, w, 1)).repeat(3, axis=2).astype(np.uint8)
+    image = Image.fromarray(noise, "RGB")
+    quadrants = rng.permutation(4)
+    for colour, q in zip(present, quadrants):
+        tile = image.crop(((q % 2) * w // 2, (q // 2) * h // 2, (q % 2 + 1) * w // 2, (q // 2 + 1) * h // 2))
+        image.paste(draw_shape(tile, rng, COLOURS[colour]), ((q % 2) * w // 2, (q // 2) * h // 2))
+    return image
+
+
+def make_multilabel_table(root: Path, count: int, labels: tuple[str, ...] = ("red", "green", "blue"), seed: int = 0,
+                          sep: str = " ") -> Path:
+    """ROOT/images/<n>.jpg, each holding shapes of some of `labels` (each present with probability 0.4, at least
+    one), and ROOT/labels.csv: path,labels with the colours present separated by `sep`."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        present = [c for c in labels if rng.random() < 0.4] or [labels[int(rng.integers(len(labels)))]]
+        multilabel_image(rng, present).save(root / "images" / f"{i:04d}.jpg", quality=92)
+        rows.append(f"images/{i:04d}.jpg,{sep.join(present)}")
+    (root / "labels.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def sized_image(rng: np.random.Generator, radius: float, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """Grey noise with one red disc of `radius` pixels at a random place."""
+    w, h = size
+    noise = rng.integers(90, 170, size=(h, w, 1)).repeat(3, axis=2).astype(np.uint8)
+    image = Image.fromarray(noise, "RGB")
+    cx, cy = rng.uniform(radius, w - radius), rng.uniform(radius, h - radius)
+    ImageDraw.Draw(image).ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=COLOURS["red"])
+    return image
+
+
+def make_regression_table(root: Path, count: int, seed: int = 0) -> Path:
+    """ROOT/images/<n>.jpg, each a red disc of radius 3 to 18 px, and ROOT/sizes.csv: path,radius (the target)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        radius = round(float(rng.uniform(3, 18)), 2)
+        sized_image(rng, radius).save(root / "images" / f"{i:04d}.jpg", quality=92)
+        rows.append(f"images/{i:04d}.jpg,{radius}")
+    (root / "sizes.csv").write_text("path,radius\n" + "\n".join(rows) + "\n")
+    return root

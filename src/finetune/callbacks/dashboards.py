@@ -60,7 +60,7 @@ class Dashboards(L.Callback):
         self._shown_training_batch = True
         images, labels = batch
         n = min(self.images, len(images))
-        grid = image_grid_figure([_hwc(x) for x in images[:n]], [pl_module.classes[int(y)] for y in labels[:n]],
+        grid = image_grid_figure([_hwc(x) for x in images[:n]], [target_text(pl_module, y) for y in labels[:n]],
                                  title="Training images after augmentation, as the model sees them")
         writer.add_image("train/augmented_images", figure_to_array(grid), trainer.global_step, dataformats="HWC")
 
@@ -79,8 +79,8 @@ class Dashboards(L.Callback):
             self._samples = batch[0][: self.images].cpu()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self._active or not self._logits:
-            return
+        if not self._active or not self._logits or pl_module.task.name != "multiclass":
+            return  # the views below are of one class per image
         logits = pl_module.all_gather(torch.cat(self._logits)).reshape(-1, len(pl_module.classes))
         labels = pl_module.all_gather(torch.cat(self._labels)).reshape(-1)
         writer = self._writer(trainer)
@@ -118,6 +118,15 @@ class Dashboards(L.Callback):
             writer.add_pr_curve(f"val_pr_curve/{name}", labels_np == c, probs[:, c], step)
 
 
+def target_text(model, target: torch.Tensor) -> str:
+    """A training image's target as its grid's title: its class, its labels, or its number."""
+    if model.task.name == "regression":
+        return f"{float(target):.4g}"
+    if model.task.name == "multilabel":
+        return " ".join(name for name, on in zip(model.classes, target.tolist()) if on > 0.5) or "(none)"
+    return model.classes[int(target)]
+
+
 def _hwc(image: torch.Tensor) -> np.ndarray:
     return image.detach().cpu().permute(1, 2, 0).numpy().astype(np.uint8)
 
@@ -126,6 +135,16 @@ def _hwc(image: torch.Tensor) -> np.ndarray:
 
 # The metrics each run reports in TensorBoard's HPARAMS tab, to compare the runs of a sweep.
 HPARAM_METRICS = ("val/acc", "val/acc_best", "val/loss", "train/loss", "test/acc", "test/loss")
+
+
+def hparam_metrics(task: str) -> tuple[str, ...]:
+    """HPARAM_METRICS for `task` (finetune.tasks): its monitored metric and its test figures."""
+    from finetune.tasks import task_of
+
+    t = task_of(task)
+    if t.name == "multiclass":
+        return HPARAM_METRICS
+    return (t.monitor, f"{t.monitor}_best", "val/loss", "train/loss", *t.headline, "test/loss")
 
 
 def hyperparameters(cfg, image_size: int, precision: str) -> dict:
@@ -139,7 +158,7 @@ def hyperparameters(cfg, image_size: int, precision: str) -> dict:
     }
 
 
-def log_hparams(trainer: L.Trainer, cfg, image_size: int) -> None:
+def log_hparams(trainer: L.Trainer, cfg, image_size: int, task: str = "multiclass") -> None:
     """Write this run's hyperparameters and metric names for TensorBoard's HPARAMS tab.
 
     Lightning's log_hyperparams would also log a placeholder value for every metric at step 0, which then shows
@@ -152,7 +171,7 @@ def log_hparams(trainer: L.Trainer, cfg, image_size: int) -> None:
 
     params = hyperparameters(cfg, image_size, str(trainer.precision))
     writer = tensorboard.experiment._get_file_writer()  # reopened if the learning-rate finder's fit closed it
-    for summary in hparams(params, {m: 0.0 for m in HPARAM_METRICS}):
+    for summary in hparams(params, {m: 0.0 for m in hparam_metrics(task)}):
         writer.add_summary(summary)
     writer.flush()
 
@@ -163,6 +182,9 @@ def log_class_counts(trainer: L.Trainer, data) -> None:
     if tensorboard is None or trainer.global_rank != 0:
         return
     counts = data.class_counts()
+    if data.task == "regression":
+        tensorboard.experiment.add_text("dataset/class_counts", "```\n" + data.class_count_table() + "\n```")
+        return
     rows = ["| class | train | val | test |", "|---|---:|---:|---:|"]
     rows += [f"| {name} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
              for i, name in enumerate(data.classes)]
@@ -179,7 +201,7 @@ def log_duplicate_groups(trainer: L.Trainer, data, groups: int = 6, per_group: i
     from finetune.data.duplicates import is_conflict
 
     duplicates, source = data.duplicates
-    shown = sorted(duplicates.groups, key=lambda m: not is_conflict(m, source.labels))[:groups]
+    shown = sorted(duplicates.groups, key=lambda m: not is_conflict(m, source))[:groups]
     grid = np.full((len(shown) * size, per_group * size, 3), 255, dtype=np.uint8)
     for row, members in enumerate(shown):
         for col, j in enumerate(members[:per_group]):

@@ -80,7 +80,7 @@ class ApplySchedule(L.Callback):
             rates += f", backbone {top:.3g}" + (f" (top block) to {bottom:.3g}" if bottom != top else "")
         params = sum(p.numel() for p in pl_module.backbone.parameters())
         trainable = sum(p.numel() for p in pl_module.backbone.parameters() if p.requires_grad)
-        patience = f", or until val/acc has not improved for {phase.patience}" if phase.patience else ""
+        patience = f", or until {schedule.monitor} has not improved for {phase.patience}" if phase.patience else ""
         log.info("Epoch %d: phase %d of %d (epochs %d-%d%s): %s train, %s; %s of %s backbone parameters train",
                  epoch, phase.index + 1, len(schedule.phases), start, end - 1, patience,
                  phase.describe(schedule.blocks), rates, f"{trainable:,}", f"{params:,}")
@@ -88,10 +88,10 @@ class ApplySchedule(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # before the checkpoints of this epoch are written (Lightning runs checkpoint callbacks last), so that they
         # hold the phase boundary decided here
-        value = trainer.callback_metrics.get("val/acc")
+        schedule: Schedule = pl_module.schedule
+        value = trainer.callback_metrics.get(schedule.monitor)
         if trainer.sanity_checking or value is None:
             return
-        schedule: Schedule = pl_module.schedule
         epoch = trainer.current_epoch
         phase = schedule.phase_at(epoch)
         why = schedule.observe(epoch, float(value))
@@ -133,7 +133,8 @@ class ApplySchedule(L.Callback):
                 callback.reset_average(pl_module)
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
-        score = f" (val/acc {float(saver.best_model_score):.4f})" if saver.best_model_score is not None else ""
+        score = f" ({schedule.monitor} {float(saver.best_model_score):.4f})" if saver.best_model_score is not None \
+            else ""
         log.info("Phase %d starts from the best weights so far: %s%s", index + 1, path, score)
 
 

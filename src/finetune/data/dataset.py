@@ -61,8 +61,8 @@ class ImageDataset(Dataset):
                 continue
             try:
                 if self.raw:
-                    return self.read(k), int(self.source.labels[j])
-                return self.transform(self.load(k)), int(self.source.labels[j])
+                    return self.read(k), self.source.target(j)
+                return self.transform(self.load(k)), self.source.target(j)
             except Exception as e:
                 self._record_failure(j, e)
                 failures += 1
@@ -103,7 +103,10 @@ class ImageDataset(Dataset):
 
 def collate_raw(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """JPEG bytes and images of different sizes cannot be stacked: a list of them, and the labels."""
-    return [item for item, _ in batch], torch.tensor([label for _, label in batch], dtype=torch.long)
+    labels = [label for _, label in batch]
+    if isinstance(labels[0], int):
+        return [item for item, _ in batch], torch.tensor(labels, dtype=torch.long)
+    return [item for item, _ in batch], torch.as_tensor(np.stack(labels), dtype=torch.float32)
 
 
 def decode_on_device(items: list[torch.Tensor], transform, device: torch.device) -> torch.Tensor:

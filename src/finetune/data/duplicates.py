@@ -28,7 +28,7 @@ import numpy as np
 
 from finetune.data.images import open_rgb
 from finetune.data.integrity import cache_path, load_cache, parallel_map, save_cache
-from finetune.data.sources import Source
+from finetune.data.sources import Source, label_text
 
 log = logging.getLogger(__name__)
 
@@ -262,14 +262,14 @@ def report(duplicates: Duplicates, source: Source, splits: np.ndarray, path: Pat
     rows = []
     for g, members in enumerate(duplicates.groups, start=1):
         exact = duplicates.exact(members)
-        conflict = is_conflict(members, source.labels)
+        conflict = is_conflict(members, source)
         counts["exact" if exact else "near"] += 1
         counts["images"] += len(members)
         counts["conflicts"] += conflict
         if source.splits is not None and np.isin(splits[members], ("train", "val")).any():
             counts["leaks"] += sum(source.splits[j] == "test" for j in members)
         for j in members:
-            rows.append([g, source.paths[j], source.classes[source.labels[j]], splits[j],
+            rows.append([g, source.paths[j], label_text(source, j), splits[j],
                          duplicates.distance(j, members), "exact" if exact else "near", "yes" if conflict else "no"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -281,10 +281,10 @@ def report(duplicates: Duplicates, source: Source, splits: np.ndarray, path: Pat
 
 def conflicts(duplicates: Duplicates, source: Source) -> list[str]:
     """'path (label), path (label)' for each group whose images carry different labels."""
-    return [", ".join(f"{source.paths[j]} ({source.classes[source.labels[j]]})" for j in members)
-            for members in duplicates.groups if is_conflict(members, source.labels)]
+    return [", ".join(f"{source.paths[j]} ({label_text(source, j)})" for j in members)
+            for members in duplicates.groups if is_conflict(members, source)]
 
 
-def is_conflict(members: np.ndarray, labels: np.ndarray) -> bool:
-    """Whether the images of a group carry different labels."""
-    return len(set(labels[members].tolist())) > 1
+def is_conflict(members: np.ndarray, source) -> bool:
+    """Whether the images of a group carry different labels (for regression: different targets)."""
+    return len({label_text(source, j) for j in members}) > 1

@@ -78,14 +78,14 @@ class FrozenFeatures(L.Callback):
         train = split == "train"
         views = self.views if train else 0
         view = epoch % views if views else 0
-        labels = torch.as_tensor(self.data.source.labels[self.data.indices(split)], dtype=torch.long)
+        labels = self.data.source.target_tensor(self.data.indices(split))
         key = (split, view)
         if key not in self._features:
             self._features[key] = LazyFeatures(lambda: self._extract(trainer, split, augmented=views > 0), labels)
         return DataLoader(
             self._features[key],
             batch_size=self.data.cfg.batch_size,
-            sampler=self.data.sampler(labels.numpy(), train),
+            sampler=self.data.sampler(self.data.source.labels[self.data.indices(split)], train),
             drop_last=train and len(labels) > self.data.cfg.batch_size,  # the steps per epoch that images give
             pin_memory=self.data.pin(),
             collate_fn=collate_features,

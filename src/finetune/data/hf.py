@@ -3,8 +3,9 @@
 HF_HUB_OFFLINE=1; otherwise the Hub must answer within seconds, or the run stops in one line). Images that the
 dataset holds as files are read where they lie; images it holds as bytes are written once, unchanged, to a folder
 of files (ROOT/.finetune-hf, or beside a saved dataset, or ~/.cache/finetune/hf), so that everything else (the
-integrity scan, duplicate checks, the image cache, evaluate) reads them as it reads any dataset. One label per
-image: a ClassLabel, a whole number or a name; the dataset's own train/validation/test splits are kept."""
+integrity scan, duplicate checks, the image cache, evaluate) reads them as it reads any dataset. Labels: a ClassLabel,
+a whole number or a name per image (multiclass), a list of them (multilabel), or a number to regress; the dataset's
+own train/validation/test splits are kept."""
 
 from __future__ import annotations
 
@@ -21,11 +22,10 @@ from finetune.data.samples import (
     SPLIT_FOLDERS,
     DataError,
     Source,
-    class_order,
     is_number,
     is_whole,
     label_name,
-    warn_classes_missing_from_train,
+    labelled,
 )
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,11 @@ COMPLETE = ".complete"  # written last into a folder of extracted images: the fo
 
 
 def read_hf(root: str | None, path: str | None = None, image_column: str | None = None,
-            label_column: str | None = None) -> Source:
+            label_column: str | None = None, target_column: str | None = None, task: str | None = None) -> Source:
     """The dataset at `path` (a folder, or a Hub name), its images from `image_column` and labels from
-    `label_column` (found from the features where not given); a DataError naming what is wrong."""
+    `label_column` (found from the features where not given) or targets from `target_column`; a DataError naming what
+    is wrong. The task follows the label column's type unless `task` is given: a ClassLabel, names or whole numbers
+    are multiclass, a list of them multilabel, floats (or target_column) regression."""
     from finetune.errors import require_extra
 
     if not path:
@@ -48,12 +50,22 @@ def read_hf(root: str | None, path: str | None = None, image_column: str | None 
     splits = _load(path)
     first = next(iter(splits.values()))
     image_col = _image_column(first, image_column, path)
-    label_col = _label_column(first, label_column, image_col, path)
-    names = _class_names(first, label_col, path)
+    if target_column is not None:
+        if task not in (None, "regression"):
+            raise DataError(f"dataset.target_column={target_column} is a target to regress, and task={task}: give "
+                            "task=regression (or leave task out), or dataset.label_column for labels")
+        label_col = _label_column(first, target_column, image_col, path, key="target_column")
+        task = "regression"
+    else:
+        label_col = _label_column(first, label_column, image_col, path)
+    inferred, names = _kind(first, label_col, path, task)
+    if task is None and inferred != "multiclass":
+        log.info("task=%s (inferred): column %r of dataset.path=%s holds %s", inferred, label_col, path,
+                 "lists of labels" if inferred == "multilabel" else "fractional numbers")
+    task = task or inferred
     folder = _images_folder(root, path)
-    paths, labels, split_names, passed_over = [], [], [], []
+    paths, values, split_names, passed_over = [], [], [], []
     official = len(splits) > 1 or next(iter(splits)) not in ("train",)
-    found_names: set[str] = set()
     for split_name, data in splits.items():
         split = SPLIT_FOLDERS.get(split_name.lower())
         where = f"{path}[{split_name}]"
@@ -67,33 +79,58 @@ def read_hf(root: str | None, path: str | None = None, image_column: str | None 
         for i, (file, label) in enumerate(zip(files, data[label_col])):
             if file is None:
                 continue
-            if isinstance(label, str):
-                label = label.strip()
-            if label is None or label == "" or (names is not None and label == -1) or \
-                    (isinstance(label, float) and math.isnan(label)):  # -1: a ClassLabel's "no label"
-                passed_over.append((file, f"no label in column {label_col!r}"))
+            value = _value(label, task, names, f"{where} row {i}", label_col, file, passed_over)
+            if value is None:
                 continue
-            if names is not None and not 0 <= label < len(names):
-                raise DataError(f"{where} row {i}: label {label} in column {label_col!r} is not one of its "
-                                f"ClassLabel's {len(names)} classes (0 to {len(names) - 1})")
-            if names is None and is_number(label) and not is_whole(label):
-                raise DataError(f"{where} row {i}: label {label} in column {label_col!r} is not a whole number: "
-                                "class numbers are whole (a numeric target to regress is not read yet)")
-            name = names[label] if names is not None else label_name(label)
-            found_names.add(name)
             paths.append(file)
-            labels.append(name)
+            values.append(value)
             split_names.append(split)
     if official and "train" not in split_names:
         raise DataError(f"dataset.path={path}: none of its splits ({', '.join(splits)}) is a labelled train split: "
                         "nothing to learn from")
-    classes = names if names is not None else class_order(found_names)
-    index = {name: i for i, name in enumerate(classes)}
-    label_ids = [index[name] for name in labels]
-    if official:
-        warn_classes_missing_from_train(classes, label_ids, split_names, path)
-    return Source(list(classes), paths, np.array(label_ids, dtype=np.int64),
-                  splits=split_names if official else None, passed_over=passed_over)
+    source = labelled(task, paths, values, split_names if official else None, passed_over, label_col, path)
+    if task == "multiclass" and names is not None:  # a ClassLabel's classes in its own order, images or not
+        index = {name: i for i, name in enumerate(names)}
+        source.labels = np.array([index[source.classes[y]] for y in source.labels], dtype=np.int64)
+        source.classes = list(names)
+    return source
+
+
+def _value(label, task: str, names: list[str] | None, where: str, column: str, file: str,
+           passed_over: list) -> str | tuple | float | None:
+    """One row's label for `task` (a class name, a tuple of names, a number); None, with the row passed over, where
+    it has none (or, for regression, no number)."""
+    if isinstance(label, str):
+        label = label.strip()
+    if task == "multilabel":
+        parts = label if isinstance(label, (list, tuple)) else [] if label is None or label == "" else [label]
+        if names is not None:
+            wrong = [v for v in parts if not 0 <= v < len(names)]
+            if wrong:
+                raise DataError(f"{where}: label {wrong[0]} in column {column!r} is not one of its ClassLabel's "
+                                f"{len(names)} classes (0 to {len(names) - 1})")
+            parts = [names[v] for v in parts]
+        parts = sorted({label_name(v) for v in parts if v is not None and str(v).strip()})
+        if not parts:
+            passed_over.append((file, f"no label in column {column!r}"))
+            return None
+        return tuple(parts)
+    if label is None or label == "" or (names is not None and label == -1) or \
+            (isinstance(label, float) and math.isnan(label)):  # -1: a ClassLabel's "no label"
+        passed_over.append((file, f"no {'target' if task == 'regression' else 'label'} in column {column!r}"))
+        return None
+    if task == "regression":
+        if not is_number(label):
+            passed_over.append((file, f"target {label!r} in column {column!r} is not a number"))
+            return None
+        return float(label)
+    if names is not None and not 0 <= label < len(names):
+        raise DataError(f"{where}: label {label} in column {column!r} is not one of its ClassLabel's {len(names)} "
+                        f"classes (0 to {len(names) - 1})")
+    if names is None and is_number(label) and not is_whole(label):
+        raise DataError(f"{where}: label {label} in column {column!r} is not a whole number: class numbers are whole "
+                        "(a number to regress: dataset.target_column, or task=regression)")
+    return names[label] if names is not None else label_name(label)
 
 
 def _load(path: str) -> dict:
@@ -146,15 +183,16 @@ def _image_column(data, given: str | None, path: str) -> str:
     return found[0]
 
 
-def _label_column(data, given: str | None, image_col: str, path: str) -> str:
+def _label_column(data, given: str | None, image_col: str, path: str, key: str = "label_column") -> str:
     from datasets import ClassLabel
 
     columns = ", ".join(data.column_names)
     if given:
         if given not in data.column_names:
-            raise DataError(f"dataset.path={path}: no column {given!r} (dataset.label_column); its columns: {columns}")
+            raise DataError(f"dataset.path={path}: no column {given!r} (dataset.{key}); its columns: {columns}")
         return given
-    found = [c for c, f in data.features.items() if isinstance(f, ClassLabel)] or \
+    found = [c for c, f in data.features.items() if isinstance(f, ClassLabel)
+             or isinstance(getattr(f, "feature", None), ClassLabel)] or \
         [c for c in data.column_names if c.lower() in (*LABEL_COLUMNS, "labels")]
     rest = [c for c in data.column_names if c != image_col]
     if not found and len(rest) == 1:
@@ -165,20 +203,39 @@ def _label_column(data, given: str | None, image_col: str, path: str) -> str:
     return found[0]
 
 
-def _class_names(data, label_col: str, path: str) -> list[str] | None:
-    """The ClassLabel's names, or None when the labels are numbers or names written in the rows; a DataError for
-    labels of another kind (several per image, fractions)."""
+def _kind(data, label_col: str, path: str, task: str | None) -> tuple[str, list[str] | None]:
+    """The task the label column's type says (a list of labels: multilabel; floats: regression; else multiclass), and
+    its ClassLabel's names (or None: names or numbers written in the rows); a DataError for a column of another kind,
+    or one that cannot hold `task`'s labels."""
     from datasets import ClassLabel, Value
 
     feature = data.features[label_col]
+    inner = getattr(feature, "feature", None)  # Sequence / List of labels
+    if inner is not None and not isinstance(feature, (Value, ClassLabel)):
+        if task not in (None, "multilabel"):
+            raise DataError(f"dataset.path={path}: column {label_col!r} holds several labels per image, and "
+                            f"task={task}: give task=multilabel (or leave task out)")
+        if isinstance(inner, ClassLabel):
+            return "multilabel", list(inner.names)
+        if isinstance(inner, Value) and inner.dtype.startswith(("int", "uint", "string", "large_string")):
+            return "multilabel", None
+        raise DataError(f"dataset.path={path}: column {label_col!r} holds lists of {inner}: a list of class names or "
+                        "numbers per image is read")
     if isinstance(feature, ClassLabel):
-        return list(feature.names)
+        if task == "regression":
+            raise DataError(f"dataset.path={path}: column {label_col!r} holds classes (a ClassLabel), and "
+                            "task=regression: name a column of numbers with dataset.target_column")
+        return task or "multiclass", list(feature.names)
     if isinstance(feature, Value) and feature.dtype.startswith(("int", "uint", "float", "string", "large_string",
                                                                "bool")):
-        return None  # numbers (whole ones: checked per row) or names
-    kind = "several labels per image" if not isinstance(feature, Value) else f"{feature.dtype} values"
-    raise DataError(f"dataset.path={path}: column {label_col!r} holds {kind}: one class name or whole number per "
-                    "image is read (several labels per image are not read yet)")
+        return task or ("regression" if feature.dtype.startswith("float") and _fractional(data[label_col])
+                        else "multiclass"), None
+    raise DataError(f"dataset.path={path}: column {label_col!r} holds {feature}: class names or numbers, lists of them "
+                    "(multilabel) or numbers to regress are read")
+
+
+def _fractional(values) -> bool:
+    return any(isinstance(v, float) and math.isfinite(v) and v != int(v) for v in values)
 
 
 def _fingerprint(data) -> str:

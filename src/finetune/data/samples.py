@@ -27,6 +27,10 @@ class Source:
 
     `paths` names each sample: a file, or `NAME#INDEX` for datasets that ship decoded pixels in `images`.
     `splits` holds the dataset's official split per sample ('train', 'val', 'test'), where it has one.
+    `task` says what the labels are (finetune.tasks): for multiclass `labels` holds each sample's class; for multilabel
+    `targets` holds a 0/1 row per sample over `classes` (its labels) and for regression a number per sample (`classes`
+    then names the target), and `labels` holds the stratum the split keeps in proportion (the rarest label; the
+    target's quantile bin).
     """
 
     classes: list[str]
@@ -35,9 +39,23 @@ class Source:
     images: np.ndarray | None = None  # (N, H, W, 3) uint8
     splits: list[str] | None = None
     passed_over: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): files the reader did not take
+    task: str = "multiclass"
+    targets: np.ndarray | None = None  # multilabel: (N, K) float32 0/1; regression: (N,) float32
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def target(self, j: int):
+        """What the model learns for sample j: its class (int), its 0/1 row of labels or its number (float32)."""
+        return int(self.labels[j]) if self.targets is None else self.targets[j]
+
+    def target_tensor(self, indices: np.ndarray):
+        """The targets of samples `indices` as one tensor: int64 classes, or float32 rows or numbers."""
+        import torch
+
+        if self.targets is None:
+            return torch.as_tensor(self.labels[indices], dtype=torch.long)
+        return torch.as_tensor(self.targets[indices], dtype=torch.float32)
 
 
 def is_image_file(name: str) -> bool:
@@ -103,3 +121,55 @@ def class_order(names) -> list[str]:
     if names and all(re.fullmatch(r"-?\d+", n) for n in names):
         return sorted(names, key=int)
     return sorted(names)
+
+
+def label_text(source: Source, j: int) -> str:
+    """Sample j's label as split.csv and the reports write it: its class, its labels joined by '|' (multilabel), or its
+    target (regression, as 9 significant digits of its float32 value)."""
+    if source.task == "regression":
+        return f"{float(source.targets[j]):.9g}"
+    if source.task == "multilabel":
+        return "|".join(name for name, on in zip(source.classes, source.targets[j]) if on)
+    return source.classes[source.labels[j]]
+
+
+def quantile_strata(values: np.ndarray) -> np.ndarray:
+    """A stratum per regression target: its quantile bin (up to 10 bins, about 20 samples each at least), so that a
+    seeded stratified split gives each split the whole range of the target."""
+    bins = max(1, min(10, len(values) // 20))
+    if bins == 1:
+        return np.zeros(len(values), dtype=np.int64)
+    edges = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
+    return np.searchsorted(edges, values, side="right").astype(np.int64)
+
+
+def rarest_label(targets: np.ndarray) -> np.ndarray:
+    """A stratum per multi-label sample: its rarest label (the class counts and anything else that needs one class per
+    image count it there); -1 where it has none."""
+    frequency = targets.sum(0)
+    rank = np.where(targets > 0, frequency[None, :], np.inf)
+    return np.where(np.isfinite(rank).any(1), rank.argmin(1), -1).astype(np.int64)
+
+
+def labelled(task: str, paths: list[str], values: list, splits: list[str] | None,
+             passed_over: list[tuple[str, str]], column: str, root: str | None) -> Source:
+    """The Source of `paths` with `values` as a reader found them for `task`: a class name each (multiclass), a tuple
+    of names each (multilabel) or a float each (regression, the target of column `column`)."""
+    if task == "regression":
+        targets = np.array(values, dtype=np.float32)
+        return Source([column], paths, quantile_strata(targets), splits=splits, passed_over=passed_over,
+                      task=task, targets=targets)
+    if task == "multilabel":
+        classes = class_order(name for names in values for name in names)
+        index = {name: i for i, name in enumerate(classes)}
+        targets = np.zeros((len(paths), len(classes)), dtype=np.float32)
+        for j, names in enumerate(values):
+            targets[j, [index[name] for name in names]] = 1
+        return Source(classes, paths, rarest_label(targets), splits=splits, passed_over=passed_over, task=task,
+                      targets=targets)
+    classes = class_order(values)
+    index = {name: i for i, name in enumerate(classes)}
+    labels = [index[name] for name in values]
+    if splits is not None:
+        warn_classes_missing_from_train(classes, labels, splits, root)
+    return Source(classes, paths, np.array(labels, dtype=np.int64), splits=splits, passed_over=passed_over)

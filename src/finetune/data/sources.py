@@ -23,6 +23,8 @@ from finetune.data.samples import (  # noqa: F401 (re-exported: the readers' typ
     is_number,
     is_whole,
     label_name,
+    label_text,
+    labelled,
     warn_classes_missing_from_train,
 )
 
@@ -428,16 +430,19 @@ SPLIT_COLUMNS = ("split",)
 
 
 def read_table(root: str | None, table: str | None = None, path_column: str | None = None,
-               label_column: str | None = None, split_column: str | None = None,
-               duplicate_ids: str = "refuse") -> Source:
+               label_column: str | None = None, split_column: str | None = None, label_sep: str | None = None,
+               target_column: str | None = None, duplicate_ids: str = "refuse", task: str | None = None) -> Source:
     """A label table: a CSV or Parquet file (dataset.table, relative to ROOT or absolute) with a column of image paths
-    (relative to ROOT, or absolute), a column of labels (one class name or number per image) and, optionally, a
-    split column (train/val/test, kept as given). Columns are found by name (PATH_COLUMNS, LABEL_COLUMNS, `split`),
-    or the path column as the one whose cells all name image files, unless named in dataset.path_column,
-    label_column and split_column. Rows without a path or a label, and rows whose file is missing, are passed over
-    (skipped.csv); a file named twice with two labels is refused, or its first row kept (duplicate_ids=first). A bad
-    table (a missing column, an unknown split value, a label column mixing numbers and names) is one DataError
-    naming the file, the row and the column."""
+    (relative to ROOT, or absolute), a column of labels and, optionally, a split column (train/val/test, kept as
+    given). Columns are found by name (PATH_COLUMNS, LABEL_COLUMNS, `split`), or the path column as the one whose cells
+    all name image files, unless named in dataset.path_column, label_column and split_column.
+
+    The task (finetune.tasks) follows the table unless `task` is given: a label cell holding several labels separated
+    by `label_sep` (default a space; a list in a Parquet cell) makes it multilabel, a `target_column` of numbers
+    regression. Rows without a path or a label, rows with a target that is not a number, and rows whose file is
+    missing are passed over (skipped.csv); a file named twice with two labels is refused, or its first row kept
+    (duplicate_ids=first). A bad table (a missing column, an unknown split value, a label column mixing numbers and
+    names) is one DataError naming the file, the row and the column."""
     base = require_dir(root, "table")
     if not table:
         raise DataError("dataset=table needs dataset.table: a CSV or Parquet file of image paths and labels "
@@ -449,33 +454,66 @@ def read_table(root: str | None, table: str | None = None, path_column: str | No
     path_col = _column(file, header, path_column, "path_column", PATH_COLUMNS, rows,
                        lambda v: isinstance(v, str) and is_image_file(os.path.basename(v.strip())))
     split_col = _column(file, header, split_column, "split_column", SPLIT_COLUMNS, rows, None, required=False)
-    rest = [h for h in header if h not in (path_col, split_col)]
-    label_col = _column(file, header, label_column, "label_column", LABEL_COLUMNS, rows, None,
-                        only=rest[0] if len(rest) == 1 else None)
+    if target_column is not None:
+        if task not in (None, "regression"):
+            raise DataError(f"dataset.target_column={target_column} is a target to regress, and task={task}: give "
+                            "task=regression (or leave task out), or dataset.label_column for labels")
+        task = "regression"
+        label_col = _column(file, header, target_column, "target_column", (), rows, None)
+    else:
+        rest = [h for h in header if h not in (path_col, split_col)]
+        label_col = _column(file, header, label_column, "label_column", LABEL_COLUMNS, rows, None,
+                            only=rest[0] if len(rest) == 1 else None)
+    sep = label_sep if label_sep else " "
+    if task is None:
+        # Several labels in a cell make the task multilabel: a list (Parquet), or cells split at dataset.label_sep
+        # when it is given. Without it, a space is read as part of a class name ("Great Dane"), as always: give
+        # task=multilabel (a space separates) or dataset.label_sep.
+        several = next(((where, row[label_col]) for where, row in rows if isinstance(row.get(label_col), (list, tuple))
+                        or (label_sep and isinstance(row.get(label_col), str)
+                            and len(_names(row[label_col], sep)) > 1)), None)
+        task = "multilabel" if several else "multiclass"
+        if several:
+            log.info("task=multilabel (inferred): %s holds several labels in column %r (%r)", several[0], label_col,
+                     several[1])
     passed_over: list[tuple[str, str]] = []
-    labelled, split_of, numbers, names = [], {}, None, None
+    found, split_of, numbers, names = [], {}, None, None
     for where, row in rows:
         cell, label = row.get(path_col), row.get(label_col)
         label = label.strip() if isinstance(label, str) else label
         if cell is None or not str(cell).strip():
             passed_over.append((where, f"no image path in column {path_col!r}"))
             continue
-        if label is None or label == "" or (isinstance(label, float) and math.isnan(label)):
-            passed_over.append((where, f"no label in column {label_col!r}"))
+        if label is None or label == "" or (isinstance(label, float) and math.isnan(label)) or \
+                (isinstance(label, (list, tuple)) and not label):
+            passed_over.append((where, f"no {'target' if task == 'regression' else 'label'} in column {label_col!r}"))
             continue
-        if not isinstance(label, (str, int, float)):
-            raise DataError(f"{where}: the label in column {label_col!r} is {label!r}: one class name or number per "
-                            "image (several labels or other kinds of targets are not read yet)")
-        if is_number(label):
-            if not is_whole(label):
-                raise DataError(f"{where}: label {label} in column {label_col!r} is not a whole number: class numbers "
-                                "are whole (a numeric target to regress is not read yet)")
-            numbers = numbers or (where, label)
+        if task == "regression":
+            if not is_number(label):
+                passed_over.append((where, f"target {label!r} in column {label_col!r} is not a number"))
+                continue
+            value = float(label)
+        elif task == "multilabel":
+            parts = [label_name(v) for v in label] if isinstance(label, (list, tuple)) else (
+                _names(label, sep) if isinstance(label, str) else [label_name(label)])
+            value = tuple(sorted(set(parts)))
         else:
-            names = names or (where, label)
-        if numbers and names:
-            raise DataError(f"{file}: column {label_col!r} mixes numbers ({numbers[0]}: {numbers[1]!r}) and names "
-                            f"({names[0]}: {names[1]!r}): one kind of label per column")
+            if not isinstance(label, (str, int, float)):
+                raise DataError(f"{where}: the label in column {label_col!r} is {label!r}: one class name or number "
+                                "per image (several labels per image: task=multilabel)")
+            if is_number(label) and not is_whole(label):
+                raise DataError(f"{where}: label {label} in column {label_col!r} is not a whole number: class numbers "
+                                "are whole (a number to regress: dataset.target_column, or task=regression)")
+            value = label_name(label)
+        if task != "regression":
+            for part in value if task == "multilabel" else (value,):
+                if is_number(part):
+                    numbers = numbers or (where, part)
+                else:
+                    names = names or (where, part)
+            if numbers and names:
+                raise DataError(f"{file}: column {label_col!r} mixes numbers ({numbers[0]}: {numbers[1]!r}) and names "
+                                f"({names[0]}: {names[1]!r}): one kind of label per column")
         path = os.path.abspath(os.path.join(base.absolute(), os.path.expanduser(str(cell).strip())))
         key = os.path.realpath(path)  # one file however it is spelt (./a.jpg, an absolute path, a link)
         if split_col is not None:
@@ -487,28 +525,37 @@ def read_table(root: str | None, table: str | None = None, path_column: str | No
             if first[0] != SPLIT_FOLDERS[split]:
                 raise DataError(f"{where}: {cell} is in split {SPLIT_FOLDERS[split]!r} (column {split_col!r}), but in "
                                 f"{first[0]!r} at {first[1]}: one split per image")
-        labelled.append((key, label_name(label), where, path))
-    spelt = {}
-    for key, _, _, path in labelled:
+        found.append((key, value, where, path))
+    spelt, text = {}, {}
+    for key, value, _, path in found:
         spelt.setdefault(key, path)
-    pairs = one_label_per_id([(key, label, where) for key, label, where, _ in labelled], file, duplicate_ids,
+        text[_written(value)] = value
+    pairs = one_label_per_id([(key, _written(value), where) for key, value, where, _ in found], file, duplicate_ids,
                              passed_over)
     kept = []
-    for key, label in pairs:
+    for key, value in pairs:
         path = spelt[key]
         if not os.path.isfile(path):
             passed_over.append((path, f"missing: named in {file}"))
         elif not is_image_file(os.path.basename(path)):
             passed_over.append((path, f"not an image file by its name: named in {file}"))
         else:
-            kept.append((key, path, label))
-    classes = class_order(label for _, _, label in kept)  # classes of the images that are there
-    index = {name: i for i, name in enumerate(classes)}
-    paths, labels = [path for _, path, _ in kept], [index[label] for _, _, label in kept]
+            kept.append((key, path, text[value]))
     splits = [split_of[key][0] for key, _, _ in kept] if split_col is not None else None
-    if splits is not None:
-        warn_classes_missing_from_train(classes, labels, splits, root)
-    return Source(classes, paths, np.array(labels, dtype=np.int64), splits=splits, passed_over=passed_over)
+    return labelled(task, [path for _, path, _ in kept], [value for _, _, value in kept], splits, passed_over,
+                    label_col, root)
+
+
+def _written(value) -> str:
+    """A label as messages and split.csv write it (samples.label_text): a class, labels joined by '|', a number."""
+    if isinstance(value, tuple):
+        return "|".join(value)
+    return f"{value:.9g}" if isinstance(value, float) else value
+
+
+def _names(cell: str, sep: str) -> list[str]:
+    """The labels of one cell: split at `sep`, each stripped, empty parts left out."""
+    return [label_name(part) for part in cell.split(sep) if part.strip()]
 
 
 def _table_rows(file: Path) -> tuple[list[str], list[tuple[str, dict]]]:
@@ -598,19 +645,22 @@ TARGETS = {"oxford_pets": ("breed", "species")}
 # Readers of a label file, which take dataset.duplicate_ids.
 LABEL_FILES = ("dog_breeds", "oxford_pets", "table")
 # Readers that take keys of their own: the dataset config's keys they take.
-OWN_KEYS = {"table": ("table", "path_column", "label_column", "split_column"),
-            "hf": ("path", "image_column", "label_column")}
+OWN_KEYS = {"table": ("table", "path_column", "label_column", "split_column", "label_sep", "target_column"),
+            "hf": ("path", "image_column", "label_column", "target_column")}
+# Readers that read labels of every task (finetune.tasks); the others read one class per image.
+ANY_TASK = ("table", "hf")
 
 
-def read_dataset(d) -> Source:
-    """read_source with the keys of a `dataset` config."""
-    return read_source(d.name, d.root, d.get("target"), duplicate_ids=d.get("duplicate_ids") or "refuse",
+def read_dataset(d, task: str | None = None) -> Source:
+    """read_source with the keys of a `dataset` config; `task` (task=) as given, or None: as the data says."""
+    return read_source(d.name, d.root, d.get("target"), duplicate_ids=d.get("duplicate_ids") or "refuse", task=task,
                        **{key: d.get(key) for key in OWN_KEYS.get(d.name, ())})
 
 
 def read_source(name: str, root: str | None, target: str | None = None, duplicate_ids: str = "refuse",
-                **own: str | None) -> Source:
-    """Read dataset `name` from `root`; a DataError if it has fewer than two classes with images."""
+                task: str | None = None, **own: str | None) -> Source:
+    """Read dataset `name` from `root`; a DataError if it has fewer than two classes with images (labels in use; values
+    of the target)."""
     if name not in READERS:
         from finetune.errors import suggest
 
@@ -619,13 +669,26 @@ def read_source(name: str, root: str | None, target: str | None = None, duplicat
     if target is not None and target not in TARGETS.get(name, ()):
         options = f"one of {', '.join(TARGETS[name])}" if name in TARGETS else "not used (leave it null)"
         raise DataError(f"dataset.target={target}: for dataset={name} it is {options}")
+    if task not in (None, "multiclass") and name not in ANY_TASK:
+        raise DataError(f"task={task}: dataset={name} reads one class per image; {task} labels are read from "
+                        f"dataset=table or dataset=hf")
     options = {"target": target} if target is not None else {}
     if name in LABEL_FILES:
         options["duplicate_ids"] = duplicate_ids
+    if name in ANY_TASK:
+        options["task"] = task
     source = READERS[name](root, **options, **own)
-    counts = np.bincount(source.labels, minlength=len(source.classes))
+    where = f"dataset.root={root}" if name != "hf" else f"dataset.path={own.get('path')}"
+    if source.task == "regression":
+        if len(np.unique(source.targets)) < 2:
+            found = f"only the value {source.targets[0]:g}" if len(source) else "no images with a target"
+            raise DataError(f"{where}: found {found} in column {source.classes[0]!r}; a regression needs targets that "
+                            "differ")
+        return source
+    counts = source.targets.sum(0) if source.task == "multilabel" else \
+        np.bincount(source.labels, minlength=len(source.classes))
     present = [c for c, n in zip(source.classes, counts) if n > 0]
-    if len(present) < 2:
+    if len(present) < 2 and source.task != "multilabel" or not present:
         found = f"only class {present[0]!r}" if present else "no labelled images"
-        raise DataError(f"dataset.root={root}: found {found}; a classifier needs at least two classes")
+        raise DataError(f"{where}: found {found}; a classifier needs at least two classes")
     return source

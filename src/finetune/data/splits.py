@@ -12,7 +12,7 @@ SPLITS = ("train", "val", "test")
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
                      official: list[str] | None = None, groups: np.ndarray | None = None,
-                     folds: int | None = None, fold: int = 0) -> np.ndarray:
+                     folds: int | None = None, fold: int = 0, multilabel: np.ndarray | None = None) -> np.ndarray:
     """'train' / 'val' / 'test' per sample: each class divided in the given fractions, the same for the same seed.
 
     Where the dataset has an official split, its test (and val) samples keep it and only its training samples
@@ -20,8 +20,11 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     `groups` (an id per sample: duplicates share one) keeps each group on one side: a group is assigned as one
     unit, counted in the class most of its images have. With `folds`=K, everything outside the test split (the
     same test split as without folds, for the same seed) is divided into K stratified folds and fold `fold` is
-    the validation split.
+    the validation split. `multilabel` (0/1 rows, a sample's labels) divides by iterative stratification instead
+    (iterative_split), so that each label, the rare ones first, is divided in the given fractions.
     """
+    if multilabel is not None:
+        return _multilabel_split(multilabel, val_fraction, test_fraction, seed, official, groups, folds, fold)
     rng = np.random.default_rng(seed)
     out = np.array(official if official is not None else ["train"] * len(labels), dtype=object)
     has_test = official is not None and "test" in out
@@ -81,6 +84,74 @@ def _units_by_class(pool: np.ndarray, labels: np.ndarray, groups: np.ndarray) ->
     return [by_class[label] for label in sorted(by_class)]
 
 
+def _multilabel_split(targets: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
+                      official: list[str] | None, groups: np.ndarray | None, folds: int | None,
+                      fold: int) -> np.ndarray:
+    """stratified_split for multi-label samples: the same rules (official splits kept, groups whole, the folds of what
+    is outside the test split), each division by iterative_split."""
+    rng = np.random.default_rng(seed)
+    out = np.array(official if official is not None else ["train"] * len(targets), dtype=object)
+    has_test = official is not None and "test" in out
+    has_val = official is not None and "val" in out
+    if folds:
+        out[out == "val"] = "train"
+    groups = np.arange(len(targets)) if groups is None else np.asarray(groups)
+    pool = np.flatnonzero(out == "train")
+    test = 0 if has_test else test_fraction
+    val = 0 if has_val or folds else val_fraction
+    if test or val:
+        side = iterative_split(targets, pool, groups, [test, val, 1 - test - val], rng)
+        out[pool[side == 0]], out[pool[side == 1]] = "test", "val"
+    if folds:
+        pool = np.flatnonzero(out == "train")
+        side = iterative_split(targets, pool, groups, [1 / folds] * folds, rng)
+        out[pool[side == fold]] = "val"
+    return out.astype(str)
+
+
+def iterative_split(targets: np.ndarray, pool: np.ndarray, groups: np.ndarray, fractions: list[float],
+                    rng: np.random.Generator) -> np.ndarray:
+    """Which part (an index into `fractions`) each sample of `pool` goes to: iterative stratification (Sechidis et al.,
+    2011), a group of duplicates as one unit. The label with the fewest samples still to place goes first: each unit
+    that has it goes to the part that wants most of that label (then most samples, then at random). A unit without
+    labels goes where most samples are wanted. Rare labels so reach every part that their count allows."""
+    members: dict[int, list[int]] = {}
+    for j in pool:
+        members.setdefault(int(groups[j]), []).append(int(j))
+    units = [np.array(m, dtype=np.int64) for m in members.values()]
+    unit_targets = np.array([targets[u].sum(0) for u in units]).reshape(len(units), targets.shape[1])
+    sizes = np.array([len(u) for u in units], dtype=np.float64)
+    fractions = np.asarray(fractions, dtype=np.float64)
+    wanted_labels = fractions[:, None] * unit_targets.sum(0)[None, :]
+    wanted = fractions * sizes.sum()
+    part = np.full(len(units), -1)
+    left = set(range(len(units)))
+    while left:
+        open_units = np.array(sorted(left))
+        counts = unit_targets[open_units].sum(0)
+        labels = np.flatnonzero(counts > 0)
+        if len(labels):
+            rarest = labels[counts[labels] == counts[labels].min()]
+            label = int(rng.choice(rarest))
+            chosen = open_units[unit_targets[open_units, label] > 0]
+        else:
+            label, chosen = None, open_units
+        for u in chosen[rng.permutation(len(chosen))]:
+            options = np.flatnonzero(fractions > 0)
+            if label is not None:
+                options = options[wanted_labels[options, label] == wanted_labels[options, label].max()]
+            options = options[wanted[options] == wanted[options].max()]
+            p = int(rng.choice(options))
+            part[u] = p
+            wanted_labels[p] -= unit_targets[u]
+            wanted[p] -= sizes[u]
+            left.discard(int(u))
+    out = np.full(len(targets), -1)
+    for u, unit in enumerate(units):
+        out[unit] = part[u]
+    return out[pool]
+
+
 def _share(n: int, fraction: float) -> int:
     """round(n * fraction), but at least one sample when the fraction is non-zero and the class can spare it."""
     if fraction <= 0 or n < 2:
@@ -88,13 +159,14 @@ def _share(n: int, fraction: float) -> int:
     return min(max(1, round(n * fraction)), n - 1)
 
 
-def write_split(path: Path, paths: list[str], labels: np.ndarray, classes: list[str], splits: np.ndarray) -> None:
+def write_split(path: Path, paths: list[str], labels: list[str], splits: np.ndarray) -> None:
+    """split.csv: each sample's path, its label as samples.label_text writes it, and its split."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["path", "label", "split"])
-        writer.writerows(zip(paths, (classes[i] for i in labels), splits))
+        writer.writerows(zip(paths, labels, splits))
     tmp.replace(path)
 
 

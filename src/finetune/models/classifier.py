@@ -9,8 +9,9 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn as nn
-from torchmetrics import MaxMetric, Metric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MaxMetric, Metric, MinMetric
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
+from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 from torchvision.transforms import v2
 
 from finetune.config import HeadConfig, defaults
@@ -19,6 +20,7 @@ from finetune.errors import FinetuneError
 from finetune.models.backbone import backbone_blocks, rebuild_backbone
 from finetune.models.heads import create_head
 from finetune.schedule import Schedule
+from finetune.tasks import task_of
 
 
 class UnsafeCheckpoint(FinetuneError):
@@ -65,10 +67,18 @@ class Classifier(L.LightningModule):
 
     def __init__(self, backbone: nn.Module, classes: list[str], backbone_config: dict, head_config: dict,
                  schedule: dict, preprocessing: dict, class_weights: list[float] | None = None,
-                 mix: dict | None = None, temperature: float = 1.0):
+                 mix: dict | None = None, temperature: float = 1.0, task: str = "multiclass",
+                 target_stats: dict | None = None, thresholds: list[float] | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"], logger=False)
         self.classes = list(classes)
+        # what it learns (finetune.tasks): the loss, the metrics, the metric that picks the best checkpoint
+        self.task = task_of(task)
+        # regression: the training split's target mean and std; the head predicts the standardised target
+        stats = target_stats or {"mean": 0.0, "std": 1.0}
+        self.target_mean, self.target_std = float(stats["mean"]), float(stats["std"])
+        # multilabel: per-label thresholds fitted on the validation split after training (finetune.calibration)
+        self.thresholds = [0.5] * len(classes) if thresholds is None else [float(t) for t in thresholds]
         # fitted on the validation split after training (finetune.calibration): probabilities are softmax(z / T)
         self.temperature = float(temperature)
         self.backbone = backbone.to(memory_format=torch.channels_last)
@@ -77,15 +87,37 @@ class Classifier(L.LightningModule):
         self.binary = bool(head_config["binary"])
         if self.binary and len(classes) != 2:
             raise FinetuneError(f"head.binary=true needs two classes; this dataset has {len(classes)}")
-        self.head = create_head(head_config["name"], backbone.num_features, 1 if self.binary else len(classes),
+        outputs = 1 if self.binary or self.task.name == "regression" else len(classes)
+        self.head = create_head(head_config["name"], backbone.num_features, outputs,
                                 hidden=head_config["hidden"], dropout=head_config["dropout"])
         # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtraction and one division on uint8 input.
         self.register_buffer("mean", torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(preprocessing["std"]).view(1, 3, 1, 1) * 255, persistent=False)
         # how the backbone is fine-tuned: parameter groups, their rates, what trains when (finetune.schedule)
-        self.schedule = Schedule(schedule, blocks=len(backbone_blocks(self.backbone)))
+        self.schedule = Schedule(schedule, blocks=len(backbone_blocks(self.backbone)), monitor=self.task.monitor,
+                                 mode=self.task.mode)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=self.schedule.config["label_smoothing"])
+        loss = head_config.get("loss") or self.task.losses[0]
+        self.criterion = {"cross_entropy": lambda: nn.CrossEntropyLoss(
+                              weight=weight, label_smoothing=self.schedule.config["label_smoothing"]),
+                          "bce": nn.BCEWithLogitsLoss, "mse": nn.MSELoss, "huber": nn.HuberLoss}[loss]()
+        self.train_loss, self.val_loss, self.test_loss = BatchMean(), BatchMean(), BatchMean()
+        self.last_loss: torch.Tensor | None = None  # the latest training loss, on the device
+        self.val_acc_best = MaxMetric() if self.task.mode == "max" else MinMetric()  # of the monitored metric
+        self.top5 = False
+        self.mix = None
+        if self.task.name == "multilabel":
+            for stage in ("val", "test"):  # mean average precision over the labels: needs no threshold
+                setattr(self, f"{stage}_map", MultilabelAveragePrecision(num_labels=len(classes), average="macro",
+                                                                         validate_args=False))
+            return
+        if self.task.name == "regression":  # in the target's units
+            for stage in ("train", "val", "test"):
+                setattr(self, f"{stage}_mae", MeanAbsoluteError())
+            for stage in ("val", "test"):
+                setattr(self, f"{stage}_rmse", MeanSquaredError(squared=False))
+                setattr(self, f"{stage}_r2", R2Score())
+            return
 
         k = len(classes)
         # validate_args=False: the input checks read values on the host, a GPU sync on every update
@@ -99,9 +131,6 @@ class Classifier(L.LightningModule):
         # mean recall over classes: what accuracy hides on imbalanced data
         self.val_balanced_acc = MulticlassAccuracy(**metric, average="macro")
         self.test_balanced_acc = MulticlassAccuracy(**metric, average="macro")
-        self.val_acc_best = MaxMetric()
-        self.train_loss, self.val_loss, self.test_loss = BatchMean(), BatchMean(), BatchMean()
-        self.last_loss: torch.Tensor | None = None  # the latest training loss, on the device
         self.top5 = k > 5
         if self.top5:
             self.val_acc_top5 = MulticlassAccuracy(**metric, top_k=5, average="micro")
@@ -119,8 +148,34 @@ class Classifier(L.LightningModule):
         return self.classify_features(self.backbone(x))
 
     def classify_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits for the backbone's pooled features."""
+        """Logits for the backbone's pooled features (regression: the standardised target)."""
         return two_class_logits(self.head(features)) if self.binary else self.head(features)
+
+    def outputs(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """What the model says, from its logits: class probabilities (softmax of logits / T), label probabilities
+        (sigmoid, each label on its own) or the target in its units (N, 1)."""
+        if self.task.name == "multilabel":
+            return logits.float().sigmoid()
+        if self.task.name == "regression":
+            return logits.float() * self.target_std + self.target_mean
+        t = self.temperature if temperature is None else temperature
+        return (logits.float() / t).softmax(1)
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.task.name == "regression":
+            return self.criterion(logits.squeeze(1).float(), (targets.float() - self.target_mean) / self.target_std)
+        if self.task.name == "multilabel":
+            return self.criterion(logits.float(), targets.float())
+        return self.criterion(logits, targets)
+
+    def _update(self, metric: Metric, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Feed one batch to a metric of this task, as that metric reads it."""
+        if self.task.name == "multilabel":
+            metric.update(logits.detach().float().sigmoid(), targets.long())
+        elif self.task.name == "regression":
+            metric.update(self.outputs(logits.detach()).squeeze(1), targets.float())
+        else:
+            metric.update(logits, targets)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -131,24 +186,29 @@ class Classifier(L.LightningModule):
             if self.mix is not None:
                 x, targets = self.mix(x, labels)  # soft targets; accuracy is still counted against the true labels
             logits = self.classify(x)
-        loss = self.criterion(logits, targets)
+        loss = self._loss(logits, targets)
         # Metrics accumulate on the device and are computed and logged once per epoch (on_train_epoch_end): no
         # host sync, and none of self.log's per-call bookkeeping, in the step.
         self.train_loss.update(loss.detach(), weight=len(labels))
-        self.train_acc.update(logits, labels)
+        for name in self._stage_metrics("train")[1:]:
+            self._update(getattr(self, name), logits, labels)
         self.last_loss = loss.detach()  # for the progress bar, which reads it only when it redraws
         return loss
 
     def _evaluate(self, batch, stage: str) -> dict[str, torch.Tensor]:
         inputs, labels = batch
         logits = self.classify_features(inputs) if isinstance(batch, FeatureBatch) else self(inputs)
-        loss = self.criterion(logits, labels)
+        loss = self._loss(logits, labels)
         for name in self._stage_metrics(stage):
             metric = getattr(self, name)
-            metric.update(loss, weight=len(labels)) if name.endswith("_loss") else metric.update(logits, labels)
+            metric.update(loss, weight=len(labels)) if name.endswith("_loss") else self._update(metric, logits, labels)
         return {"logits": logits.detach(), "labels": labels}  # for the dashboards; Lightning keeps none of it
 
     def _stage_metrics(self, stage: str) -> list[str]:
+        if self.task.name == "multilabel":
+            return [f"{stage}_loss"] + ([f"{stage}_map"] if stage != "train" else [])
+        if self.task.name == "regression":
+            return [f"{stage}_loss", f"{stage}_mae"] + ([f"{stage}_rmse", f"{stage}_r2"] if stage != "train" else [])
         names = [f"{stage}_loss", f"{stage}_acc"]
         if stage != "train":
             names.append(f"{stage}_balanced_acc")
@@ -165,7 +225,7 @@ class Classifier(L.LightningModule):
                 continue
             key = f"{stage}/{name[len(stage) + 1:]}"
             values[key] = metric.compute()
-            self.log(key, values[key], prog_bar=key == "val/acc")
+            self.log(key, values[key], prog_bar=key == self.task.monitor)
             metric.reset()
         return values
 
@@ -176,7 +236,7 @@ class Classifier(L.LightningModule):
         return self._evaluate(batch, "test")
 
     def on_train_start(self) -> None:
-        """Start (or resume) with the best val/acc so far."""
+        """Start (or resume) with the best value of the monitored metric (val/acc, val/map, val/mae) so far."""
         self.val_acc_best.reset()  # forget the sanity check's validation
         best = self.trainer.checkpoint_callback.best_model_score if self.trainer.checkpoint_callback else None
         if best is not None and torch.isfinite(best):
@@ -190,9 +250,10 @@ class Classifier(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_epoch("val")
-        if not self.trainer.sanity_checking and "val/acc" in values:
-            self.val_acc_best.update(values["val/acc"])
-            self.log("val/acc_best", self.val_acc_best.compute())
+        monitor = self.task.monitor
+        if not self.trainer.sanity_checking and monitor in values:
+            self.val_acc_best.update(values[monitor])
+            self.log(f"{monitor}_best", self.val_acc_best.compute())
 
     def configure_optimizers(self):
         optimizer, scheduler = self.schedule.optimizer(self.backbone, self.head, self._steps_per_epoch())

@@ -1,0 +1,279 @@
+"""task=multilabel and task=regression: read from a label table (CSV) and from a saved Hugging Face dataset, trained
+through scripts/train.py, and evaluate, predict and the ONNX export agreeing with the run's own test figures."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from support import FAST, run_script
+from support.fabricate import make_multilabel_table, make_regression_table
+
+from finetune.data.sources import DataError, read_source
+from finetune.data.splits import stratified_split
+
+LEARN = [*FAST, "schedule.freeze_epochs=0", "schedule.backbone_lr_ratio=1", "calibrate=false", "logger=csv",
+         "dataset.batch_size=32"]
+LEARN += ["schedule.epochs=14", "schedule.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(tmp_path_factory):
+    root = make_multilabel_table(tmp_path_factory.mktemp("multilabel"), 360)
+    cwd = tmp_path_factory.mktemp("multilabel-cwd")
+    result = run_script("train", "dataset=table", f"dataset.root={root}", "dataset.table=labels.csv",
+                        "task=multilabel", *LEARN, "hydra.run.dir=run", cwd=cwd)
+    assert result.returncode == 0, result.output[-3000:]
+    return root, cwd / "run", result.output
+
+
+@pytest.fixture(scope="module")
+def regression_run(tmp_path_factory):
+    root = make_regression_table(tmp_path_factory.mktemp("regression"), 360)
+    cwd = tmp_path_factory.mktemp("regression-cwd")
+    result = run_script("train", "dataset=table", f"dataset.root={root}", "dataset.table=sizes.csv",
+                        "dataset.target_column=radius", *LEARN, "hydra.run.dir=run", cwd=cwd)
+    assert result.returncode == 0, result.output[-3000:]
+    return root, cwd / "run", result.output
+
+
+def test_multilabel_from_a_csv_learns_well_above_the_label_frequencies(multilabel_run):
+    root, run_dir, output = multilabel_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["task"] == "multilabel" and metrics["best_checkpoint"] == "checkpoints/best.ckpt"
+    frequency = metrics["test/label_frequency"]
+    assert 0.3 < frequency < 0.6
+    # mAP of a model that knows nothing is about the label frequency; this one sees the colours
+    assert metrics["test/map"] > 0.85 > frequency + 0.25, metrics
+    assert metrics["test/f1_macro"] > 0.7 and metrics["test/f1_micro"] > 0.7
+    assert set(metrics["test/per_label"]) == {"blue", "green", "red"}
+    assert all(row["ap"] > 0.7 for row in metrics["test/per_label"].values())
+    assert "val/map_best" in metrics and "val/acc_best" not in metrics and "test/acc" not in metrics
+    # the thresholds fitted on the validation split are in the checkpoint, for predict and the export
+    hp = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)["hyper_parameters"]
+    assert hp["task"] == "multilabel" and len(hp["thresholds"]) == 3 and all(0 < t < 1 for t in hp["thresholds"])
+    assert [round(t, 4) for t in hp["thresholds"]] == list(metrics["val/thresholds"].values())
+    # split.csv: every image once, its labels as the table gives them (joined by |)
+    with open(run_dir / "split.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(root / "labels.csv", newline="") as f:
+        table = {str(root / row["path"]): "|".join(sorted(row["labels"].split())) for row in csv.DictReader(f)}
+    assert {row["path"]: row["label"] for row in rows} == table
+    # iterative stratification: each label in each split in about the split's share
+    for label in ("red", "green", "blue"):
+        counts = {s: sum(1 for r in rows if r["split"] == s and label in r["label"].split("|")) for s in
+                  ("train", "val", "test")}
+        total = sum(counts.values())
+        assert abs(counts["test"] - 0.1 * total) <= 2 and abs(counts["val"] - 0.1 * total) <= 2, (label, counts)
+    assert "Dataset table: 360 images, 3 labels" in output
+    assert "Thresholds fitted per label on" in output and "Test (best checkpoint): test/map" in output
+
+
+def test_multilabel_evaluate_predict_and_onnx_agree_with_the_run(multilabel_run, tmp_path):
+    root, run_dir, _ = multilabel_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    result = run_script("evaluate", f"ckpt={run_dir}", f"out={tmp_path / 'eval'}", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    evaluation = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluation["images"] == metrics["test_images"]
+    assert evaluation["map"] == pytest.approx(metrics["test/map"], abs=1e-3)
+    assert evaluation["f1_macro"] == pytest.approx(metrics["test/f1_macro"], abs=1e-6)
+    assert evaluation["f1_micro"] == pytest.approx(metrics["test/f1_micro"], abs=1e-6)
+    for name in ("per_label.csv", "predictions.csv", "pr_curves.png", "curves.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0, name
+    with open(tmp_path / "eval" / "predictions.csv", newline="") as f:
+        evaluated = {row["path"]: row["predicted"] for row in csv.DictReader(f)}
+
+    test_images = sorted(evaluated)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for path in test_images:
+        (inputs / path.split("/")[-1]).symlink_to(path)
+    result = run_script("predict", f"ckpt={run_dir}", f"inputs={inputs}", "format=json",
+                        f"out={tmp_path / 'p.json'}", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    predicted = {row["path"].split("/")[-1]: "|".join(sorted(x["label"] for x in row["labels"]))
+                 for row in json.loads((tmp_path / "p.json").read_text())}
+    assert predicted == {path.split("/")[-1]: "|".join(sorted(filter(None, labels.split("|"))))
+                         for path, labels in evaluated.items()}
+
+    result = run_script("export", f"ckpt={run_dir}", "format=onnx", f"out={tmp_path / 'm.onnx'}", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    assert sidecar["task"] == "multilabel" and sidecar["inside_the_model"]["sigmoid"]
+    assert sidecar["evaluation"]["metric"] == "mAP"
+    assert sidecar["evaluation"]["models"]["onnx float32"]["accuracy"] == pytest.approx(evaluation["map"], abs=1e-3)
+    assert sidecar["evaluation"]["models"]["onnx float32"]["top1_changed"] == 0
+    result = run_script("predict", f"model={tmp_path / 'm.onnx'}", f"inputs={inputs}", "format=json",
+                        f"out={tmp_path / 'o.json'}", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    onnx = {row["path"].split("/")[-1]: "|".join(sorted(x["label"] for x in row["labels"]))
+            for row in json.loads((tmp_path / "o.json").read_text())}
+    assert onnx == predicted
+
+
+def test_regression_from_a_csv_learns_the_size_and_every_tool_agrees(regression_run, tmp_path):
+    root, run_dir, output = regression_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["task"] == "regression" and "val/mae_best" in metrics
+    assert "task=regression, inferred from the data" in output and "a target to regress" in output
+    with open(root / "sizes.csv", newline="") as f:
+        radius = {str(root / row["path"]): float(row["radius"]) for row in csv.DictReader(f)}
+    with open(run_dir / "split.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    test = np.array([radius[r["path"]] for r in rows if r["split"] == "test"])
+    of_the_mean = np.abs(test - np.mean([radius[r["path"]] for r in rows if r["split"] == "train"])).mean()
+    assert metrics["test/mae"] <= of_the_mean / 2, (metrics["test/mae"], of_the_mean)
+    assert metrics["test/r2"] > 0.7
+    # quantile-stratified split: each split spans the range of the target
+    for split in ("val", "test"):
+        values = [radius[r["path"]] for r in rows if r["split"] == split]
+        assert min(values) < 6 and max(values) > 15, (split, min(values), max(values))
+
+    result = run_script("evaluate", f"ckpt={run_dir}", f"out={tmp_path / 'eval'}", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    evaluation = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluation["mae"] == pytest.approx(metrics["test/mae"], rel=1e-4)
+    assert evaluation["rmse"] == pytest.approx(metrics["test/rmse"], rel=1e-4)
+    assert evaluation["r2"] == pytest.approx(metrics["test/r2"], abs=1e-4)
+    assert (tmp_path / "eval" / "predicted_vs_true.png").stat().st_size > 0
+    with open(tmp_path / "eval" / "predictions.csv", newline="") as f:
+        evaluated = {row["path"]: float(row["predicted"]) for row in csv.DictReader(f)}
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for path in evaluated:
+        (inputs / path.split("/")[-1]).symlink_to(path)
+    result = run_script("predict", f"ckpt={run_dir}", f"inputs={inputs}", f"out={tmp_path / 'p.csv'}", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    with open(tmp_path / "p.csv", newline="") as f:
+        predicted = {row["path"].split("/")[-1]: float(row["radius"]) for row in csv.DictReader(f)}
+    assert predicted == pytest.approx({p.split("/")[-1]: v for p, v in evaluated.items()}, rel=1e-4)
+
+    result = run_script("export", f"ckpt={run_dir}", "format=onnx", f"out={tmp_path / 'm.onnx'}", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    assert sidecar["task"] == "regression" and sidecar["output"] == {
+        "name": "values", "dtype": "float32", "shape": ["batch", 1], "target": "radius"}
+    assert sidecar["evaluation"]["models"]["onnx float32"]["accuracy"] == pytest.approx(evaluation["mae"], rel=1e-3)
+    result = run_script("predict", f"model={tmp_path / 'm.onnx'}", f"inputs={inputs}", f"out={tmp_path / 'o.csv'}",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    with open(tmp_path / "o.csv", newline="") as f:
+        onnx = {row["path"].split("/")[-1]: float(row["radius"]) for row in csv.DictReader(f)}
+    assert onnx == pytest.approx(predicted, abs=1e-3)
+    card = (run_dir / "model_card.md").read_text()
+    assert "An image regressor of `radius`" in card and "| test/mae |" in card
+
+
+def test_a_saved_hugging_face_dataset_of_label_lists_and_of_numbers(tmp_path):
+    """Lists of ClassLabels make a multi-label run, a float column a regression, each with its own splits."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence, Value
+
+    root = make_multilabel_table(tmp_path / "ml", 200)
+    names = ["blue", "green", "red"]
+    with open(root / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    features = Features({"image": Image(), "labels": Sequence(ClassLabel(names=names))})
+
+    def part(chosen):
+        return Dataset.from_dict({"image": [str(root / r["path"]) for r in chosen],
+                                  "labels": [[names.index(n) for n in r["labels"].split()] for r in chosen]},
+                                 features=features)
+
+    DatasetDict({"train": part(rows[:160]), "validation": part(rows[160:180]), "test": part(rows[180:])}) \
+        .save_to_disk(str(tmp_path / "hf-ml"))
+    result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'hf-ml'}", *LEARN, "schedule.epochs=6",
+                        "hydra.run.dir=ml-run", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    assert "task=multilabel (inferred): column 'labels'" in result.output
+    metrics = json.loads((tmp_path / "ml-run" / "metrics.json").read_text())
+    assert metrics["task"] == "multilabel" and metrics["test_images"] == 20 and metrics["val_images"] == 20
+    assert metrics["test/map"] > metrics["test/label_frequency"] + 0.1
+
+    root = make_regression_table(tmp_path / "rg", 120)
+    with open(root / "sizes.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    Dataset.from_dict({"image": [str(root / r["path"]) for r in rows], "radius": [float(r["radius"]) for r in rows]},
+                      features=Features({"image": Image(), "radius": Value("float32")})) \
+        .save_to_disk(str(tmp_path / "hf-rg"))
+    assert read_source("hf", None, path=str(tmp_path / "hf-rg")).task == "regression"
+    result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'hf-rg'}", *LEARN, "schedule.epochs=3",
+                        "head.loss=huber", "hydra.run.dir=rg-run", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    metrics = json.loads((tmp_path / "rg-run" / "metrics.json").read_text())
+    assert metrics["task"] == "regression" and metrics["test/mae"] > 0 and metrics["test_images"] == 12
+    hp = torch.load(tmp_path / "rg-run" / "checkpoints" / "best.ckpt", weights_only=True)["hyper_parameters"]
+    assert hp["head_config"]["loss"] == "huber" and hp["target_stats"]["std"] > 1
+
+
+def test_tables_of_several_labels_and_of_targets_are_read_and_bad_rows_listed(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")  # files are checked later (the integrity scan); the table names them
+    for name in ("b.jpg", "c.jpg", "d.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "tags.csv").write_text("path,tags\na.jpg,cat;dog\nb.jpg,dog\nc.jpg, cat ; sofa \nd.jpg,\n")
+    source = read_source("table", str(tmp_path), table="tags.csv", label_sep=";")  # label_sep given: inferred
+    assert source.task == "multilabel" and source.classes == ["cat", "dog", "sofa"]
+    assert source.targets.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert source.passed_over == [(f"{tmp_path / 'tags.csv'}:5", "no label in column 'tags'")]
+    (tmp_path / "spaces.csv").write_text("path,label\na.jpg,great dane\nb.jpg,pug\n")
+    assert read_source("table", str(tmp_path), table="spaces.csv").classes == ["great dane", "pug"]  # as always
+    assert read_source("table", str(tmp_path), table="spaces.csv", task="multilabel").classes == \
+        ["dane", "great", "pug"]  # task=multilabel: a space separates
+
+    (tmp_path / "sizes.csv").write_text("path,size\na.jpg,1.5\nb.jpg,big\nc.jpg,-2e1\nd.jpg,\n")
+    source = read_source("table", str(tmp_path), table="sizes.csv", target_column="size")
+    assert source.task == "regression" and source.classes == ["size"] and source.targets.tolist() == [1.5, -20.0]
+    assert source.passed_over == [(f"{tmp_path / 'sizes.csv'}:3", "target 'big' in column 'size' is not a number"),
+                                  (f"{tmp_path / 'sizes.csv'}:5", "no target in column 'size'")]
+    with pytest.raises(DataError, match=r"sizes.csv: no column 'weight' \(dataset.target_column\)"):
+        read_source("table", str(tmp_path), table="sizes.csv", target_column="weight")
+    (tmp_path / "mixed.csv").write_text("path,tags\na.jpg,1 cat\nb.jpg,2\n")
+    with pytest.raises(DataError, match=r"mixed.csv: column 'tags' mixes numbers .*:2: '1'\) and names .*'cat'"):
+        read_source("table", str(tmp_path), table="mixed.csv", task="multilabel")
+    (tmp_path / "twice.csv").write_text("path,tags\na.jpg,cat dog\na.jpg,cat\n")
+    with pytest.raises(DataError, match="twice.csv"):
+        read_source("table", str(tmp_path), table="twice.csv", task="multilabel")
+    with pytest.raises(DataError, match="task=multilabel: dataset=image_folder reads one class per image"):
+        read_source("image_folder", str(tmp_path), task="multilabel")
+
+
+def test_iterative_stratification_brings_rare_labels_to_every_split_and_keeps_groups_whole():
+    rng = np.random.default_rng(0)
+    targets = (rng.random((400, 6)) < np.array([0.5, 0.3, 0.1, 0.05, 0.03, 0.02])).astype(np.float32)
+    groups = np.arange(400)
+    groups[1::7] = groups[0::7][:len(groups[1::7])]  # pairs of duplicates
+    splits = stratified_split(np.zeros(400, dtype=np.int64), 0.15, 0.15, 42, groups=groups, multilabel=targets)
+    assert np.array_equal(splits, stratified_split(np.zeros(400, dtype=np.int64), 0.15, 0.15, 42, groups=groups,
+                                                   multilabel=targets))  # seeded
+    for k in range(6):
+        total = targets[:, k].sum()
+        for split, share in (("val", 0.15), ("test", 0.15), ("train", 0.7)):
+            n = targets[splits == split, k].sum()
+            assert n >= 1 and abs(n - share * total) <= max(2, 0.1 * total), (k, split, n, total)
+    for g in np.unique(groups):
+        assert len(set(splits[groups == g])) == 1
+    assert abs((splits == "test").sum() - 60) <= 6
+    folds = [stratified_split(np.zeros(400, dtype=np.int64), 0.15, 0.15, 42, folds=4, fold=f, multilabel=targets)
+             for f in range(4)]
+    assert all(np.array_equal(f == "test", folds[0] == "test") for f in folds)  # one test split for every fold
+    assert np.array_equal(sum((f == "val").astype(int) for f in folds), (folds[0] != "test").astype(int))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["task=ranking"], "task=ranking is not a task; known: multiclass, multilabel, regression"),
+    (["task=multilabel"], "task=multilabel: dataset=image_folder reads one class per image; multilabel labels are "
+                          "read from dataset=table or dataset=hf"),
+    (["dataset=table", "dataset.table=t.csv", "task=multilabel", "augment.mixup=0.2"],
+     "augment.mixup=0.2 mixes labels of one class per image: it is for task=multiclass, and this run is "
+     "task=multilabel"),
+    (["dataset=table", "dataset.table=t.csv", "dataset.target_column=size", "task=regression", "head.loss=bce"],
+     "head.loss=bce is not for task=regression: it trains with mse or huber"),
+    (["head.loss=huber"], "head.loss=huber is not for task=multiclass"),
+])
+def test_task_keys_that_cannot_work_are_one_line_before_any_work(tmp_path, args, message):
+    (tmp_path / "t.csv").write_text("path,label\n")  # named, not read: the check comes first
+    result = run_script("train", "dataset=image_folder", f"dataset.root={tmp_path}", *FAST, *args, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.output.strip().splitlines()[-1], result.output[-2000:]
+    assert "Traceback" not in result.output
