@@ -27,7 +27,9 @@ def main(cfg: DictConfig) -> float | None:
         from finetune.train import run_plan  # the back half: torch, Lightning, timm
 
         quiet_lightning()
-        return run_plan(decided, overrides).get("val/acc_best")
+        from finetune.tasks import objective
+
+        return objective(run_plan(decided, overrides))
 
 
 if __name__ == "__main__":

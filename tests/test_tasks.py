@@ -13,9 +13,11 @@ from support.fabricate import make_multilabel_table, make_regression_table
 from finetune.data.sources import DataError, read_source
 from finetune.data.splits import stratified_split
 
-LEARN = [*FAST, "schedule.freeze_epochs=0", "schedule.backbone_lr_ratio=1", "calibrate=false", "logger=csv",
-         "dataset.batch_size=32"]
-LEARN += ["schedule.epochs=14", "schedule.lr=1e-2"]
+BASE = [*(a for a in FAST if not a.startswith("callbacks.dashboards")), "schedule.freeze_epochs=0",
+        "schedule.backbone_lr_ratio=1", "calibrate=false", "dataset.batch_size=32", "schedule.lr=1e-2"]
+LEARN = [*BASE, "logger=csv", "callbacks.dashboards.enabled=false", "schedule.epochs=14"]
+# TensorBoard with the dashboards: a precision-recall curve per label, predicted against true
+DASHBOARDS = [*BASE, "logger=tensorboard", "callbacks.dashboards.enabled=true", "callbacks.dashboards.graph=false"]
 
 
 @pytest.fixture(scope="module")
@@ -184,13 +186,16 @@ def test_a_saved_hugging_face_dataset_of_label_lists_and_of_numbers(tmp_path):
 
     DatasetDict({"train": part(rows[:160]), "validation": part(rows[160:180]), "test": part(rows[180:])}) \
         .save_to_disk(str(tmp_path / "hf-ml"))
-    result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'hf-ml'}", *LEARN, "schedule.epochs=6",
+    result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'hf-ml'}", *DASHBOARDS, "schedule.epochs=6",
                         "hydra.run.dir=ml-run", cwd=tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     assert "task=multilabel (inferred): column 'labels'" in result.output
     metrics = json.loads((tmp_path / "ml-run" / "metrics.json").read_text())
     assert metrics["task"] == "multilabel" and metrics["test_images"] == 20 and metrics["val_images"] == 20
     assert metrics["test/map"] > metrics["test/label_frequency"] + 0.1
+    tags = tensorboard_tags(tmp_path / "ml-run")
+    assert {"val_pr_curve/blue", "val_pr_curve/green", "val_pr_curve/red"} <= set(tags["tensors"])
+    assert {"val/map", "val/map_best", "test/map", "val/loss"} <= set(tags["scalars"])
 
     root = make_regression_table(tmp_path / "rg", 120)
     with open(root / "sizes.csv", newline="") as f:
@@ -199,13 +204,23 @@ def test_a_saved_hugging_face_dataset_of_label_lists_and_of_numbers(tmp_path):
                       features=Features({"image": Image(), "radius": Value("float32")})) \
         .save_to_disk(str(tmp_path / "hf-rg"))
     assert read_source("hf", None, path=str(tmp_path / "hf-rg")).task == "regression"
-    result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'hf-rg'}", *LEARN, "schedule.epochs=3",
+    result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'hf-rg'}", *DASHBOARDS, "schedule.epochs=3",
                         "head.loss=huber", "hydra.run.dir=rg-run", cwd=tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     metrics = json.loads((tmp_path / "rg-run" / "metrics.json").read_text())
     assert metrics["task"] == "regression" and metrics["test/mae"] > 0 and metrics["test_images"] == 12
     hp = torch.load(tmp_path / "rg-run" / "checkpoints" / "best.ckpt", weights_only=True)["hyper_parameters"]
     assert hp["head_config"]["loss"] == "huber" and hp["target_stats"]["std"] > 1
+    tags = tensorboard_tags(tmp_path / "rg-run")
+    assert "val/predicted_vs_true" in tags["images"] and {"val/mae", "val/r2", "test/rmse"} <= set(tags["scalars"])
+
+
+def tensorboard_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    return events.Tags()
 
 
 def test_tables_of_several_labels_and_of_targets_are_read_and_bad_rows_listed(tmp_path):
@@ -277,3 +292,28 @@ def test_task_keys_that_cannot_work_are_one_line_before_any_work(tmp_path, args,
     result = run_script("train", "dataset=image_folder", f"dataset.root={tmp_path}", *FAST, *args, cwd=tmp_path)
     assert result.returncode == 2 and message in result.output.strip().splitlines()[-1], result.output[-2000:]
     assert "Traceback" not in result.output
+
+
+def test_a_k_fold_sweep_of_a_regression_orders_and_averages_by_the_lowest_mae(tmp_path):
+    root = make_regression_table(tmp_path / "rg", 90)
+    result = run_script("train", "-m", "dataset=table", f"dataset.root={root}", "dataset.table=sizes.csv",
+                        "dataset.target_column=radius", *LEARN, "schedule.epochs=1", "dataset.folds=3",
+                        "dataset.fold=0,1,2", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    with open(tmp_path / "sweep" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["task"] for r in rows] == ["regression"] * 3 and all(r["status"] == "completed" for r in rows)
+    best = [float(r["val_best"]) for r in rows]
+    assert best == sorted(best)  # the lowest val/mae_best first
+    assert all(float(r["test_mae"]) > 0 and r["test_rmse"] and r["test_r2"] for r in rows)
+    assert not any(r["val_acc_best"] or r["test_acc"] for r in rows)
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| job | overrides | val/mae_best | test/mae | epochs |" in summary
+    assert "| overrides | folds | val/mae_best | test/mae |" in summary
+    with open(tmp_path / "sweep" / "folds.csv", newline="") as f:
+        folds = list(csv.DictReader(f))
+    assert len(folds) == 1 and folds[0]["folds"] == "3"
+    assert list(folds[0]) == ["overrides", "folds", "val_mae_best_mean", "val_mae_best_std", "test_mae_mean",
+                              "test_mae_std"]
+    assert float(folds[0]["val_mae_best_mean"]) == pytest.approx(np.mean(best), rel=1e-6)
+    assert f"val/mae_best {best[0]:.4f}" in result.output

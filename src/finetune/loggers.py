@@ -237,7 +237,8 @@ def _end(trainer, run_dir: Path, status: str, log_model: bool) -> None:
                         import wandb
 
                         artifact = wandb.Artifact(f"model-{run.id}", type="model",
-                                                  metadata={"val/acc_best": metrics.get("val/acc_best")})
+                                                  metadata={key: value for key, value in metrics.items()
+                                                            if key.startswith("val/") and key.endswith("_best")})
                         artifact.add_file(str(best), name="best.ckpt")
                         run.log_artifact(artifact, aliases=["best"])
         except Exception as e:  # the run itself is done and on disk: a tracker that fails now costs a warning

@@ -177,10 +177,15 @@ def _over_folds(rows: list[dict], sweep_dir: Path, task=None) -> list[str]:
                       "test_acc_std": stdev(test) if len(test) > 1 else None})
     sign = -1 if task.mode == "max" else 1
     table.sort(key=lambda t: sign * (t["val_acc_best_mean"] or 0.0))
+    # columns named after the task's figures: val_acc_best_mean ... test_acc_std, val_mae_best_mean ... test_mae_std
+    names = {"val_acc_best": f"{task.monitor.replace('/', '_')}_best",
+             "test_acc": task.headline[0].replace("/", "_")}
+    columns = [next((column.replace(old, new) for old, new in names.items() if column.startswith(old)), column)
+               for column in FOLD_COLUMNS]
     with open(sweep_dir / "folds.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FOLD_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(table)
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([t[column] for column in FOLD_COLUMNS] for t in table)
     tested = any(t["test_acc_mean"] is not None for t in table)
     lines = ["", "Over the folds (mean ± standard deviation of the completed folds, n - 1 in its denominator; " + (
              "every fold is tested on the same test split):" if tested else

@@ -35,6 +35,14 @@ def task_of(name: str | None) -> Task:
     return TASKS[name or "multiclass"]
 
 
+def objective(metrics: dict) -> float | None:
+    """What a run returns to a Hydra sweeper that maximises (Optuna: hparams_search=lr_optuna): the best value of the
+    task's monitored metric, negated where lower is better (-val/mae_best)."""
+    task = task_of(metrics.get("task"))
+    best = metrics.get(f"{task.monitor}_best")
+    return None if best is None else (best if task.mode == "max" else -best)
+
+
 def better(mode: str, value: float, best: float | None) -> bool:
     """Whether `value` improves on `best` (None: nothing yet) for a metric that improves towards `mode`."""
     return best is None or (value > best if mode == "max" else value < best)

@@ -79,8 +79,11 @@ class Dashboards(L.Callback):
             self._samples = batch[0][: self.images].cpu()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self._active or not self._logits or pl_module.task.name != "multiclass":
-            return  # the views below are of one class per image
+        if not self._active or not self._logits:
+            return
+        if pl_module.task.name != "multiclass":
+            self._task_views(trainer, pl_module)
+            return
         logits = pl_module.all_gather(torch.cat(self._logits)).reshape(-1, len(pl_module.classes))
         labels = pl_module.all_gather(torch.cat(self._labels)).reshape(-1)
         writer = self._writer(trainer)
@@ -116,6 +119,27 @@ class Dashboards(L.Callback):
             writer.add_scalar(f"val_per_class/precision/{name}", precision[c], step)
             writer.add_scalar(f"val_per_class/recall/{name}", recall[c], step)
             writer.add_pr_curve(f"val_pr_curve/{name}", labels_np == c, probs[:, c], step)
+
+
+    def _task_views(self, trainer, pl_module) -> None:
+        """Multi-label: a precision-recall curve per label. Regression: predicted against true, and the residuals."""
+        width = len(pl_module.classes) if pl_module.task.name == "multilabel" else 1
+        logits = pl_module.all_gather(torch.cat(self._logits)).reshape(-1, width)
+        labels = pl_module.all_gather(torch.cat(self._labels)).reshape(len(logits), -1)
+        writer = self._writer(trainer)
+        if writer is None:
+            return
+        step = trainer.global_step
+        outputs = pl_module.outputs(logits).cpu().numpy()
+        targets = labels.float().cpu().numpy()
+        if pl_module.task.name == "multilabel":
+            for k, name in list(enumerate(pl_module.classes))[:self.max_classes]:
+                writer.add_pr_curve(f"val_pr_curve/{name}", targets[:, k] > 0.5, outputs[:, k], step)
+            return
+        from finetune.plots import regression_figure
+
+        figure = regression_figure(outputs[:, 0], targets[:, 0], pl_module.classes[0])
+        writer.add_image("val/predicted_vs_true", figure_to_array(figure), step, dataformats="HWC")
 
 
 def target_text(model, target: torch.Tensor) -> str:
