@@ -69,6 +69,10 @@ def test_multilabel_from_a_csv_learns_well_above_the_label_frequencies(multilabe
         total = sum(counts.values())
         assert abs(counts["test"] - 0.1 * total) <= 2 and abs(counts["val"] - 0.1 * total) <= 2, (label, counts)
     assert "Dataset table: 360 images, 3 labels" in output
+    card = (run_dir / "model_card.md").read_text()
+    sizes = {s: sum(1 for r in rows if r["split"] == s) for s in ("train", "val", "test")}
+    assert "360 images after the integrity scan" in card and "A multi-label image classifier" in card
+    assert f"| {'all':<5} | {sizes['train']} | {sizes['val']} | {sizes['test']} |" in card
     assert "Thresholds fitted per label on" in output and "Test (best checkpoint): test/map" in output
 
 
@@ -205,10 +209,14 @@ def test_a_saved_hugging_face_dataset_of_label_lists_and_of_numbers(tmp_path):
         .save_to_disk(str(tmp_path / "hf-rg"))
     assert read_source("hf", None, path=str(tmp_path / "hf-rg")).task == "regression"
     result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'hf-rg'}", *DASHBOARDS, "schedule.epochs=3",
-                        "head.loss=huber", "hydra.run.dir=rg-run", cwd=tmp_path)
+                        "head.loss=huber", "tune.lr_find=true", "tune.steps=20", "schedule.freeze_epochs=1",
+                        "hydra.run.dir=rg-run", cwd=tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     metrics = json.loads((tmp_path / "rg-run" / "metrics.json").read_text())
     assert metrics["task"] == "regression" and metrics["test/mae"] > 0 and metrics["test_images"] == 12
+    # after the learning-rate finder too, phases are followed by val/mae (lowest best)
+    assert [p["phase"] for p in metrics["phases"]] == [1, 2] and "val/mae_best" in metrics["phases"][0]
+    assert "(lower is better: " in result.output
     hp = torch.load(tmp_path / "rg-run" / "checkpoints" / "best.ckpt", weights_only=True)["hyper_parameters"]
     assert hp["head_config"]["loss"] == "huber" and hp["target_stats"]["std"] > 1
     tags = tensorboard_tags(tmp_path / "rg-run")
@@ -272,7 +280,8 @@ def test_iterative_stratification_brings_rare_labels_to_every_split_and_keeps_gr
     assert abs((splits == "test").sum() - 60) <= 6
     folds = [stratified_split(np.zeros(400, dtype=np.int64), 0.15, 0.15, 42, folds=4, fold=f, multilabel=targets)
              for f in range(4)]
-    assert all(np.array_equal(f == "test", folds[0] == "test") for f in folds)  # one test split for every fold
+    plain = stratified_split(np.zeros(400, dtype=np.int64), 0.15, 0.15, 42, multilabel=targets)
+    assert all(np.array_equal(f == "test", plain == "test") for f in folds)  # the same test split for every fold
     assert np.array_equal(sum((f == "val").astype(int) for f in folds), (folds[0] != "test").astype(int))
 
 
@@ -317,3 +326,99 @@ def test_a_k_fold_sweep_of_a_regression_orders_and_averages_by_the_lowest_mae(tm
                               "test_mae_std"]
     assert float(folds[0]["val_mae_best_mean"]) == pytest.approx(np.mean(best), rel=1e-6)
     assert f"val/mae_best {best[0]:.4f}" in result.output
+
+
+def test_a_regression_whose_validation_and_test_splits_hold_one_image_each_trains(tmp_path):
+    """R^2 needs two images: with one, it is left out (it stopped the run), and MAE still picks the checkpoint."""
+    root = make_regression_table(tmp_path / "rg", 12)
+    result = run_script("train", "dataset=table", f"dataset.root={root}", "dataset.table=sizes.csv",
+                        "dataset.target_column=radius", *LEARN, "schedule.epochs=2", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test_images"] == 1 and metrics["val_images"] == 1 and "test/r2" not in metrics
+    assert metrics["test/mae"] > 0 and metrics["val/mae_best"] > 0
+
+
+def test_map_counts_only_labels_with_positives_in_training_as_in_evaluate():
+    from finetune.models.classifier import LabelMeanAP
+    from finetune.scores import multilabel_scores
+
+    rng = np.random.default_rng(0)
+    targets = (rng.random((50, 3)) < 0.4).astype(np.float32)
+    targets[:, 2] = 0  # a label without positives in this split
+    probs = np.clip(targets * 0.5 + rng.random((50, 3)) * 0.6, 0, 1).astype(np.float32)
+    metric = LabelMeanAP(3)
+    metric.update(torch.from_numpy(probs[:20]), torch.from_numpy(targets[:20]).long())
+    metric.update(torch.from_numpy(probs[20:]), torch.from_numpy(targets[20:]).long())
+    expected = multilabel_scores(probs, targets, [0.5] * 3, ["a", "b", "c"])["map"]
+    assert float(metric.compute()) == pytest.approx(expected, abs=1e-5)
+    assert multilabel_scores(probs, targets, [0.5] * 3, ["a", "b", "c"])["per_label"]["c"]["ap"] is None
+
+
+def test_the_gain_of_a_phase_by_mae_says_lower_is_better():
+    from finetune.schedule import Schedule
+
+    config = {"epochs": 4, "phases": [{"train": "head", "epochs": 2}, {"train": "all", "epochs": 2}]}
+    schedule = Schedule(config, blocks=4, monitor="val/mae", mode="min")
+    for epoch, mae in enumerate([3.0, 2.0, 2.5, 1.5]):
+        schedule.observe(epoch, mae)
+    rows = schedule.gains()
+    assert rows[0]["val/mae_best"] == 2.0 and rows[1]["val/mae_best"] == 1.5 and rows[1]["gain"] == -0.5
+    assert schedule.describe_gains()[1].endswith("-0.5000 against the best of the phases before (lower is better: "
+                                                 "better)")
+
+
+def test_a_sweep_summary_takes_its_task_from_a_completed_job_not_a_failed_one(tmp_path):
+    from finetune.sweep import write_summary
+
+    jobs = [{"job": 0, "status": "failed", "error": "E", "task": None},
+            {"job": 1, "status": "completed", "task": "regression", "val_best": 5.0, "test_mae": 5.5},
+            {"job": 2, "status": "completed", "task": "regression", "val_best": 2.0, "test_mae": 2.5}]
+    for job in jobs:
+        (tmp_path / str(job["job"])).mkdir()
+        (tmp_path / str(job["job"]) / "job.json").write_text(json.dumps(
+            {"overrides": "", "val_acc_best": None, "test_acc": None, "epochs": 1, "wall_time_s": 1, "error": "",
+             **job}))
+    rows = write_summary(tmp_path)
+    assert [r["job"] for r in rows] == [2, 1, 0]
+    assert "| job | overrides | val/mae_best | test/mae |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_hugging_face_dataset_with_a_class_and_a_list_of_tags_reads_the_one_the_task_needs(tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Image, Sequence
+
+    root = make_multilabel_table(tmp_path / "ml", 6)
+    images = [str(p) for p in sorted((root / "images").glob("*.jpg"))]
+    Dataset.from_dict({"image": images, "label": [0, 1, 0, 1, 0, 1], "tags": [[0], [1], [0, 1], [1], [0], [0, 1]]},
+                      features=Features({"image": Image(), "label": ClassLabel(names=["cat", "dog"]),
+                                         "tags": Sequence(ClassLabel(names=["indoor", "outdoor"]))})) \
+        .save_to_disk(str(tmp_path / "both"))
+    assert read_source("hf", None, path=str(tmp_path / "both")).classes == ["cat", "dog"]
+    tagged = read_source("hf", None, path=str(tmp_path / "both"), task="multilabel")
+    assert tagged.classes == ["indoor", "outdoor"] and tagged.targets[2].tolist() == [1, 1]
+
+
+def test_a_regression_export_of_large_targets_keeps_them_in_float32_and_in_fp16(regression_run, tmp_path):
+    """A target in the hundreds of thousands: parity is judged on its scale, and fp16 keeps x * std + mean in
+    float32 (float16 ends at 65504)."""
+    import shutil
+
+    root, run_dir, _ = regression_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    checkpoint = torch.load(copy / "checkpoints" / "best.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["target_stats"] = {"mean": 250000.0, "std": 80000.0}
+    torch.save(checkpoint, copy / "checkpoints" / "best.ckpt")
+    outputs = {}
+    for quantize in ("none", "fp16"):
+        out = tmp_path / f"m-{quantize}.onnx"
+        result = run_script("export", f"ckpt={copy}", "format=onnx", f"quantize={quantize}", f"out={out}",
+                            "measure=false", cwd=tmp_path)
+        assert result.returncode == 0, result.output[-3000:]
+        result = run_script("predict", f"model={out}", f"inputs={root / 'images' / '00*.jpg'}",
+                            f"out={tmp_path / quantize}.csv", cwd=tmp_path)
+        assert result.returncode == 0, result.output[-3000:]
+        with open(tmp_path / f"{quantize}.csv", newline="") as f:
+            outputs[quantize] = np.array([float(row["radius"]) for row in csv.DictReader(f)])
+    assert outputs["none"].min() > 65504  # beyond float16
+    assert np.abs(outputs["fp16"] - outputs["none"]).max() < 0.01 * outputs["none"].std() + 1

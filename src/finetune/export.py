@@ -124,13 +124,15 @@ def run(cfg: DictConfig) -> dict:
         else:
             export_torchscript(deployable, example, float32)
         difference = parity(deployable, load_exported(float32, cfg.format), size)
-        if not difference < TOLERANCE:  # the handler below removes what was written
+        tolerance = parity_tolerance(model)
+        if not difference < tolerance:  # the handler below removes what was written
             raise FinetuneError(f"the exported model does not match PyTorch: max abs difference {difference:.3e} >= "
-                                f"{TOLERANCE:.0e}; nothing was written")
+                                f"{tolerance:.1e}; nothing was written")
         if quantize == "int8":
             quantize_int8(float32, out, data.calibration_batches(cfg.calibration_images, cfg.seed), work)
         elif quantize == "fp16":
-            convert_fp16(float32, out)
+            convert_fp16(float32, out, (model.target_std, model.target_mean)
+                         if model.task.name == "regression" else None)
         models = {"pytorch float32": lambda images: _torch_run(deployable, images)}
         if quantize != "none":
             models["onnx float32"] = load_exported(float32, "onnx")
@@ -169,7 +171,7 @@ def run(cfg: DictConfig) -> dict:
     out, sidecar = final_out, final_sidecar
     megabytes = exported["megabytes"]
     print(f"parity of the float32 graph with PyTorch: max abs difference {difference:.2e} on 3 random images "
-          f"(tolerance {TOLERANCE:.0e})")
+          f"(tolerance {tolerance:.1e})")
     latency = (f", CPU latency {exported['ms_per_image_batch1']:.1f} ms per image (batch of 1, median)"
                if "ms_per_image_batch1" in exported else "")
     print(f"{out}: {megabytes:.1f} MB{latency}")
@@ -220,6 +222,14 @@ def remove_dead_exports(folder: Path) -> None:
 def _torch_run(model: nn.Module, images: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         return model(torch.from_numpy(images)).numpy()
+
+
+def parity_tolerance(model: Classifier) -> float:
+    """TOLERANCE, on probabilities; a regression model's values are in its target's units, where float32 rounding
+    alone is about 1e-7 of their size: TOLERANCE of the target's scale (its mean's size or its spread, at least 1)."""
+    if model.task.name != "regression":
+        return TOLERANCE
+    return TOLERANCE * max(1.0, abs(model.target_mean), model.target_std)
 
 
 def parity(deployable: nn.Module, run_exported, size: int) -> float:
@@ -314,14 +324,45 @@ def quiet_root_logger():
         root.setLevel(level)
 
 
-def convert_fp16(float32: Path, out: Path) -> None:
+def convert_fp16(float32: Path, out: Path, target_scale: tuple[float, float] | None = None) -> None:
     """onnxruntime's float16 converter; uint8 images in and float32 probabilities out as before; the softmax in
-    float32."""
+    float32. A regression model's last two nodes (x * std + mean, `target_scale`: into the target's units) are taken
+    off before and put back after, in float32: float16 ends at 65504, and the converter turns their constants into
+    float16 even where it keeps the nodes in float32 (a target of 250,000 came out as inf)."""
     import onnx
+    from onnx import numpy_helper
+    from onnx.helper import make_node
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    half = convert_float_to_float16(onnx.load(str(float32)), keep_io_types=True,
-                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Softmax"])
+    model = onnx.load(str(float32))
+    if target_scale is not None:
+        graph = model.graph
+        multiply, add = graph.node[-2:]
+        if (multiply.op_type, add.op_type) != ("Mul", "Add"):
+            raise FinetuneError(f"{float32}: a regression graph ends in x * std + mean, not in {multiply.op_type} and "
+                                f"{add.op_type}: export it with quantize=none")
+        output = onnx.ValueInfoProto()
+        output.CopyFrom(graph.output[0])
+        standardised = onnx.ValueInfoProto()
+        standardised.CopyFrom(output)
+        standardised.name = multiply.input[0]
+        del graph.node[-2:]
+        graph.output.pop()
+        graph.output.append(standardised)
+    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Softmax"])
+    if target_scale is not None:
+        graph = half.graph
+        std, mean = target_scale
+        graph.initializer.extend([numpy_helper.from_array(np.array(std, dtype=np.float32), "target_std"),
+                                  numpy_helper.from_array(np.array(mean, dtype=np.float32), "target_mean")])
+        graph.node.extend([make_node("Mul", [standardised.name, "target_std"], ["scaled_target"]),
+                           make_node("Add", ["scaled_target", "target_mean"], [output.name])])
+        graph.output.pop()
+        graph.output.append(output)
+        used = {name for node in graph.node for name in node.input}
+        unused = [init for init in graph.initializer if init.name not in used]
+        for init in unused:
+            graph.initializer.remove(init)
     onnx.save(half, str(out))
 
 
@@ -477,7 +518,8 @@ def table(evaluation: dict) -> str:
     """The measurements as a small text table."""
     split = f"{evaluation['images']} {evaluation['split']} images" if evaluation["images"] else "not measured"
     metric = evaluation.get("metric", "accuracy")
-    lines = [f"{'model':<18} {metric:>9} {'drop':>6} {'top-1 changed':>14} {'MB':>7} {'ms/img b1':>10} "
+    changed_name = {"accuracy": "top-1 changed", "mAP": "labels changed"}.get(metric, "")
+    lines = [f"{'model':<18} {metric:>9} {'drop':>6} {changed_name:>14} {'MB':>7} {'ms/img b1':>10} "
              f"{'ms/img b32':>11}   ({metric} on {split}; CPU, {evaluation['machine']})"]
     reference = evaluation["models"]["pytorch float32"].get("accuracy")
     task = {"mAP": "multilabel", "MAE": "regression"}.get(metric, "multiclass")

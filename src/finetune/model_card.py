@@ -26,9 +26,11 @@ def _interval_row(interval) -> str:
 
 
 def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: dict, backbone: dict,
-               preprocessing: dict, parameters: int, skipped: int, run_dir: Path) -> str:
+               preprocessing: dict, parameters: int, skipped: int, run_dir: Path,
+               images: dict[str, int] | None = None) -> str:
     """The card of a finished run. `counts`: images per class in each split; `backbone`: the checkpoint's record
-    (name, architecture); `metrics`: metrics.json's values."""
+    (name, architecture); `metrics`: metrics.json's values; `images`: images per split (for multi-label, where an
+    image counts under each of its labels in `counts`)."""
     name, dataset = cfg.backbone.name, cfg.dataset.name
     pretrained = bool(cfg.backbone.pretrained) and cfg.backbone.weights is None
     base = name[len("hf-hub:"):] if name.startswith("hf-hub:") else (f"timm/{name}" if pretrained and "." in name
@@ -40,11 +42,12 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
     headline = task.headline[0]  # test/acc, test/map, test/mae
     metric_name = {"multiclass": "accuracy", "multilabel": "mAP", "regression": "MAE"}[task.name]
     accuracy = metrics.get(headline)
-    held_out = sum(counts.get("test", [])) > 0  # without a test split, no test figures: only val/acc_best
+    totals = images or {s: sum(counts.get(s, [])) for s in SPLIT_NAMES}
+    held_out = totals.get("test", 0) > 0  # without a test split, no test figures: only val/acc_best
     split = "test"
     where = "the test split" if held_out else ("the validation split alone (this run has no test split, so no test "
-                                               "figures: the same images chose the best checkpoint, so val/acc_best "
-                                               "is optimistic)")
+                                               f"figures: the same images chose the best checkpoint, so "
+                                               f"{task.monitor}_best is optimistic)")
     test_images = metrics.get("test_images") if held_out else metrics.get("val_images")
     header = ["---", "library_name: timm", "pipeline_tag: image-classification",
               f"tags:{_yaml_list(['image-classification', 'timm', 'finetune', 'transfer-learning'])}",
@@ -61,7 +64,6 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
                    f"      name: {split} {metric_name} ({test_images} images, best checkpoint)"]
     header.append("---")
 
-    totals = {s: sum(counts.get(s, [])) for s in SPLIT_NAMES}
     width = max(len(c) for c in classes + ["class"])
     rows = [f"| {'class':<{width}} | train | val | test |", f"|{'-' * (width + 2)}|------:|----:|-----:|"]
     rows += [f"| {c:<{width}} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
@@ -89,7 +91,7 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
                             "values\n  are extrapolations nobody measured."}[task.name]
     card = "\n".join(header) + f"""
 
-# {dataset} classifier: {name}
+# {dataset} {'regressor' if task.name == 'regression' else 'classifier'}: {name}
 
 {what}{listed},
 fine-tuned with finetune from a timm backbone (`task={task.name}`). Run directory: `{run_dir}`.
@@ -141,9 +143,12 @@ from the checkpoint alone (class names and preprocessing included).
 
 - {limits}
 - It was trained at {size}x{size} pixels on the images of `{cfg.dataset.root}`; photos unlike them (other
-  cameras, lighting, framing) may be classified worse than the test accuracy says.
-- The {'test' if held_out else 'validation'} accuracy was measured on {test_images} images: each image more or
-  less right moves it by {_number(100 / max(int(test_images or 1), 1), 2)} points.
+  cameras, lighting, framing) may be {'predicted' if task.name == 'regression' else 'classified'} worse than the \
+test figures say.
+- The {'test' if held_out else 'validation'} {'accuracy' if task.name == 'multiclass' else 'figures'} \
+{'was' if task.name == 'multiclass' else 'were'} measured on {test_images} images{
+    f": each image more or less right moves it by {_number(100 / max(int(test_images or 1), 1), 2)} points"
+    if task.name == 'multiclass' else ", a small sample"}.
 """
     return card
 
@@ -153,7 +158,8 @@ def _phase_table(phases: list[dict]) -> str:
     if len(phases) < 2:
         return ""
     monitor = next(key[:-4] for key in phases[0] if key.endswith("_end"))  # val/acc, val/map or val/mae
-    rows = ["", f"| phase | trains | epochs | {monitor} at its end | best | on the best before it |",
+    lower = " (lower is better)" if monitor.endswith("mae") else ""
+    rows = ["", f"| phase | trains | epochs | {monitor} at its end | best | on the best before it{lower} |",
             "|---|---|---|---:|---:|---:|"]
     for p in phases:
         gain = "" if p.get("gain") is None else f"{p['gain']:+.4f}"

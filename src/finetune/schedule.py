@@ -260,7 +260,9 @@ class Schedule:
             phase = self.phases[row["phase"] - 1]
             first, last = row["epochs"]
             gain = "" if row["gain"] is None else (
-                f"; {row['gain']:+.4f} on the best of the phases before" if row["gain"] else
+                f"; {row['gain']:+.4f} on the best of the phases before" if self.mode == "max" and row["gain"] else
+                f"; {row['gain']:+.4f} against the best of the phases before (lower is better: "
+                f"{'better' if row['gain'] < 0 else 'worse'})" if row["gain"] else
                 "; no better than the phases before")
             lines.append(f"phase {row['phase']} (epochs {first}-{last}, {phase.describe(self.blocks)}): {self.monitor} "
                          f"{row[self.monitor + '_end']:.4f} at its end, best {row[self.monitor + '_best']:.4f}{gain}")

@@ -35,7 +35,7 @@ def _task(rows: list[dict]):
     """The task of a sweep's jobs (finetune.tasks): its monitored metric and headline test figure name the columns."""
     from finetune.tasks import task_of
 
-    return task_of(next((r.get("task") for r in rows if r.get("task")), None))
+    return task_of(next((r.get("task") for r in rows if r.get("task") and r["status"] == "completed"), None))
 
 
 class SweepReport(Callback):
@@ -80,7 +80,7 @@ class SweepReport(Callback):
                                 if o.split("=", 1)[0].lstrip("+~") != "dataset.fold"),
             # the task's own figures: the monitored metric's best (val/acc_best, val/map_best, val/mae_best) and
             # its test figures
-            "task": task.name,
+            "task": metrics.get("task") or ("multiclass" if metrics else None),  # none known for a failed job
             "val_best": metrics.get(f"{task.monitor}_best"),
             **{key.replace("/", "_"): metrics.get(key) for key in ("test/map", "test/f1_macro", "test/f1_micro",
                                                                     "test/mae", "test/rmse", "test/r2")},

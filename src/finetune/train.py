@@ -94,7 +94,7 @@ def _run(plan: Plan, overrides: list[str]) -> dict:
         log_duplicate_groups(trainer, data)
     with loggers.ended(trainer, run_dir, cfg.logger.log_model):
         loggers.start(trainer, run_dir, None if resuming else
-                      hyperparameters(cfg, preprocessing.image_size, str(trainer.precision)))
+                      hyperparameters(cfg, preprocessing.image_size, str(trainer.precision), data.task))
         fit(trainer, model, data, run_dir, ckpt_path)
         phases = model.schedule.gains()  # before testing loads the best checkpoint, whose history ends at its epoch
         metrics = test_best(trainer, model, data, run_dir)
@@ -257,7 +257,8 @@ def find_learning_rate(trainer: L.Trainer, model: Classifier, data: ImageDataMod
              run_dir / "lr_find.png", suggestion)
     cfg.schedule.lr = float(suggestion)
     model.hparams.schedule["lr"] = float(suggestion)
-    model.schedule = Schedule(model.hparams.schedule, model.schedule.blocks)
+    model.schedule = Schedule(model.hparams.schedule, model.schedule.blocks, monitor=model.task.monitor,
+                              mode=model.task.mode)
     save_config(cfg, run_dir / rundir.CONFIG)
     return float(suggestion)
 
@@ -269,9 +270,9 @@ def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_
         results = trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)
         metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     else:  # the validation split chose the best checkpoint: its figures would be no test of it
-        log.warning("This run has no test split (dataset.test_fraction=0), so it reports no test figures; val/acc_best "
+        log.warning("This run has no test split (dataset.test_fraction=0), so it reports no test figures; %s_best "
                     "is measured on the images that chose the best checkpoint and is optimistic. For a held-out "
-                    "figure: dataset.test_fraction=0.1")
+                    "figure: dataset.test_fraction=0.1", model.task.monitor)
         metrics = {}
     best_score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     monitor = model.task.monitor
@@ -376,7 +377,8 @@ def write_model_card(cfg: DictConfig, model: Classifier, data: ImageDataModule, 
     skipped = run_dir / "skipped.csv"
     passed_over = max(len(skipped.read_text().splitlines()) - 1, 0) if skipped.is_file() else 0
     text = train_card(cfg, data.classes, data.class_counts(), metrics, model.hparams.backbone_config,
-                      model.hparams.preprocessing, sum(p.numel() for p in model.parameters()), passed_over, run_dir)
+                      model.hparams.preprocessing, sum(p.numel() for p in model.parameters()), passed_over, run_dir,
+                      images={split: len(data.indices(split)) for split in ("train", "val", "test")})
     rundir.write_text(run_dir / rundir.MODEL_CARD, text)
 
 

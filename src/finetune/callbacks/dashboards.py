@@ -168,15 +168,17 @@ def hparam_metrics(task: str) -> tuple[str, ...]:
     t = task_of(task)
     if t.name == "multiclass":
         return HPARAM_METRICS
-    return (t.monitor, f"{t.monitor}_best", "val/loss", "train/loss", *t.headline, "test/loss")
+    logged = ("test/map",) if t.name == "multilabel" else t.headline  # F1 at the thresholds comes after the test
+    return (t.monitor, f"{t.monitor}_best", "val/loss", "train/loss", *logged, "test/loss")
 
 
-def hyperparameters(cfg, image_size: int, precision: str) -> dict:
+def hyperparameters(cfg, image_size: int, precision: str, task: str | None = None) -> dict:
     """The hyperparameters that compare the runs of a sweep: TensorBoard's HPARAMS, MLflow's params, W&B's config."""
     return {
         "dataset": cfg.dataset.name, "backbone": cfg.backbone.name, "pretrained": cfg.backbone.pretrained,
         "head": cfg.head.name, "dropout": cfg.head.dropout, "image_size": image_size,
         "batch_size": cfg.dataset.batch_size, "augment": cfg.augment.name, "seed": cfg.seed,
+        "task": task or cfg.get("task") or "multiclass", "loss": str(cfg.head.get("loss")),
         "precision": precision,
         **{f"schedule.{k}": (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in cfg.schedule.items()},
     }
@@ -193,7 +195,7 @@ def log_hparams(trainer: L.Trainer, cfg, image_size: int, task: str = "multiclas
         return
     from torch.utils.tensorboard.summary import hparams
 
-    params = hyperparameters(cfg, image_size, str(trainer.precision))
+    params = hyperparameters(cfg, image_size, str(trainer.precision), task)
     writer = tensorboard.experiment._get_file_writer()  # reopened if the learning-rate finder's fit closed it
     for summary in hparams(params, {m: 0.0 for m in hparam_metrics(task)}):
         writer.add_summary(summary)

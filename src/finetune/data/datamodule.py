@@ -394,7 +394,9 @@ def apply_split_file(source: Source, split_file: Path, only: str | None = None,
     keep = np.array([position[path] for path, _, _ in rows], dtype=np.int64)
     wrong = [path for (path, label, _), j in zip(rows, keep) if label_text(source, j) != label]
     if wrong:
-        raise DataError(f"{len(wrong)} images of {split_file} have another class now, e.g. {wrong[0]}")
+        raise DataError(f"{len(wrong)} images of {split_file} have another "
+                        f"{ {'regression': 'target', 'multilabel': 'set of labels'}.get(source.task, 'class')} now, "
+                        f"e.g. {wrong[0]}")
     if len(keep) < len(source) and only is None:
         log.warning("%d images of the dataset are not in %s and are left out", len(source) - len(keep), split_file)
     chosen = subset(source, keep)

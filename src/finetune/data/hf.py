@@ -57,7 +57,7 @@ def read_hf(root: str | None, path: str | None = None, image_column: str | None 
         label_col = _label_column(first, target_column, image_col, path, key="target_column")
         task = "regression"
     else:
-        label_col = _label_column(first, label_column, image_col, path)
+        label_col = _label_column(first, label_column, image_col, path, task=task)
     inferred, names = _kind(first, label_col, path, task)
     if task is None and inferred != "multiclass":
         log.info("task=%s (inferred): column %r of dataset.path=%s holds %s", inferred, label_col, path,
@@ -183,7 +183,10 @@ def _image_column(data, given: str | None, path: str) -> str:
     return found[0]
 
 
-def _label_column(data, given: str | None, image_col: str, path: str, key: str = "label_column") -> str:
+def _label_column(data, given: str | None, image_col: str, path: str, key: str = "label_column",
+                  task: str | None = None) -> str:
+    """The column of labels: as given, else the ClassLabel one (a list of ClassLabels first for task=multilabel, last
+    otherwise), else one named like a label column, else the only column beside the images."""
     from datasets import ClassLabel
 
     columns = ", ".join(data.column_names)
@@ -191,8 +194,9 @@ def _label_column(data, given: str | None, image_col: str, path: str, key: str =
         if given not in data.column_names:
             raise DataError(f"dataset.path={path}: no column {given!r} (dataset.{key}); its columns: {columns}")
         return given
-    found = [c for c, f in data.features.items() if isinstance(f, ClassLabel)
-             or isinstance(getattr(f, "feature", None), ClassLabel)] or \
+    single = [c for c, f in data.features.items() if isinstance(f, ClassLabel)]
+    lists = [c for c, f in data.features.items() if isinstance(getattr(f, "feature", None), ClassLabel)]
+    found = (lists or single if task == "multilabel" else single or lists) or \
         [c for c in data.column_names if c.lower() in (*LABEL_COLUMNS, "labels")]
     rest = [c for c in data.column_names if c != image_col]
     if not found and len(rest) == 1:

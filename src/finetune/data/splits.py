@@ -88,21 +88,20 @@ def _multilabel_split(targets: np.ndarray, val_fraction: float, test_fraction: f
                       official: list[str] | None, groups: np.ndarray | None, folds: int | None,
                       fold: int) -> np.ndarray:
     """stratified_split for multi-label samples: the same rules (official splits kept, groups whole, the folds of what
-    is outside the test split), each division by iterative_split."""
+    is outside the test split, that test split the same as without folds), each division by iterative_split."""
     rng = np.random.default_rng(seed)
     out = np.array(official if official is not None else ["train"] * len(targets), dtype=object)
     has_test = official is not None and "test" in out
     has_val = official is not None and "val" in out
-    if folds:
-        out[out == "val"] = "train"
     groups = np.arange(len(targets)) if groups is None else np.asarray(groups)
     pool = np.flatnonzero(out == "train")
     test = 0 if has_test else test_fraction
-    val = 0 if has_val or folds else val_fraction
-    if test or val:
+    val = 0 if has_val else val_fraction
+    if test or val:  # as without folds: the folds divide what this leaves outside the test split
         side = iterative_split(targets, pool, groups, [test, val, 1 - test - val], rng)
         out[pool[side == 0]], out[pool[side == 1]] = "test", "val"
     if folds:
+        out[out == "val"] = "train"  # the folds take the validation split's place
         pool = np.flatnonzero(out == "train")
         side = iterative_split(targets, pool, groups, [1 / folds] * folds, rng)
         out[pool[side == fold]] = "val"

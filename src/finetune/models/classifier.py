@@ -58,6 +58,25 @@ class BatchMean(Metric):
         return self.total / self.count
 
 
+class LabelMeanAP(MultilabelAveragePrecision):
+    """mAP over the labels that have positives among the images seen (torchmetrics' macro average counts a label
+    without any as AP 0): the mean that evaluate and the export (finetune.scores) report too."""
+
+    def __init__(self, num_labels: int):
+        super().__init__(num_labels=num_labels, average=None, validate_args=False)
+        self.add_state("positives", torch.zeros(num_labels), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        super().update(preds, target)
+        self.positives += target.sum(0).float()
+
+    def compute(self) -> torch.Tensor:
+        present = self.positives > 0
+        if not present.any():
+            return torch.tensor(float("nan"), device=self.positives.device)
+        return super().compute()[present].mean()
+
+
 class Classifier(L.LightningModule):
     """timm backbone (pooled features) -> head -> logits, fed uint8 images that it normalises on its own device.
 
@@ -108,8 +127,7 @@ class Classifier(L.LightningModule):
         self.mix = None
         if self.task.name == "multilabel":
             for stage in ("val", "test"):  # mean average precision over the labels: needs no threshold
-                setattr(self, f"{stage}_map", MultilabelAveragePrecision(num_labels=len(classes), average="macro",
-                                                                         validate_args=False))
+                setattr(self, f"{stage}_map", LabelMeanAP(len(classes)))
             return
         if self.task.name == "regression":  # in the target's units
             for stage in ("train", "val", "test"):
@@ -221,8 +239,8 @@ class Classifier(L.LightningModule):
         values = {}
         for name in self._stage_metrics(stage):
             metric = getattr(self, name)
-            if metric.update_count == 0:
-                continue
+            if metric.update_count == 0 or (isinstance(metric, R2Score) and int(metric.total) < 2):
+                continue  # nothing seen; R^2 of fewer than two images is undefined
             key = f"{stage}/{name[len(stage) + 1:]}"
             values[key] = metric.compute()
             self.log(key, values[key], prog_bar=key == self.task.monitor)
