@@ -74,6 +74,7 @@ def test_multilabel_from_a_csv_learns_well_above_the_label_frequencies(multilabe
     assert "360 images after the integrity scan" in card and "A multi-label image classifier" in card
     assert f"| {'all':<5} | {sizes['train']} | {sizes['val']} | {sizes['test']} |" in card
     assert "Thresholds fitted per label on" in output and "Test (best checkpoint): test/map" in output
+    assert "task=multilabel: the best checkpoint is the epoch of the highest val/map" in output
 
 
 def test_multilabel_evaluate_predict_and_onnx_agree_with_the_run(multilabel_run, tmp_path):
@@ -124,6 +125,7 @@ def test_regression_from_a_csv_learns_the_size_and_every_tool_agrees(regression_
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["task"] == "regression" and "val/mae_best" in metrics
     assert "task=regression, inferred from the data" in output and "a target to regress" in output
+    assert "task=regression: the best checkpoint is the epoch of the lowest val/mae" in output
     with open(root / "sizes.csv", newline="") as f:
         radius = {str(root / row["path"]): float(row["radius"]) for row in csv.DictReader(f)}
     with open(run_dir / "split.csv", newline="") as f:
@@ -173,6 +175,7 @@ def test_regression_from_a_csv_learns_the_size_and_every_tool_agrees(regression_
     assert "An image regressor of `radius`" in card and "| test/mae |" in card
 
 
+@pytest.mark.slow
 def test_a_saved_hugging_face_dataset_of_label_lists_and_of_numbers(tmp_path):
     """Lists of ClassLabels make a multi-label run, a float column a regression, each with its own splits."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence, Value
@@ -398,6 +401,7 @@ def test_a_hugging_face_dataset_with_a_class_and_a_list_of_tags_reads_the_one_th
     assert tagged.classes == ["indoor", "outdoor"] and tagged.targets[2].tolist() == [1, 1]
 
 
+@pytest.mark.slow
 def test_a_regression_export_of_large_targets_keeps_them_in_float32_and_in_fp16(regression_run, tmp_path):
     """A target in the hundreds of thousands: parity is judged on its scale, and fp16 keeps x * std + mean in
     float32 (float16 ends at 65504)."""

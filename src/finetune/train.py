@@ -80,6 +80,9 @@ def _run(plan: Plan, overrides: list[str]) -> dict:
         compile_model(model)
 
     trainer = build_trainer(cfg, run_dir, data, resuming=resuming)
+    if data.task != "multiclass":  # one class per image keeps its log as it was: val/acc, as always
+        log.info("task=%s: the best checkpoint is the epoch of the %s %s", data.task,
+                 "highest" if model.task.mode == "max" else "lowest", model.task.monitor)
     ckpt_path = None
     if resuming:
         ckpt_path = rundir.last(run_dir)
