@@ -10,12 +10,6 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_ERROR_REPORTING"] = "false"
 for _key in ("WANDB_API_KEY", "WANDB_BASE_URL", "MLFLOW_TRACKING_URI"):
     os.environ.pop(_key, None)
-# The default suite runs in two pytest-xdist workers (pyproject's addopts), one per core: each computes on one thread,
-# so that two of them do not take turns on the cores (the processes they start keep torch's default).
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    import torch
-
-    torch.set_num_threads(1)
 
 from support import _COMPOSED  # noqa: E402
 from support.fabricate import make_dogs_vs_cats, make_image_folder  # noqa: E402

@@ -316,14 +316,7 @@ def test_the_two_phase_shorthand_reproduces_the_previous_release(tmp_path, shape
                   "schedule.backbone_lr_ratio=0.03", "dataset.val_fraction=0.2", "dataset.test_fraction=0.2",
                   "schedule.epochs=3", "schedule.freeze_epochs=1", "trainer.deterministic=true", "logger=none",
                   "seed=7", "schedule.norm_bias_decay=true", *extra)
-    # recorded with torch's two threads (this 2-core machine's default): the order of the sums, and so their last
-    # bits, follow the thread count, which the suite's workers set to one
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        metrics = run(cfg, overrides=given(cfg))
-    finally:
-        torch.set_num_threads(threads)
+    metrics = run(cfg, overrides=given(cfg))
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     weight_sum = float(sum(v.double().sum() for v in state.values() if v.is_floating_point()))
     for key in ("test/acc", "val/acc_best"):

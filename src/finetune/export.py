@@ -158,9 +158,7 @@ def run(cfg: DictConfig) -> dict:
         drop, limit = evaluation.get("accuracy_drop_points"), cfg.get("max_accuracy_drop")
         if drop is not None and limit is not None and drop > limit:
             raise FinetuneError(
-                f"the {name} model is {drop:.2f} {'percent' if evaluation.get('metric') == 'MAE' else 'points'} "
-                f"{'worse than' if evaluation.get('metric') == 'MAE' else 'below'} PyTorch's "
-                f"{evaluation.get('metric', 'accuracy')} on {evaluation['images']} "
+                f"the {name} model {how_far(evaluation.get('metric', 'accuracy'), drop)} on {evaluation['images']} "
                 f"{data.split} images (the table above), more than max_accuracy_drop={limit}: nothing was written. "
                 f"Use {'quantize=fp16 or quantize=none' if quantize == 'int8' else 'quantize=none'}, more "
                 f"calibration images, or max_accuracy_drop={int(drop) + 1} to accept it")
@@ -505,6 +503,13 @@ def score(task: str, outputs: np.ndarray, labels: np.ndarray, model: Classifier)
         scores = multilabel_scores(outputs, labels, model.thresholds, model.classes)
         return scores["map"] or 0.0, outputs >= np.asarray(model.thresholds)[None, :]
     return float((outputs.argmax(1) == labels).mean()), outputs.argmax(1)
+
+
+def how_far(metric: str, drop: float) -> str:
+    """An export's drop in words: accuracy or mAP points below PyTorch's, or its MAE's rise in percent."""
+    if metric == "MAE":
+        return f"has a MAE {drop:.2f}% above PyTorch's"
+    return f"is {drop:.2f} {metric} points below PyTorch's"
 
 
 def drop(task: str, reference: float, exported: float) -> float:

@@ -438,11 +438,12 @@ def read_table(root: str | None, table: str | None = None, path_column: str | No
     all name image files, unless named in dataset.path_column, label_column and split_column.
 
     The task (finetune.tasks) follows the table unless `task` is given: a label cell holding several labels separated
-    by `label_sep` (default a space; a list in a Parquet cell) makes it multilabel, a `target_column` of numbers
-    regression. Rows without a path or a label, rows with a target that is not a number, and rows whose file is
-    missing are passed over (skipped.csv); a file named twice with two labels is refused, or its first row kept
-    (duplicate_ids=first). A bad table (a missing column, an unknown split value, a label column mixing numbers and
-    names) is one DataError naming the file, the row and the column."""
+    by `label_sep` (when given; or a list in a Parquet cell) makes it multilabel, a `target_column` of numbers
+    regression; with task=multilabel a space separates labels unless `label_sep` says otherwise. Rows without a path
+    or a label, rows with a target that is not a number, and rows whose file is missing are passed over
+    (skipped.csv); a file named twice with two labels is refused, or its first row kept (duplicate_ids=first). A bad
+    table (a missing column, an unknown split value, a label column mixing numbers and names) is one DataError naming
+    the file, the row and the column."""
     base = require_dir(root, "table")
     if not table:
         raise DataError("dataset=table needs dataset.table: a CSV or Parquet file of image paths and labels "
@@ -497,6 +498,9 @@ def read_table(root: str | None, table: str | None = None, path_column: str | No
             parts = [label_name(v) for v in label] if isinstance(label, (list, tuple)) else (
                 _names(label, sep) if isinstance(label, str) else [label_name(label)])
             value = tuple(sorted(set(parts)))
+            if not value:  # separators alone
+                passed_over.append((where, f"no label in column {label_col!r}"))
+                continue
         else:
             if not isinstance(label, (str, int, float)):
                 raise DataError(f"{where}: the label in column {label_col!r} is {label!r}: one class name or number "
