@@ -29,6 +29,7 @@ from finetune.models.classifier import (
     two_class_logits,
 )
 from finetune.rundir import run_dir_of
+from finetune.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +465,7 @@ def measure(models: dict, sizes: dict, data: RunImages, name: str, size: int, li
                 result["models"][m]["accuracy"] = scored[m][0]
                 if scored[m][1] is not None:
                     result["models"][m]["top1_changed"] = float((scored[m][1] != reference[1]).mean())
-            result["metric"] = METRIC_OF[task]
+            result["metric"] = data.model.task.figure
             result["accuracy_drop_points"] = round(drop(task, reference[0], scored[name][0]), 4)
     elif data.split is None:
         log.warning("%s has no split.csv and config.yaml: the export's accuracy is not measured", data.run_dir)
@@ -486,10 +487,6 @@ def measure(models: dict, sizes: dict, data: RunImages, name: str, size: int, li
             "latency_batch1": exported["ms_per_image_batch1"] / reference["ms_per_image_batch1"],
             "latency_batch32": exported["ms_per_image_batch32"] / reference["ms_per_image_batch32"]}
     return result
-
-
-# what `accuracy` in an export's measurement is, per task
-METRIC_OF = {"multiclass": "accuracy", "multilabel": "mAP", "regression": "MAE"}
 
 
 def score(task: str, outputs: np.ndarray, labels: np.ndarray, model: Classifier) -> tuple[float, np.ndarray | None]:
@@ -527,7 +524,7 @@ def table(evaluation: dict) -> str:
     lines = [f"{'model':<18} {metric:>9} {'drop':>6} {changed_name:>14} {'MB':>7} {'ms/img b1':>10} "
              f"{'ms/img b32':>11}   ({metric} on {split}; CPU, {evaluation['machine']})"]
     reference = evaluation["models"]["pytorch float32"].get("accuracy")
-    task = {"mAP": "multilabel", "MAE": "regression"}.get(metric, "multiclass")
+    task = next(t.name for t in TASKS.values() if t.figure == metric)
     for m, r in evaluation["models"].items():
         accuracy = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"
         drop_ = f"{drop(task, reference, r['accuracy']):.2f}" if "accuracy" in r and m != "pytorch float32" else "-"

@@ -40,7 +40,7 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
 
     task = task_of(metrics.get("task"))
     headline = task.headline[0]  # test/acc, test/map, test/mae
-    metric_name = {"multiclass": "accuracy", "multilabel": "mAP", "regression": "MAE"}[task.name]
+    metric_name = task.figure
     accuracy = metrics.get(headline)
     totals = images or {s: sum(counts.get(s, [])) for s in SPLIT_NAMES}
     held_out = totals.get("test", 0) > 0  # without a test split, no test figures: only val/acc_best

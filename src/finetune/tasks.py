@@ -19,15 +19,16 @@ class Task:
     losses: tuple[str, ...]  # head.loss: the first is the default
     headline: tuple[str, ...]  # the test figures the log, the model card and the sweep summary show, in order
     reads: str  # what the labels are, for messages
+    figure: str  # the headline figure's name in words: the model card's, the export's measurement
 
 
 TASKS = {
     "multiclass": Task("multiclass", "val/acc", "max", ("cross_entropy",), ("test/acc", "test/balanced_acc"),
-                       "one class per image"),
+                       "one class per image", "accuracy"),
     "multilabel": Task("multilabel", "val/map", "max", ("bce",),
-                       ("test/map", "test/f1_macro", "test/f1_micro"), "any number of labels per image"),
+                       ("test/map", "test/f1_macro", "test/f1_micro"), "any number of labels per image", "mAP"),
     "regression": Task("regression", "val/mae", "min", ("mse", "huber"), ("test/mae", "test/rmse", "test/r2"),
-                       "a number per image"),
+                       "a number per image", "MAE"),
 }
 
 
