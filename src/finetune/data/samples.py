@@ -127,10 +127,17 @@ def label_text(source: Source, j: int) -> str:
     """Sample j's label as split.csv and the reports write it: its class, its labels joined by '|' (multilabel), or its
     target (regression, as 9 significant digits of its float32 value)."""
     if source.task == "regression":
-        return f"{float(source.targets[j]):.9g}"
+        return written(float(source.targets[j]))
     if source.task == "multilabel":
-        return "|".join(name for name, on in zip(source.classes, source.targets[j]) if on)
+        return written(tuple(name for name, on in zip(source.classes, source.targets[j]) if on))
     return source.classes[source.labels[j]]
+
+
+def written(value) -> str:
+    """A label as a reader found it (a class name, a tuple of names, a float) as split.csv and messages write it."""
+    if isinstance(value, tuple):
+        return "|".join(value)
+    return f"{value:.9g}" if isinstance(value, float) else value
 
 
 def quantile_strata(values: np.ndarray) -> np.ndarray:

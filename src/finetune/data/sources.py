@@ -26,6 +26,7 @@ from finetune.data.samples import (  # noqa: F401 (re-exported: the readers' typ
     label_text,
     labelled,
     warn_classes_missing_from_train,
+    written,
 )
 
 log = logging.getLogger(__name__)
@@ -533,8 +534,8 @@ def read_table(root: str | None, table: str | None = None, path_column: str | No
     spelt, text = {}, {}
     for key, value, _, path in found:
         spelt.setdefault(key, path)
-        text[_written(value)] = value
-    pairs = one_label_per_id([(key, _written(value), where) for key, value, where, _ in found], file, duplicate_ids,
+        text[written(value)] = value
+    pairs = one_label_per_id([(key, written(value), where) for key, value, where, _ in found], file, duplicate_ids,
                              passed_over)
     kept = []
     for key, value in pairs:
@@ -548,13 +549,6 @@ def read_table(root: str | None, table: str | None = None, path_column: str | No
     splits = [split_of[key][0] for key, _, _ in kept] if split_col is not None else None
     return labelled(task, [path for _, path, _ in kept], [value for _, _, value in kept], splits, passed_over,
                     label_col, root)
-
-
-def _written(value) -> str:
-    """A label as messages and split.csv write it (samples.label_text): a class, labels joined by '|', a number."""
-    if isinstance(value, tuple):
-        return "|".join(value)
-    return f"{value:.9g}" if isinstance(value, float) else value
 
 
 def _names(cell: str, sep: str) -> list[str]:
