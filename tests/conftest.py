@@ -47,3 +47,12 @@ def lite0(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dogs_vs_cats(tmp_path_factory) -> Path:
     return make_dogs_vs_cats(tmp_path_factory.mktemp("dogs-vs-cats"), per_class=40)
+
+
+@pytest.fixture(scope="session")
+def colours_run(tmp_path_factory, shapes):
+    """support.recipes.COLOURS on `shapes`, trained once a session; call it with a folder for a copy of the run."""
+    from support import trained_once
+    from support.recipes import COLOURS
+
+    return trained_once(tmp_path_factory, shapes, COLOURS, {})

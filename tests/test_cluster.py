@@ -20,19 +20,16 @@ from support import (
     sigterm_after_first_checkpoint,
     start_process,
 )
+from support.recipes import PROBE_THEN_UNFREEZE
 
 from finetune.errors import ConfigError
 from finetune.runconfig import continue_or_start
 from finetune.train import run
 from finetune.trainer import build_trainer
 
-LEARN = [*FAST, "schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "dataset.val_fraction=0.2",
-         "dataset.test_fraction=0.2"]
-
 
 def start(cwd, *args, module=None):
     return start_process("train", *args, cwd=cwd, python=("-m", *module) if module else ())
-
 
 
 def hydra_config(*overrides):
@@ -56,8 +53,8 @@ def files(run_dir):
 def test_the_same_command_with_resume_auto_continues_the_killed_run_then_says_it_is_finished(tmp_path, shapes, caplog):
     """What a requeued job does: the same command again, in the same directory."""
     run_dir = tmp_path / "job"
-    args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "dataset.batch_size=4", "schedule.epochs=6",
-            "schedule.freeze_epochs=1", "logger=csv", "resume=auto"]
+    args = ["dataset=image_folder", f"dataset.root={shapes}", *PROBE_THEN_UNFREEZE, "dataset.batch_size=4",
+            "schedule.epochs=6", "schedule.freeze_epochs=1", "logger=csv", "resume=auto"]
     first = start(tmp_path, *args, f"hydra.run.dir={run_dir}")
     epoch_steps, output = sigterm_after_first_checkpoint(first, run_dir)
     assert "holds no run yet; starting a fresh one" in output
@@ -254,7 +251,7 @@ def test_a_job_that_submitit_requeues_continues_from_the_batch_it_stopped_at(tmp
     it, and the requeued job (resume=auto, as in every submitit job) continues from that step to the planned epochs."""
     sweep = tmp_path / "sweep"
     driver = start(tmp_path, "-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "dataset=image_folder",
-                   f"dataset.root={shapes}", *LEARN, "dataset.batch_size=4", "schedule.epochs=5",
+                   f"dataset.root={shapes}", *PROBE_THEN_UNFREEZE, "dataset.batch_size=4", "schedule.epochs=5",
                    "schedule.freeze_epochs=1", "logger=none")
     job_dir = sweep / "0"
     epoch_steps = second_checkpoint(job_dir / "checkpoints" / "last.ckpt", driver)  # then mid-epoch

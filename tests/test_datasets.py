@@ -1,12 +1,11 @@
 """Every dataset layout users arrive with: classes and counts, official splits, the integrity scan, and one
 training epoch on each."""
 
-import csv
 import os
 
 import numpy as np
 import pytest
-from support import FAST, compose, given
+from support import FAST, compose, given, skipped
 from support.fabricate import (
     CIFAR10_CLASSES,
     add_broken,
@@ -17,6 +16,7 @@ from support.fabricate import (
     make_pet_images,
     make_stanford_dogs,
 )
+from support.recipes import assert_above
 
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.integrity import CACHE_NAME, scan
@@ -62,11 +62,6 @@ def setup(tmp_path, *overrides, run_dir="run"):
     data.prepare_data()
     data.setup()
     return data
-
-
-def skipped(run_dir):
-    with open(run_dir / "skipped.csv") as f:
-        return {row["path"]: row["reason"] for row in csv.DictReader(f)}
 
 
 def test_pet_images_skips_exactly_the_broken_files_and_keeps_the_odd_ones(tmp_path, pet_images):
@@ -264,6 +259,13 @@ def _balanced_accuracy(run_dir) -> float:
     return float(np.mean([(predicted[labels == c] == c).float().mean() for c in range(len(model.classes))]))
 
 
+# Balanced test accuracy above plain training's, computed beside it: one of the 9 rare test images (0.056). Measured:
+# +0.111 with class weights and +0.204 with the sampler, the same under all 4 arithmetics (a frozen backbone, cached
+# features); seed 0's split, since another split (seed 2's) lets plain training find the rare class (0.944) already.
+BALANCE_MARGIN = 0.05
+
+
+@pytest.mark.learning
 def test_class_weights_or_a_balanced_sampler_beat_plain_training_on_a_9_to_1_set(tmp_path):
     root = make_image_folder(tmp_path / "data", {"common": "red", "rare": "purple"},
                              per_class={"common": 270, "rare": 30})
@@ -276,5 +278,5 @@ def test_class_weights_or_a_balanced_sampler_beat_plain_training_on_a_9_to_1_set
         metrics = run(cfg, overrides=given(cfg))
         scores[balance] = _balanced_accuracy(tmp_path / balance)
         assert "test/balanced_acc" in metrics
-    assert scores["weights"] > scores["none"] + 0.1, scores
-    assert scores["sampler"] > scores["none"] + 0.1, scores
+    assert_above("balanced accuracy with class weights", scores["weights"], scores["none"], BALANCE_MARGIN)
+    assert_above("balanced accuracy with a balanced sampler", scores["sampler"], scores["none"], BALANCE_MARGIN)

@@ -1,6 +1,5 @@
 """Duplicates and leakage: exact and near copies found, kept on one side of the split, reported; K-fold splits."""
 
-import csv
 import json
 import logging
 import os
@@ -9,7 +8,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 from PIL import Image
-from support import FAST, compose, run_script
+from support import FAST, compose, read_csv, run_script
 from support.fabricate import make_cifar10, make_image_folder, plant_copy
 
 from finetune.checks import validate
@@ -55,11 +54,6 @@ def datamodule(run_dir, root, *overrides, seed=0, dataset="image_folder"):
     data = ImageDataModule(cfg.dataset, cfg.augment, PRE, seed, run_dir)
     data.setup()
     return data
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def groups_of(rows):
@@ -323,14 +317,10 @@ def test_bad_dedup_and_fold_values_are_one_clear_line(tmp_path, overrides, messa
         validate(compose(tmp_path, *overrides))
 
 
-def train_script(cwd, *args):
-    return run_script("train", *args, cwd=cwd)
-
-
 def test_train_script_reports_duplicates_and_drops_them(tmp_path, planted):
     root, expected = planted
-    result = train_script(tmp_path, "dataset=image_folder", f"dataset.root={root}", *FAST, "schedule.epochs=1",
-                          "schedule.freeze_epochs=0", "dataset.dedup=drop", "calibrate=false")
+    result = run_script("train", "dataset=image_folder", f"dataset.root={root}", *FAST, "schedule.epochs=1",
+                        "schedule.freeze_epochs=0", "dataset.dedup=drop", "calibrate=false", cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Duplicates: 8 duplicate groups (2 exact, 6 near) holding 17 images; 2 label conflicts; 0 official-test " \
@@ -348,9 +338,9 @@ def test_train_script_reports_duplicates_and_drops_them(tmp_path, planted):
 
 @pytest.mark.slow  # three training jobs: about 100 s on 2 cores
 def test_k_fold_sweep_validates_on_each_fold_once_and_summarises_the_folds(tmp_path, shapes):
-    result = train_script(tmp_path, "-m", "dataset=image_folder", f"dataset.root={shapes}", *FAST, "schedule.epochs=1",
-                          "schedule.freeze_epochs=0", "logger=none", "calibrate=false", "dataset.folds=3",
-                          "dataset.fold=range(3)")
+    result = run_script("train", "-m", "dataset=image_folder", f"dataset.root={shapes}", *FAST, "schedule.epochs=1",
+                        "schedule.freeze_epochs=0", "logger=none", "calibrate=false", "dataset.folds=3",
+                        "dataset.fold=range(3)", cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     sweep = next((tmp_path / "outputs" / "sweeps").iterdir())
@@ -373,9 +363,10 @@ def test_k_fold_sweep_validates_on_each_fold_once_and_summarises_the_folds(tmp_p
 def test_k_fold_without_a_test_split_reports_no_test_figures_and_says_so(tmp_path, shapes):
     """dataset.test_fraction=0: each fold's validation images chose its checkpoint, so no fold has a test/acc (it
     was the validation fold's), and the summary says there is no test split instead of 'tested on the same one'."""
-    result = train_script(tmp_path, "-m", "dataset=image_folder", f"dataset.root={shapes}", *FAST,
-                          "dataset.limit_per_class=12", "dataset.test_fraction=0", "schedule.epochs=1",
-                          "schedule.freeze_epochs=0", "logger=none", "dataset.folds=2", "dataset.fold=range(2)")
+    result = run_script("train", "-m", "dataset=image_folder", f"dataset.root={shapes}", *FAST,
+                        "dataset.limit_per_class=12", "dataset.test_fraction=0", "schedule.epochs=1",
+                        "schedule.freeze_epochs=0", "logger=none", "dataset.folds=2", "dataset.fold=range(2)",
+                        cwd=tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     assert "This run has no test split (dataset.test_fraction=0), so it reports no test figures" in result.output
     sweep = next((tmp_path / "outputs" / "sweeps").iterdir())
@@ -399,8 +390,8 @@ def test_a_class_of_near_copies_left_without_val_and_test_images_is_refused_nami
     kinds = ("exact", "quality", "resized", "cropped")
     for i in range(40):
         plant_copy(original, root / "dog" / f"variant{i:02d}.jpg", kinds[i % 4])
-    result = train_script(tmp_path, "dataset=image_folder", f"dataset.root={root}", *FAST, "logger=none",
-                          "hydra.run.dir=run")
+    result = run_script("train", "dataset=image_folder", f"dataset.root={root}", *FAST, "logger=none",
+                        "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.output
     assert "class 'dog' has no val images: its 40 images are" in result.output
     assert "dataset.dedup=keep splits copies like any images" in result.output
@@ -408,8 +399,8 @@ def test_a_class_of_near_copies_left_without_val_and_test_images_is_refused_nami
 
 
 def test_more_folds_than_a_class_has_images_is_refused_naming_the_most_that_work(tmp_path, shapes):
-    result = train_script(tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *FAST, "logger=none",
-                          "dataset.folds=1000", "dataset.fold=3")
+    result = run_script("train", "dataset=image_folder", f"dataset.root={shapes}", *FAST, "logger=none",
+                        "dataset.folds=1000", "dataset.fold=3", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.output
     assert "dataset.folds=1000: fold 3 has no validation images of" in result.output
     assert "the smallest class has 36 images outside the test split, so at most dataset.folds=36" in result.output

@@ -12,17 +12,14 @@ import time
 import pytest
 import torch
 from support import FAST, compose, given, start_process, wait_for
+from support.recipes import PROBE_THEN_UNFREEZE, assert_above_chance
 
 from finetune.callbacks.nonfinite import NonFiniteLoss
 from finetune.train import run
 
-LEARN = [*FAST, "schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "dataset.val_fraction=0.2",
-         "dataset.test_fraction=0.2"]
-
 
 def start_training(cwd, *args):
     return start_process("train", *args, cwd=cwd)
-
 
 
 @pytest.mark.slow  # three processes, each importing torch and Lightning
@@ -56,10 +53,17 @@ GRADUAL = ["schedule=gradual", "schedule.layer_decay=0.8",
            "schedule.phases=[{train: head, epochs: 2}, {train: 2, epochs: 1}, {train: 6, epochs: 1}, {train: all}]"]
 
 
+# test images above chance (8 of 24), of either run. Measured over 4 arithmetics x 3 seeds (benchmarks/
+# arithmetics.py): +8 to +14, median +12
+MARGIN = 6
+
+
 @pytest.mark.slow
+@pytest.mark.learning
 @pytest.mark.parametrize("schedule", [GRADUAL], ids=["gradual"])  # the default's two phases: test_cluster's SIGTERM
 def test_sigkill_then_resume_finishes_close_to_an_uninterrupted_run(tmp_path, shapes, schedule):
-    args = ["dataset=image_folder", f"dataset.root={shapes}", *LEARN, "schedule.epochs=6", *schedule, "logger=none"]
+    args = ["dataset=image_folder", f"dataset.root={shapes}", *PROBE_THEN_UNFREEZE, "schedule.epochs=6", *schedule,
+            "logger=none"]
     (tmp_path / "a").mkdir()
     process = start_training(tmp_path / "a", *args)
     runs = tmp_path / "a" / "outputs" / "runs"
@@ -81,7 +85,8 @@ def test_sigkill_then_resume_finishes_close_to_an_uninterrupted_run(tmp_path, sh
     assert interrupted["epochs"] == reference["epochs"] == 6
     assert interrupted["global_step"] == reference["global_step"]
     assert abs(interrupted["test/acc"] - reference["test/acc"]) <= 0.2
-    assert interrupted["test/acc"] >= 0.6 and reference["test/acc"] >= 0.6
+    assert_above_chance(interrupted, margin=MARGIN, classes=3)  # chance: 8 of 24
+    assert_above_chance(reference, margin=MARGIN, classes=3)
 
 
 def test_no_checkpoint_of_a_nan_model_even_with_step_checkpoints(tmp_path, shapes):
@@ -119,8 +124,9 @@ def test_skipped_fp16_steps_are_counted():
 def test_same_seed_deterministic_runs_give_identical_results(tmp_path, shapes):
     results = []
     for name in ("a", "b"):
-        cfg = compose(tmp_path / name, "dataset=image_folder", f"dataset.root={shapes}", *LEARN, "schedule.epochs=3",
-                      "schedule.freeze_epochs=1", "trainer.deterministic=true", "logger=none", "seed=7")
+        cfg = compose(tmp_path / name, "dataset=image_folder", f"dataset.root={shapes}", *PROBE_THEN_UNFREEZE,
+                      "schedule.epochs=3", "schedule.freeze_epochs=1", "trainer.deterministic=true", "logger=none",
+                      "seed=7")
         results.append(run(cfg, overrides=given(cfg)))
     assert {k: results[0][k] for k in ("test/acc", "test/loss", "val/acc_best")} == \
            {k: results[1][k] for k in ("test/acc", "test/loss", "val/acc_best")}

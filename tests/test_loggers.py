@@ -7,13 +7,15 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
-from support import CONF, FAST, ROOT, compose, given, run_script
+import support
+from support import CONF, ROOT, closed_port, compose, given, run_script
+from support.recipes import TWO_EPOCHS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune.checks import validate
@@ -23,8 +25,6 @@ from finetune.loggers import LOGGERS
 from finetune.train import run
 
 WANDB = str(Path(sys.executable).parent / "wandb")  # the command-line tool of the environment running the tests
-TINY = [*FAST, "schedule.epochs=2", "schedule.freeze_epochs=1", "dataset.val_fraction=0.2",
-        "dataset.test_fraction=0.2"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,9 +36,7 @@ def wandb_in(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def train(tmp_path, shapes, *overrides, name="run"):
-    cfg = compose(tmp_path / name, "dataset=image_folder", f"dataset.root={shapes}", *TINY, *overrides)
-    return run(cfg, overrides=given(cfg)), tmp_path / name
+train = partial(support.train, recipe=TWO_EPOCHS)
 
 
 def evaluate_cfg(ckpt):
@@ -47,12 +45,6 @@ def evaluate_cfg(ckpt):
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return hydra_compose("evaluate", overrides=[f"ckpt={ckpt}", "num_workers=0"])
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wandb_summary(run_folder) -> dict:
@@ -270,7 +262,7 @@ def test_readme_sweep_gives_mlflow_runs_side_by_side_and_a_finished_wandb_run_pe
     from mlflow.tracking import MlflowClient
 
     result = run_script("train", "-m", "logger=[tensorboard,mlflow,wandb]", "schedule.lr=1e-3,3e-3",
-                        "dataset=image_folder", f"dataset.root={shapes}", *TINY, cwd=tmp_path)
+                        "dataset=image_folder", f"dataset.root={shapes}", *TWO_EPOCHS, cwd=tmp_path)
     output = result.output
     assert result.returncode == 0, output[-3000:]
     sweep = next((tmp_path / "outputs" / "sweeps").iterdir())
@@ -302,7 +294,7 @@ def test_readme_sweep_gives_mlflow_runs_side_by_side_and_a_finished_wandb_run_pe
 def test_a_server_that_does_not_answer_stops_the_script_before_training_in_one_line(tmp_path, shapes):
     port = closed_port()
     result = run_script("train", "logger=mlflow", f"logger.tracking_uri=http://127.0.0.1:{port}",
-                        "dataset=image_folder", f"dataset.root={shapes}", *TINY, cwd=tmp_path)
+                        "dataset=image_folder", f"dataset.root={shapes}", *TWO_EPOCHS, cwd=tmp_path)
     output = result.output
     assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
     assert f"logger.tracking_uri=http://127.0.0.1:{port}: no MLflow server answers there" in output

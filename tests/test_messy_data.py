@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 from PIL import Image
-from support import FAST, compose
+from support import FAST, compose, skipped
 from support.fabricate import make_dog_breeds, make_image_folder, make_oxford_pets
 
 from finetune.data.datamodule import ImageDataModule
@@ -42,11 +42,6 @@ def datamodule(tmp_path, *overrides):
     data = ImageDataModule(cfg.dataset, cfg.augment, PRE, cfg.seed, tmp_path / "run")
     data.setup()
     return data
-
-
-def skipped(run_dir):
-    with open(run_dir / "skipped.csv") as f:
-        return {row["path"]: row["reason"] for row in csv.DictReader(f)}
 
 
 def test_links_loops_and_fifos_in_an_image_folder_read_each_real_file_once_under_its_own_class(tmp_path):

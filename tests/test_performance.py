@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from support import FAST, compose, given
 from support.fabricate import make_image_folder
+from support.recipes import assert_above_chance, assert_agree, assert_at_most
 from support.recorders import BatchKinds
 
 from finetune.data.cache import open_or_build, resize_short_side
@@ -115,6 +116,7 @@ def frozen_run(tmp_path, shapes, name, *extra):
     return metrics, state, BatchKinds.instances[-1]
 
 
+@pytest.mark.learning
 def test_the_frozen_phase_on_cached_features_trains_as_the_frozen_phase_on_images(tmp_path, shapes):
     plain, plain_state, plain_kinds = frozen_run(tmp_path, shapes, "plain")
     cached, cached_state, kinds = frozen_run(tmp_path, shapes, "cached", "schedule.cache_features=true")
@@ -123,20 +125,29 @@ def test_the_frozen_phase_on_cached_features_trains_as_the_frozen_phase_on_image
     assert kinds.train == [(0, 2)] * steps + [(1, 2)] * steps + [(2, 4)] * steps
     assert {e: d for e, d in kinds.val} == {0: 2, 1: 2, 2: 4}
     assert all(d == 4 for _, d in plain_kinds.train)
-    # same seed, same batches, same steps: the same model to within float rounding
-    for key, value in plain_state.items():
-        if value.is_floating_point():
-            assert torch.allclose(value, cached_state[key], atol=1e-4, rtol=1e-3), key
-    for key in ("val/acc_best", "test/acc"):
-        assert cached[key] == pytest.approx(plain[key], abs=1e-6)
+    # same seed, same batches, same steps: the same model to within float rounding. The features are computed once
+    # instead of in every step, so the rounding may differ: the largest weight difference was 0 natively and up to
+    # 3.0e-3 with one thread, over 4 arithmetics x 3 seeds (benchmarks/arithmetics.py). A real difference moves
+    # them more: the same run with a 10% higher rate, by 2.6e-2; with another shuffle, by 2.8.
+    largest = max(float((value - cached_state[key]).abs().max()) for key, value in plain_state.items()
+                  if value.is_floating_point())
+    assert_at_most("largest weight difference, cached features against images", largest, 1e-2)
+    for key, images in (("val/acc_best", "val_images"), ("test/acc", "test_images")):
+        assert_agree(cached[key], plain[key], images=plain[images], what=key)
     assert cached["global_step"] == plain["global_step"]
 
 
+VIEWS_MARGIN = 3  # test images above chance (8 of 24). Measured over 4 arithmetics x 3 seeds
+# (benchmarks/arithmetics.py): +6 to +14, median +12
+
+
+@pytest.mark.learning
 def test_augmented_feature_views_take_turns(tmp_path, shapes):
     metrics, _, kinds = frozen_run(tmp_path, shapes, "views", "schedule.cache_features=true",
                                    "schedule.cache_views=2", "augment=light")
     assert {e for e, d in kinds.train if d == 2} == {0, 1}
-    assert metrics["epochs"] == 3 and metrics["test/acc"] > 0.5
+    assert metrics["epochs"] == 3
+    assert_above_chance(metrics, margin=VIEWS_MARGIN, classes=3)  # chance: 8 of 24
 
 
 def test_feature_caching_with_mixup_is_refused(tmp_path, shapes):

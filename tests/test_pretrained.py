@@ -8,6 +8,7 @@ import timm
 import torch
 from support import run_script
 from support.fabricate import make_image_folder
+from support.recipes import assert_above_chance, correct_of
 from support.recorders import FreezeRecorder
 
 from finetune.models.backbone import create_backbone
@@ -30,7 +31,13 @@ def test_the_packaged_weights_give_timms_model_the_packages_own_outputs(lite0):
     assert logits.std() > 1  # ImageNet's classifier, not a zero or random one
 
 
+# of 75 images above chance (25). Measured under 4 arithmetics (benchmarks/arithmetics.py): test +48 (73 of 75) and
+# validation after the probe +50 (75 of 75) under every one
+PRETRAINED_MARGIN = 40
+
+
 @pytest.mark.slow
+@pytest.mark.learning
 def test_a_pretrained_probe_learns_in_one_epoch_and_fine_tuning_keeps_it(tmp_path, lite0):
     shapes = make_image_folder(tmp_path / "shapes", {"red": "red", "green": "green", "blue": "blue"}, per_class=100)
     run_dir = tmp_path / "run"
@@ -45,9 +52,12 @@ def test_a_pretrained_probe_learns_in_one_epoch_and_fine_tuning_keeps_it(tmp_pat
     metrics = json.loads((run_dir / "metrics.json").read_text())
     probe, fine_tuning = metrics["phases"]
     assert probe["epochs"] == [0, 0] and fine_tuning["epochs"] == [1, 2]
-    assert probe["val/acc_end"] >= 0.9  # ImageNet features separate the colours: one epoch of the head is enough
-    assert fine_tuning["val/acc_end"] >= probe["val/acc_best"]  # and fine-tuning does not lose it
-    assert metrics["test/acc"] >= 0.9
+    assert metrics["val_images"] == metrics["test_images"] == 75
+    # ImageNet features separate the colours: one epoch of the head is enough (chance: 25 of 75)
+    assert_above_chance({"val": probe["val/acc_end"], "images": 75}, PRETRAINED_MARGIN, 3, "val", "images")
+    # and fine-tuning does not lose it (an image on the boundary may tip)
+    assert correct_of(fine_tuning["val/acc_end"], 75) >= correct_of(probe["val/acc_best"], 75) - 1
+    assert_above_chance(metrics, margin=PRETRAINED_MARGIN, classes=3)
     # the default schedule.bn=frozen: the whole backbone trains, its BatchNorm keeps the ImageNet statistics
     recorder = FreezeRecorder.instances[-1]
     tuned = [s for s in recorder.steps if s["epoch"] >= 1]

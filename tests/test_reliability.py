@@ -10,15 +10,13 @@ import pytest
 import torch
 from support import FAST, ROOT, compose, given, run_script, start_process
 from support.fabricate import make_image_folder
+from support.recipes import TWO_EPOCHS, assert_agree
 
 from finetune.callbacks.nonfinite import NonFiniteLoss
 from finetune.checks import validate
 from finetune.errors import ConfigError, FinetuneError
 from finetune.models.classifier import load_checkpoint, load_classifier, resolve_checkpoint
 from finetune.train import run
-
-TINY = [*FAST, "schedule.epochs=2", "schedule.freeze_epochs=1", "dataset.val_fraction=0.2",
-        "dataset.test_fraction=0.2"]
 
 
 def script(name, cwd, *args, env=None):
@@ -27,10 +25,9 @@ def script(name, cwd, *args, env=None):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, shapes):
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    cfg = compose(run_dir, "dataset=image_folder", f"dataset.root={shapes}", *TINY, "logger=none")
-    return run_dir, run(cfg, overrides=given(cfg))
+def trained(tmp_path_factory, colours_run):
+    run = colours_run(tmp_path_factory.mktemp("trained"))
+    return run.run_dir, run.metrics
 
 
 def test_damaged_checkpoints_are_named_for_what_they_are(tmp_path, trained, shapes):
@@ -104,8 +101,9 @@ def test_infinite_and_nan_values_are_refused(tmp_path, key):
 def test_weights_that_turn_nan_in_a_one_step_epoch_never_reach_a_checkpoint(tmp_path, shapes):
     """A huge learning rate: the first step's loss is finite, its update is not. One step an epoch, so no later
     training loss shows it before the epoch's checkpoints; the validation loss does."""
-    cfg = compose(tmp_path / "run", "dataset=image_folder", f"dataset.root={shapes}", *TINY, "dataset.batch_size=128",
-                  "schedule.freeze_epochs=0", "schedule.lr=1e30", "schedule.warmup_epochs=0", "logger=none")
+    cfg = compose(tmp_path / "run", "dataset=image_folder", f"dataset.root={shapes}", *TWO_EPOCHS,
+                  "dataset.batch_size=128", "schedule.freeze_epochs=0", "schedule.lr=1e30", "schedule.warmup_epochs=0",
+                  "logger=none")
     with pytest.raises(NonFiniteLoss, match="NaN or infinite"):
         run(cfg, overrides=given(cfg))
     for saved in (tmp_path / "run").glob("checkpoints/*.ckpt"):
@@ -158,12 +156,12 @@ def test_a_schedule_the_backbone_never_trains_in_is_warned_about(tmp_path, shape
 def test_a_fresh_run_never_writes_over_a_finished_one(tmp_path, trained, shapes):
     run_dir, _ = trained
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
-    cfg = compose(run_dir, "dataset=image_folder", f"dataset.root={shapes}", *TINY, "logger=none")
+    cfg = compose(run_dir, "dataset=image_folder", f"dataset.root={shapes}", *TWO_EPOCHS, "logger=none")
     with pytest.raises(ConfigError, match=f"{run_dir} already holds a run .*continue it with resume={run_dir}"):
         run(cfg, overrides=given(cfg))
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
     # the command as a user types it: refused before Hydra writes its .hydra/ and train.log there
-    result, output = script("train", tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *TINY,
+    result, output = script("train", tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *TWO_EPOCHS,
                             f"hydra.run.dir={run_dir}")
     assert result.returncode == 2 and output.strip().endswith("give the new run another hydra.run.dir")
     assert len(output.strip().splitlines()) == 1, output
@@ -176,7 +174,7 @@ def test_resume_refuses_another_runs_checkpoint_naming_both(tmp_path, trained):
 
     run_dir, _ = trained
     other_data = make_image_folder(tmp_path / "two", {"cat": "red", "dog": "blue"}, per_class=20)
-    cfg = compose(tmp_path / "other", "dataset=image_folder", f"dataset.root={other_data}", *TINY, "logger=none",
+    cfg = compose(tmp_path / "other", "dataset=image_folder", f"dataset.root={other_data}", *TWO_EPOCHS, "logger=none",
                   "schedule.epochs=1")
     run(cfg, overrides=given(cfg))
     mine = tmp_path / "mine"
@@ -250,7 +248,7 @@ def test_ctrl_c_in_a_terminal_is_one_line_and_exit_status_130_every_time(tmp_pat
     for attempt in range(2):
         (large / ".finetune-scan.json").unlink(missing_ok=True)
         (tmp_path / f"scan{attempt}").mkdir()
-        out = Output(start_process("train", "dataset=image_folder", f"dataset.root={large}", *TINY,
+        out = Output(start_process("train", "dataset=image_folder", f"dataset.root={large}", *TWO_EPOCHS,
                                    "dataset.num_workers=2", "logger=none", cwd=tmp_path / f"scan{attempt}",
                                    group=True))
         out.wait_for("Integrity scan: decoding")
@@ -262,7 +260,7 @@ def test_ctrl_c_in_a_terminal_is_one_line_and_exit_status_130_every_time(tmp_pat
     for attempt, delay in enumerate((0.0, 1.0)):
         cwd = tmp_path / f"train{attempt}"
         cwd.mkdir()
-        out = Output(start_process("train", "dataset=image_folder", f"dataset.root={shapes}", *TINY,
+        out = Output(start_process("train", "dataset=image_folder", f"dataset.root={shapes}", *TWO_EPOCHS,
                                    "schedule.epochs=30", "dataset.num_workers=2", "logger=none", cwd=cwd, group=True))
         started = time.time()
         while not list(cwd.glob("outputs/runs/*/checkpoints/last.ckpt")):
@@ -281,7 +279,7 @@ def test_ctrl_c_in_a_terminal_is_one_line_and_exit_status_130_every_time(tmp_pat
 def test_evaluate_needs_only_the_split_it_evaluates_and_follows_a_moved_dataset(tmp_path, shapes):
     data = tmp_path / "data"
     shutil.copytree(shapes, data)
-    cfg = compose(tmp_path / "run", "dataset=image_folder", f"dataset.root={data}", *TINY, "logger=none",
+    cfg = compose(tmp_path / "run", "dataset=image_folder", f"dataset.root={data}", *TWO_EPOCHS, "logger=none",
                   "schedule.epochs=1")
     metrics = run(cfg, overrides=given(cfg))
     rows = (tmp_path / "run" / "split.csv").read_text().splitlines()[1:]
@@ -292,7 +290,8 @@ def test_evaluate_needs_only_the_split_it_evaluates_and_follows_a_moved_dataset(
     assert result.returncode == 0, output[-3000:]
     assert "3 images of" in output and "outside its test split are not in the dataset any more" in output
     evaluated = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
-    assert evaluated["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert evaluated["images"] == metrics["test_images"]
+    assert_agree(evaluated["accuracy"], metrics["test/acc"], images=metrics["test_images"])
     shutil.move(data, tmp_path / "moved")  # the dataset moved: evaluate reads the run's split from its new folder
     result, output = script("evaluate", tmp_path, f"ckpt={tmp_path / 'run'}", "num_workers=0")
     assert result.returncode == 2 and "if the dataset moved, give its new folder with root=DIR" in output, output
@@ -306,7 +305,7 @@ def test_evaluate_needs_only_the_split_it_evaluates_and_follows_a_moved_dataset(
 @pytest.mark.slow
 def test_an_unexpected_error_is_one_line_naming_the_log_that_holds_its_traceback(tmp_path, shapes):
     env = {"PYTHONPATH": str(ROOT / "tests")}
-    result, output = script("train", tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *TINY,
+    result, output = script("train", tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *TWO_EPOCHS,
                             "logger=none", "callbacks.extra=[{_target_: support.recorders.Boom}]", env=env)
     assert result.returncode == 1, output[-3000:]
     assert "Unexpected error: RuntimeError: boom: something nobody foresaw" in output
@@ -322,7 +321,7 @@ def test_a_local_dir_backbone_trains_offline_and_its_checkpoint_needs_nothing_el
     torch.manual_seed(7)
     timm.models.save_for_hf(timm.create_model("mobilenetv2_100.ra_in1k"), tmp_path / "my-backbone",
                             safe_serialization=True)
-    result, output = script("train", tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *TINY,
+    result, output = script("train", tmp_path, "dataset=image_folder", f"dataset.root={shapes}", *TWO_EPOCHS,
                             "schedule.epochs=1", "dataset.limit_per_class=8", "logger=none",
                             f"backbone.name=local-dir:{tmp_path / 'my-backbone'}",
                             "backbone.pretrained=true", env={"HF_HOME": str(tmp_path / "hf")})
@@ -342,7 +341,7 @@ def test_a_run_directory_is_held_by_one_run_at_a_time(tmp_path, shapes):
 
     run_dir = tmp_path / "shared"
     run_dir.mkdir()
-    command = ["dataset=image_folder", f"dataset.root={shapes}", *TINY, "logger=none", f"hydra.run.dir={run_dir}"]
+    command = ["dataset=image_folder", f"dataset.root={shapes}", *TWO_EPOCHS, "logger=none", f"hydra.run.dir={run_dir}"]
     with rundir.held(run_dir, "the first training"):
         before = sorted(p.name for p in run_dir.rglob("*"))
         second, output = script("train", tmp_path, *command)
@@ -361,12 +360,13 @@ def test_resume_with_another_dataset_root_is_a_moved_dataset_or_a_refusal_that_w
     """resume=RUN dataset.root=ELSEWHERE: where ELSEWHERE holds the run's images (the dataset moved) the run goes
     on; where it does not, one line says so, naming both folders, and the run is left exactly as it was."""
     run_dir, metrics = trained
+    longer = f"schedule.epochs={metrics['epochs'] + 1}"  # a finished run, resumed for one epoch more
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and ".hydra" not in p.parts}
     other = make_image_folder(tmp_path / "other", {"red": "red", "green": "green", "not red or green": "blue"},
                               per_class=10)  # the run's classes, fewer images: not the run's dataset
-    result, output = script("train", tmp_path, f"resume={copy}", f"dataset.root={other}", "schedule.epochs=3")
+    result, output = script("train", tmp_path, f"resume={copy}", f"dataset.root={other}", longer)
     assert result.returncode != 0 and "Traceback" not in output
     assert f"the run's dataset was in {shapes}, and dataset.root={other} does not hold the same images" in output
     after = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and ".hydra" not in p.parts
@@ -374,9 +374,9 @@ def test_resume_with_another_dataset_root_is_a_moved_dataset_or_a_refusal_that_w
     assert after == before  # no config.before-resume-1.yaml, config.yaml as it was
     moved = tmp_path / "moved"
     shutil.copytree(shapes, moved)
-    result, output = script("train", tmp_path, f"resume={copy}", f"dataset.root={moved}", "schedule.epochs=3")
+    result, output = script("train", tmp_path, f"resume={copy}", f"dataset.root={moved}", longer)
     assert result.returncode == 0, output[-3000:]
-    assert json.loads((copy / "metrics.json").read_text())["epochs"] == 3
+    assert json.loads((copy / "metrics.json").read_text())["epochs"] == metrics["epochs"] + 1
     assert f"root: {moved}" in (copy / "config.yaml").read_text()
 
 
@@ -387,7 +387,7 @@ def test_weights_that_are_not_weights_or_not_this_backbones_are_one_line_saying_
     notes.write_text("my notes on the run\n")
     other = tmp_path / "resnet.pth"
     torch.save(timm.create_model("resnet10t").state_dict(), other)
-    command = ["dataset=image_folder", f"dataset.root={shapes}", *TINY, "logger=none"]
+    command = ["dataset=image_folder", f"dataset.root={shapes}", *TWO_EPOCHS, "logger=none"]
     result, output = script("train", tmp_path, *command, f"backbone.weights={notes}")
     assert result.returncode == 2 and "Traceback" not in output
     assert f"backbone.weights={notes} is not a weights file (it begins with 'my notes on ', like a text file)" in output

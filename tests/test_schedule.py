@@ -4,10 +4,13 @@ restored weights, EMA, the from-scratch default, and the two-phase shorthand rep
 import csv
 import json
 import math
+from functools import partial
 
 import pytest
+import support
 import torch
-from support import FAST, compose, given, run_process, run_script
+from support import FAST, compose, run_process, run_script
+from support.recipes import FIFTHS, assert_above_chance, assert_agree
 from support.recorders import BatchKinds, FreezeRecorder, HeadRecorder
 
 from finetune.models.backbone import backbone_blocks, create_backbone, parameter_blocks
@@ -22,12 +25,7 @@ BASE = {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.05, "momentum": 0.9,
 RECORD = "callbacks.extra=[{_target_: support.recorders.FreezeRecorder}]"
 
 
-def train(tmp_path, data, *overrides, name="run"):
-    cfg = compose(tmp_path / name, "dataset=image_folder", f"dataset.root={data}", *FAST, "dataset.val_fraction=0.2",
-                  "dataset.test_fraction=0.2", *overrides)
-    return run(cfg, overrides=given(cfg)), tmp_path / name
-
-
+train = partial(support.train, recipe=[*FAST, *FIFTHS])
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_100", "efficientnet_b0"])
@@ -243,9 +241,15 @@ def test_ema_weights_are_validated_checkpointed_and_evaluated(tmp_path, shapes):
 
     evaluated = evaluate(tool_cfg("evaluate", ckpt=run_dir / "checkpoints" / "best.ckpt", out=tmp_path / "eval",
                                   num_workers=0))
-    assert evaluated["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert evaluated["images"] == metrics["test_images"]
+    assert_agree(evaluated["accuracy"], metrics["test/acc"], images=metrics["test_images"])  # the average's
 
 
+LP_FT_MARGIN = 10  # test images above chance (8 of 24). Measured over 4 arithmetics x 3 seeds
+# (benchmarks/arithmetics.py): +13 to +15, median +14
+
+
+@pytest.mark.learning
 def test_lp_ft_probes_on_cached_features_then_fine_tunes_everything_from_the_best_probe(tmp_path, shapes, caplog):
     with caplog.at_level("INFO", logger="finetune"):
         metrics, _ = train(tmp_path, shapes, "schedule=lp_ft", "augment=none",
@@ -258,7 +262,7 @@ def test_lp_ft_probes_on_cached_features_then_fine_tunes_everything_from_the_bes
     assert {e: d for e, d in kinds.val} == {e: 2 if e in probe else 4 for e in probe | tuned}
     if len(probe) < 20:
         assert "Phase 1 ends after epoch" in caplog.text and "Phase 2 starts from the best weights" in caplog.text
-    assert metrics["test/acc"] >= 0.6
+    assert_above_chance(metrics, margin=LP_FT_MARGIN, classes=3)  # chance: 8 of 24
 
 
 def test_gradual_from_the_command_line(tmp_path, shapes):
@@ -276,7 +280,13 @@ def test_gradual_from_the_command_line(tmp_path, shapes):
     assert float(last["lr/backbone.16"]) == pytest.approx(0.7 * float(last["lr/backbone.17"]))
 
 
+# test images above chance (12 of 24). Measured under 4 arithmetics (benchmarks/arithmetics.py; the command fixes
+# the seed): +6 to +9
+SCRATCH_MARGIN = 4
+
+
 @pytest.mark.slow
+@pytest.mark.learning
 def test_a_random_backbone_gets_the_scratch_schedule_and_learns(tmp_path):
     """The issue's command on a Kaggle-layout set, without pretrained weights: everything trains from the first
     epoch, and it learns in 8 epochs."""
@@ -293,36 +303,40 @@ def test_a_random_backbone_gets_the_scratch_schedule_and_learns(tmp_path):
     run_dir = next((tmp_path / "outputs" / "runs").iterdir())
     parameters = len(list(create_backbone("mobilenetv2_100").parameters()))
     assert all(epoch["trainable"] == parameters for epoch in json.loads((run_dir / "rank0.json").read_text()))
-    assert json.loads((run_dir / "metrics.json").read_text())["test/acc"] >= 0.75  # two classes: chance is 0.5
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert_above_chance(metrics, margin=SCRATCH_MARGIN, classes=2)
 
 
-# The previous release (two hard-coded groups, LambdaLR), run on the data of the `shapes` fixture with the settings
-# below: its metrics and a checksum of its last weights. With weight decay on biases and norms switched back on,
-# the shorthand must give exactly these.
+# The previous release's cases: its default (AdamW, cosine, the whole backbone after one frozen epoch) and SGD with
+# step decay unfreezing the last 4 blocks. With weight decay on biases and norms switched back on, the shorthand must
+# train exactly what that release's own code (support.reference, run beside it) trains.
 PREVIOUS_RELEASE = {
-    "adamw": ([], {"test/loss": 0.8972265124320984, "test/acc": 0.5416666865348816,
-                   "val/acc_best": 0.5833333134651184, "weight_sum": 31633.7871093966}),
-    "sgd_step_last4": (["schedule.unfreeze=4", "schedule.optimizer=sgd", "schedule.scheduler=step",
-                        "schedule.step_size=1", "schedule.gamma=0.5", "schedule.lr=1e-2"],
-                       {"test/loss": 1.1261323690414429, "test/acc": 0.3333333432674408,
-                        "val/acc_best": 0.4583333432674408, "weight_sum": 34112.04613435935}),
+    "adamw": [],
+    "sgd_step_last4": ["schedule.unfreeze=4", "schedule.optimizer=sgd", "schedule.scheduler=step",
+                       "schedule.step_size=1", "schedule.gamma=0.5", "schedule.lr=1e-2"],
 }
 
 
 @pytest.mark.parametrize("case", list(PREVIOUS_RELEASE))
 def test_the_two_phase_shorthand_reproduces_the_previous_release(tmp_path, shapes, case):
-    extra, expected = PREVIOUS_RELEASE[case]
-    cfg = compose(tmp_path / "run", "dataset=image_folder", f"dataset.root={shapes}", *FAST, "schedule.lr=3e-3",
-                  "schedule.backbone_lr_ratio=0.03", "dataset.val_fraction=0.2", "dataset.test_fraction=0.2",
-                  "schedule.epochs=3", "schedule.freeze_epochs=1", "trainer.deterministic=true", "logger=none",
-                  "seed=7", "schedule.norm_bias_decay=true", *extra)
-    metrics = run(cfg, overrides=given(cfg))
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    weight_sum = float(sum(v.double().sum() for v in state.values() if v.is_floating_point()))
-    for key in ("test/acc", "val/acc_best"):
-        assert metrics[key] == expected[key]
-    assert metrics["test/loss"] == pytest.approx(expected["test/loss"], rel=1e-5)
-    assert weight_sum == pytest.approx(expected["weight_sum"], rel=1e-7)
+    """Both recipes run here, one after the other, on this machine's arithmetic: the same metrics and the same
+    weights, bit for bit. (A checksum recorded on one machine is not a reference: another CPU's kernels moved it by
+    2e-6 to 5e-6 relative.)"""
+    common = ["schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "schedule.epochs=3", "schedule.freeze_epochs=1",
+              "trainer.deterministic=true", "logger=none", "seed=7", "schedule.norm_bias_decay=true",
+              "dataset.limit_per_class=20", "calibrate=false", *PREVIOUS_RELEASE[case]]
+    shorthand, _ = train(tmp_path, shapes, *common, name="shorthand")
+    reference, _ = train(tmp_path, shapes, *common, "callbacks.extra=[{_target_: support.reference.PreviousRelease}]",
+                         name="reference")
+    for key in ("test/acc", "test/loss", "val/acc_best", "global_step"):
+        assert shorthand[key] == reference[key], key
+    ours, theirs = (torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+                    for name in ("shorthand", "reference"))
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    assert all(torch.equal(ours["state_dict"][k], theirs["state_dict"][k]) for k in ours["state_dict"])
+    # two different pieces of code trained them: the reference's two groups and LambdaLR, the schedule's own
+    assert [g["name"] for g in theirs["optimizer_states"][0]["param_groups"]] == ["backbone", "head"]
+    assert "lr_lambdas" in theirs["lr_schedulers"][0] and "lr_lambdas" not in ours["lr_schedulers"][0]
 
 
 def test_unknown_phase_keys_and_contradictions_are_one_line(tmp_path):

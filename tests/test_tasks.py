@@ -9,13 +9,19 @@ import pytest
 import torch
 from support import FAST, run_script
 from support.fabricate import make_multilabel_table, make_regression_table
+from support.recipes import TASKS, assert_above, assert_below, most_agree
 
 from finetune.data.sources import DataError, read_source
 from finetune.data.splits import stratified_split
 
-BASE = [*(a for a in FAST if not a.startswith("callbacks.dashboards")), "schedule.freeze_epochs=0",
-        "schedule.backbone_lr_ratio=1", "calibrate=false", "dataset.batch_size=32", "schedule.lr=1e-2"]
-LEARN = [*BASE, "logger=csv", "callbacks.dashboards.enabled=false", "schedule.epochs=14"]
+BASE = [a for a in TASKS if not a.startswith(("logger=", "callbacks.dashboards", "schedule.epochs="))]
+# Measured over 4 arithmetics x 3 seeds (benchmarks/arithmetics.py), each above its own run's baseline:
+MAP_MARGIN = 0.3  # test mAP above the label frequency (about 0.47): +0.39 to +0.52, median +0.43
+F1_MARGIN = 0.05  # test F1 above that of calling every label present, 2f / (1 + f) (about 0.64): micro +0.12 to
+# +0.26, macro +0.12 to +0.26
+MAE_FRACTION = 0.5  # test MAE at most this share of predicting the training mean's: 0.23 to 0.38, median 0.32
+R2_MARGIN = 0.7  # test R^2 above predicting the mean (0): 0.82 to 0.94, median 0.89
+AP_MARGIN = 0.1  # each label's test AP above its frequency: +0.18 (green) to +0.57, median +0.34 to +0.53
 # TensorBoard with the dashboards: a precision-recall curve per label, predicted against true
 DASHBOARDS = [*BASE, "logger=tensorboard", "callbacks.dashboards.enabled=true", "callbacks.dashboards.graph=false"]
 
@@ -24,7 +30,7 @@ def trained_on_a_table(tmp_path_factory, name, make, *args):
     """A run of scripts/train.py on a fabricated table (`make`: the dataset's folder), and what it printed."""
     root = make(tmp_path_factory.mktemp(name), 360)
     cwd = tmp_path_factory.mktemp(f"{name}-cwd")
-    result = run_script("train", "dataset=table", f"dataset.root={root}", *args, *LEARN, "hydra.run.dir=run", cwd=cwd)
+    result = run_script("train", "dataset=table", f"dataset.root={root}", *args, *TASKS, "hydra.run.dir=run", cwd=cwd)
     assert result.returncode == 0, result.output[-3000:]
     return root, cwd / "run", result.output
 
@@ -41,6 +47,7 @@ def regression_run(tmp_path_factory):
                               "dataset.target_column=radius")
 
 
+@pytest.mark.learning
 def test_multilabel_from_a_csv_learns_well_above_the_label_frequencies(multilabel_run):
     root, run_dir, output = multilabel_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -48,10 +55,13 @@ def test_multilabel_from_a_csv_learns_well_above_the_label_frequencies(multilabe
     frequency = metrics["test/label_frequency"]
     assert 0.3 < frequency < 0.6
     # mAP of a model that knows nothing is about the label frequency; this one sees the colours
-    assert metrics["test/map"] > 0.85 > frequency + 0.25, metrics
-    assert metrics["test/f1_macro"] > 0.7 and metrics["test/f1_micro"] > 0.7
+    assert_above("test/map", metrics["test/map"], frequency, MAP_MARGIN)
+    every_label = 2 * frequency / (1 + frequency)  # the F1 of calling every label present on every image
+    assert_above("test/f1_micro", metrics["test/f1_micro"], every_label, F1_MARGIN)
+    assert_above("test/f1_macro", metrics["test/f1_macro"], every_label, F1_MARGIN)
     assert set(metrics["test/per_label"]) == {"blue", "green", "red"}
-    assert all(row["ap"] > 0.7 for row in metrics["test/per_label"].values())
+    for label, row in metrics["test/per_label"].items():
+        assert_above(f"test AP of {label}", row["ap"], row["images"] / metrics["test_images"], AP_MARGIN)
     assert "val/map_best" in metrics and "val/acc_best" not in metrics and "test/acc" not in metrics
     # the thresholds fitted on the validation split are in the checkpoint, for predict and the export
     hp = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)["hyper_parameters"]
@@ -85,9 +95,10 @@ def test_multilabel_evaluate_predict_and_onnx_agree_with_the_run(multilabel_run,
     assert result.returncode == 0, result.output[-3000:]
     evaluation = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluation["images"] == metrics["test_images"]
-    assert evaluation["map"] == pytest.approx(metrics["test/map"], abs=1e-3)
-    assert evaluation["f1_macro"] == pytest.approx(metrics["test/f1_macro"], abs=1e-6)
-    assert evaluation["f1_micro"] == pytest.approx(metrics["test/f1_micro"], abs=1e-6)
+    # two code paths over one checkpoint: they agree within what one decision (one label of one image) can move
+    one = 1 / min(row["images"] for row in metrics["test/per_label"].values())
+    for key in ("map", "f1_macro", "f1_micro"):
+        assert evaluation[key] == pytest.approx(metrics[f"test/{key}"], abs=one), key
     for name in ("per_label.csv", "predictions.csv", "pr_curves.png", "curves.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0, name
     with open(tmp_path / "eval" / "predictions.csv", newline="") as f:
@@ -103,24 +114,25 @@ def test_multilabel_evaluate_predict_and_onnx_agree_with_the_run(multilabel_run,
     assert result.returncode == 0, result.output[-3000:]
     predicted = {row["path"].split("/")[-1]: "|".join(sorted(x["label"] for x in row["labels"]))
                  for row in json.loads((tmp_path / "p.json").read_text())}
-    assert predicted == {path.split("/")[-1]: "|".join(sorted(filter(None, labels.split("|"))))
-                         for path, labels in evaluated.items()}
+    most_agree(predicted, {path.split("/")[-1]: "|".join(sorted(filter(None, labels.split("|"))))
+                           for path, labels in evaluated.items()})
 
     result = run_script("export", f"ckpt={run_dir}", "format=onnx", f"out={tmp_path / 'm.onnx'}", cwd=tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     sidecar = json.loads((tmp_path / "m.json").read_text())
     assert sidecar["task"] == "multilabel" and sidecar["inside_the_model"]["sigmoid"]
     assert sidecar["evaluation"]["metric"] == "mAP"
-    assert sidecar["evaluation"]["models"]["onnx float32"]["accuracy"] == pytest.approx(evaluation["map"], abs=1e-3)
-    assert sidecar["evaluation"]["models"]["onnx float32"]["top1_changed"] == 0
+    assert sidecar["evaluation"]["models"]["onnx float32"]["accuracy"] == pytest.approx(evaluation["map"], abs=one)
+    assert sidecar["evaluation"]["models"]["onnx float32"]["top1_changed"] <= 1
     result = run_script("predict", f"model={tmp_path / 'm.onnx'}", f"inputs={inputs}", "format=json",
                         f"out={tmp_path / 'o.json'}", cwd=tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     onnx = {row["path"].split("/")[-1]: "|".join(sorted(x["label"] for x in row["labels"]))
             for row in json.loads((tmp_path / "o.json").read_text())}
-    assert onnx == predicted
+    most_agree(onnx, predicted)
 
 
+@pytest.mark.learning
 def test_regression_from_a_csv_learns_the_size_and_every_tool_agrees(regression_run, tmp_path):
     root, run_dir, output = regression_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -133,8 +145,8 @@ def test_regression_from_a_csv_learns_the_size_and_every_tool_agrees(regression_
         rows = list(csv.DictReader(f))
     test = np.array([radius[r["path"]] for r in rows if r["split"] == "test"])
     of_the_mean = np.abs(test - np.mean([radius[r["path"]] for r in rows if r["split"] == "train"])).mean()
-    assert metrics["test/mae"] <= of_the_mean / 2, (metrics["test/mae"], of_the_mean)
-    assert metrics["test/r2"] > 0.7
+    assert_below("test/mae", metrics["test/mae"], of_the_mean, MAE_FRACTION)
+    assert_above("test/r2", metrics["test/r2"], 0, R2_MARGIN)  # predicting the mean: R^2 0
     # quantile-stratified split: each split spans the range of the target
     for split in ("val", "test"):
         values = [radius[r["path"]] for r in rows if r["split"] == split]
@@ -176,6 +188,7 @@ def test_regression_from_a_csv_learns_the_size_and_every_tool_agrees(regression_
     assert "An image regressor of `radius`" in card and "| test/mae |" in card
 
 
+@pytest.mark.slow  # two runs with the dashboards and the learning-rate finder: 10 s of the default suite's 5 minutes
 def test_a_saved_hugging_face_dataset_of_label_lists_and_of_numbers(tmp_path):
     """Lists of ClassLabels make a multi-label run, a float column a regression, each with its own splits."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence, Value
@@ -193,13 +206,22 @@ def test_a_saved_hugging_face_dataset_of_label_lists_and_of_numbers(tmp_path):
 
     DatasetDict({"train": part(rows[:160]), "validation": part(rows[160:180]), "test": part(rows[180:])}) \
         .save_to_disk(str(tmp_path / "hf-ml"))
-    result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'hf-ml'}", *DASHBOARDS, "schedule.epochs=6",
+    result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'hf-ml'}", *DASHBOARDS, "schedule.epochs=2",
                         "hydra.run.dir=ml-run", cwd=tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     assert "task=multilabel (inferred): column 'labels'" in result.output
     metrics = json.loads((tmp_path / "ml-run" / "metrics.json").read_text())
     assert metrics["task"] == "multilabel" and metrics["test_images"] == 20 and metrics["val_images"] == 20
-    assert metrics["test/map"] > metrics["test/label_frequency"] + 0.1
+    # every image with its own labels, in its own split (learning from them: test_multilabel_from_a_csv_...)
+    given = {"|".join(sorted(r["labels"].split())): [] for r in rows}
+    for split, chosen in (("train", rows[:160]), ("val", rows[160:180]), ("test", rows[180:])):
+        for r in chosen:
+            given["|".join(sorted(r["labels"].split()))].append(split)
+    with open(tmp_path / "ml-run" / "split.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 200
+    assert {k: sorted(v) for k, v in given.items()} == \
+        {k: sorted(r["split"] for r in written if r["label"] == k) for k in given}
     tags = tensorboard_tags(tmp_path / "ml-run")
     assert {"val_pr_curve/blue", "val_pr_curve/green", "val_pr_curve/red"} <= set(tags["tensors"])
     assert {"val/map", "val/map_best", "test/map", "val/loss"} <= set(tags["scalars"])
@@ -211,12 +233,15 @@ def test_a_saved_hugging_face_dataset_of_label_lists_and_of_numbers(tmp_path):
                       features=Features({"image": Image(), "radius": Value("float32")})) \
         .save_to_disk(str(tmp_path / "hf-rg"))
     assert read_source("hf", None, path=str(tmp_path / "hf-rg")).task == "regression"
-    result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'hf-rg'}", *DASHBOARDS, "schedule.epochs=3",
+    result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'hf-rg'}", *DASHBOARDS, "schedule.epochs=2",
                         "head.loss=huber", "tune.lr_find=true", "tune.steps=20", "schedule.freeze_epochs=1",
                         "hydra.run.dir=rg-run", cwd=tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     metrics = json.loads((tmp_path / "rg-run" / "metrics.json").read_text())
     assert metrics["task"] == "regression" and metrics["test/mae"] > 0 and metrics["test_images"] == 12
+    with open(tmp_path / "rg-run" / "split.csv", newline="") as f:  # every image's own number
+        assert sorted(round(float(r["label"]), 2) for r in csv.DictReader(f)) == \
+            sorted(float(r["radius"]) for r in rows)
     # after the learning-rate finder too, phases are followed by val/mae (lowest best)
     assert [p["phase"] for p in metrics["phases"]] == [1, 2] and "val/mae_best" in metrics["phases"][0]
     assert "(lower is better: " in result.output
@@ -309,7 +334,7 @@ def test_task_keys_that_cannot_work_are_one_line_before_any_work(tmp_path, args,
 def test_a_k_fold_sweep_of_a_regression_orders_and_averages_by_the_lowest_mae(tmp_path):
     root = make_regression_table(tmp_path / "rg", 90)
     result = run_script("train", "-m", "dataset=table", f"dataset.root={root}", "dataset.table=sizes.csv",
-                        "dataset.target_column=radius", *LEARN, "schedule.epochs=1", "dataset.folds=3",
+                        "dataset.target_column=radius", *TASKS, "schedule.epochs=1", "dataset.folds=3",
                         "dataset.fold=0,1,2", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     with open(tmp_path / "sweep" / "summary.csv", newline="") as f:
@@ -335,7 +360,7 @@ def test_a_regression_whose_validation_and_test_splits_hold_one_image_each_train
     """R^2 needs two images: with one, it is left out (it stopped the run), and MAE still picks the checkpoint."""
     root = make_regression_table(tmp_path / "rg", 12)
     result = run_script("train", "dataset=table", f"dataset.root={root}", "dataset.table=sizes.csv",
-                        "dataset.target_column=radius", *LEARN, "schedule.epochs=2", "hydra.run.dir=run", cwd=tmp_path)
+                        "dataset.target_column=radius", *TASKS, "schedule.epochs=2", "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test_images"] == 1 and metrics["val_images"] == 1 and "test/r2" not in metrics
@@ -401,6 +426,7 @@ def test_a_hugging_face_dataset_with_a_class_and_a_list_of_tags_reads_the_one_th
     assert tagged.classes == ["indoor", "outdoor"] and tagged.targets[2].tolist() == [1, 1]
 
 
+@pytest.mark.slow  # an export and two predictions: 10 s of the default suite's 5 minutes
 def test_a_regression_export_of_large_targets_keeps_them_in_float32_and_in_fp16(regression_run, tmp_path):
     """A target in the hundreds of thousands: parity is judged on its scale, and fp16 keeps x * std + mean in
     float32 (float16 ends at 65504)."""

@@ -12,14 +12,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from support import FAST, ROOT, compose, given, run_script
+from support import FAST, ROOT, compose, given, read_csv, run_script
 from support.fabricate import add_broken
+from support.recipes import assert_agree, most_agree
 
 from finetune.errors import FinetuneError
 from finetune.models.classifier import UnsafeCheckpoint
 from finetune.train import run as train
-
-LEARN = ["schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03", "dataset.val_fraction=0.2", "dataset.test_fraction=0.2"]
 
 
 def tool_cfg(name: str, **values):
@@ -36,18 +35,10 @@ def tool_cfg(name: str, **values):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, shapes):
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    cfg = compose(run_dir, "dataset=image_folder", f"dataset.root={shapes}", *FAST, *LEARN, "schedule.epochs=6",
-                  "schedule.freeze_epochs=3", "callbacks.dashboards.enabled=true",
-                  "callbacks.dashboards.every_n_epochs=3")
-    metrics = train(cfg, overrides=given(cfg))
-    return run_dir, metrics
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def trained(tmp_path_factory, colours_run):
+    """support.recipes.COLOURS (with the dashboards every third epoch): its run directory and metrics."""
+    run = colours_run(tmp_path_factory.mktemp("trained"))
+    return run.run_dir, run.metrics
 
 
 def is_png(path):
@@ -85,7 +76,8 @@ def test_evaluate_accuracy_is_the_runs_test_accuracy_and_agrees_with_its_own_pre
     out, metrics = evaluated
     predictions = read_csv(out / "predictions.csv")
     assert metrics["accuracy"] == pytest.approx(np.mean([int(r["correct"]) for r in predictions]))
-    assert metrics["accuracy"] == pytest.approx(train_metrics["test/acc"], abs=1e-6)  # same checkpoint, split, code
+    assert metrics["images"] == train_metrics["test_images"]  # same checkpoint and split, batched another way:
+    assert_agree(metrics["accuracy"], train_metrics["test/acc"], images=metrics["images"])  # one image may tip
     test_rows = [r for r in read_csv(run_dir / "split.csv") if r["split"] == "test"]
     assert sorted(r["path"] for r in predictions) == sorted(r["path"] for r in test_rows)
     by_class = {r["class"]: r for r in read_csv(out / "classification_report.csv")}
@@ -162,8 +154,8 @@ def test_predict_top1_agrees_with_evaluate(trained, evaluated, shapes, tmp_path)
     rows = read_csv(tmp_path / "p.csv")
     assert len(rows) == 240 and {r["rank"] for r in rows} == {"1", "2"}
     top1 = {r["path"]: r["class"] for r in rows if r["rank"] == "1"}
-    for row in read_csv(evaluated[0] / "predictions.csv"):
-        assert top1[row["path"]] == row["predicted"], row["path"]
+    evaluated_top1 = {row["path"]: row["predicted"] for row in read_csv(evaluated[0] / "predictions.csv")}
+    most_agree({path: top1[path] for path in evaluated_top1}, evaluated_top1)
 
 
 def test_predict_reports_each_broken_file_and_classifies_the_rest(trained, inputs, tmp_path):
@@ -333,10 +325,6 @@ def test_dashboards_write_their_images_to_tensorboard(trained):
     assert any(tag.startswith("val_pr_curve/") for tag in events.Tags()["tensors"])
 
 
-def script(name, *args, cwd):
-    return run_script(name, *args, cwd=cwd)
-
-
 def test_predict_from_an_onnx_export_loads_neither_torch_nor_lightning(exported, shapes, tmp_path):
     """A process of its own (what it imports is the point): predict.py model=X.onnx, then the modules it holds."""
     script_path = ROOT / "scripts" / "predict.py"
@@ -352,7 +340,7 @@ def test_predict_from_an_onnx_export_loads_neither_torch_nor_lightning(exported,
 
 def test_predict_script_exits_2_when_some_inputs_are_broken_and_keeps_the_rest(trained, inputs, tmp_path):
     run_dir, _ = trained
-    result = script("predict", f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}", f"inputs={inputs[0]}",
+    result = run_script("predict", f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}", f"inputs={inputs[0]}",
                     "num_workers=0", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     rows = read_csv(tmp_path / "predictions.csv")

@@ -13,16 +13,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+
+from support.recipes import FAST  # noqa: F401  (the tests' `from support import FAST`)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
-
-# Small, fast and quiet: every training test runs at 32 px on the CPU without a progress bar.
-FAST = [
-    "dataset.image_size=32", "dataset.num_workers=0", "dataset.batch_size=16", "trainer.accelerator=cpu",
-    "trainer.devices=1", "callbacks.progress_bar=false", "+trainer.enable_model_summary=false",
-    "backbone.pretrained=false", "trainer.log_every_n_steps=2", "callbacks.dashboards.enabled=false",
-]
 
 _COMPOSED: list = []
 
@@ -188,3 +184,67 @@ def sigterm_after_first_checkpoint(process, run_dir):
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 143, output[-3000:]
     return step, output
+
+
+def train(tmp_path: Path, data: Path, *overrides: str, recipe: tuple[str, ...] | list[str] = (),
+          name: str = "run") -> tuple[dict, Path]:
+    """A training run on the image folder `data` with `recipe` and `overrides`, in this process, given its command
+    line as the script gives it; its metrics and its directory, TMP_PATH/NAME. A module binds its recipe once:
+    `train = functools.partial(support.train, recipe=...)`."""
+    from finetune.train import run
+
+    cfg = compose(tmp_path / name, "dataset=image_folder", f"dataset.root={data}", *recipe, *overrides)
+    return run(cfg, overrides=given(cfg)), tmp_path / name
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV file with a header, as dicts."""
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def skipped(run_dir: Path) -> dict[str, str]:
+    """RUN_DIR/skipped.csv: path -> why it was skipped."""
+    return {row["path"]: row["reason"] for row in read_csv(run_dir / "skipped.csv")}
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound a moment, then let go)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Trained:
+    """A finished run: its directory (a copy of its own for each caller), metrics, and what FreezeRecorder saw."""
+
+    run_dir: Path
+    metrics: dict
+    recorder: object
+
+
+def trained_once(tmp_path_factory, data: Path, recipe: list[str], cache: dict):
+    """A function of a folder: `recipe` trained on `data` the first time (into `cache`, for the session), then a
+    copy of that run directory in the folder, so that no test sees what another wrote into its run."""
+    import shutil
+
+    from finetune.train import run
+    from support.recorders import FreezeRecorder
+
+    def copy_into(folder: Path) -> Trained:
+        if "run" not in cache:
+            run_dir = tmp_path_factory.mktemp("trained-once") / "run"
+            cfg = compose(run_dir, "dataset=image_folder", f"dataset.root={data}", *recipe)
+            metrics = run(cfg, overrides=given(cfg))
+            # what the recorder saw, not the recorder: Lightning gave it the model's log method, which holds the model
+            seen = FreezeRecorder.instances[-1] if FreezeRecorder.instances else None
+            cache["run"] = Trained(run_dir, metrics, seen and SimpleNamespace(steps=seen.steps, initial=seen.initial))
+        shutil.copytree(cache["run"].run_dir, folder / "run")
+        return Trained(folder / "run", dict(cache["run"].metrics), cache["run"].recorder)
+
+    return copy_into
