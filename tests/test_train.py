@@ -76,6 +76,9 @@ def test_run_directory_holds_everything_needed_afterwards(trained, shapes):
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved["test/acc"] == pytest.approx(metrics["test/acc"])
     assert saved["best_checkpoint"] == "checkpoints/best.ckpt" and saved["test_images"] == 24
+    # 24 validation images are too few to fit a temperature (30): T stays 1, and the test NLL and ECE are reported
+    assert saved["val/temperature"] == 1.0 and saved["test/nll_before"] == saved["test/nll_after"] > 0
+    assert torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)["hyper_parameters"]["temperature"] == 1
 
     for name in ("best.ckpt", "last.ckpt"):
         checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)  # plain containers only

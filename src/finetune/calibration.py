@@ -41,12 +41,19 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100
     return min(max(t, LIMITS[0]), LIMITS[1]) if math.isfinite(t) else 1.0
 
 
-def why_not_fitted(logits: torch.Tensor, labels: torch.Tensor) -> str | None:
-    """Why no temperature should be fitted on these validation logits, as the end of a sentence; None where one can."""
-    images, errors = len(labels), int((logits.argmax(1) != labels).sum())
+def too_few(images: int) -> str | None:
+    """Why no temperature can be fitted on `images` validation images, before looking at them; None if enough."""
     if images < MIN_IMAGES:
         return (f"the validation split has {images} images, fewer than the {MIN_IMAGES} a temperature needs (give it "
                 f"more: dataset.val_fraction)")
+    return None
+
+
+def why_not_fitted(logits: torch.Tensor, labels: torch.Tensor) -> str | None:
+    """Why no temperature should be fitted on these validation logits, as the end of a sentence; None where one can."""
+    images, errors = len(labels), int((logits.argmax(1) != labels).sum())
+    if too_few(images):
+        return too_few(images)
     if len(set(labels.tolist())) < 2:
         return "the validation images are all of one class"
     if errors == 0:

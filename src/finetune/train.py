@@ -328,20 +328,24 @@ def fit_thresholds_of_best(run_dir: Path, data: ImageDataModule, device: torch.d
 def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -> dict:
     """Fit the best checkpoint's temperature on the validation split and store it in best.ckpt, where evaluate,
     predict and export read it; the test NLL and ECE before and after, for metrics.json."""
-    from finetune.calibration import ece, fit_temperature, nll, why_not_fitted
+    from finetune.calibration import ece, fit_temperature, nll, too_few, why_not_fitted
     from finetune.models.classifier import load_classifier
 
     best = run_dir / "checkpoints" / "best.ckpt"
-    if not best.is_file() or not len(data.indices("val")):
+    validation = len(data.indices("val"))
+    if not best.is_file() or not validation:
         return {}
     model = load_classifier(best).to(device)
-    val_logits, val_labels = split_logits(model, data, "val", device)
-    temperature = fit_temperature(val_logits, val_labels)
-    checkpoint = load_checkpoint(best)
-    checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "temperature": temperature}
-    AtomicCheckpointIO().save_checkpoint(checkpoint, best)  # as every checkpoint: whole, or the old one stays
+    reason = too_few(validation)  # then the validation images need not be classified: T stays 1
+    temperature = 1.0
+    if reason is None:
+        val_logits, val_labels = split_logits(model, data, "val", device)
+        temperature, reason = fit_temperature(val_logits, val_labels), why_not_fitted(val_logits, val_labels)
+    if temperature != model.temperature:  # as every checkpoint: whole, or the old one stays
+        checkpoint = load_checkpoint(best)
+        checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "temperature": temperature}
+        AtomicCheckpointIO().save_checkpoint(checkpoint, best)
     result = {"val/temperature": temperature}
-    reason = why_not_fitted(val_logits, val_labels)
     if len(data.indices("test")):  # how the temperature does on images it was not fitted on
         test_logits, test_labels = split_logits(model, data, "test", device)
         before, after = test_logits.softmax(1).numpy(), (test_logits / temperature).softmax(1).numpy()
@@ -352,10 +356,10 @@ def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -
         log.info("Calibration: no temperature fitted, T stays 1: %s", reason)
     elif "test/nll_before" not in result:
         log.info("Calibration: temperature %.3f fitted on %d validation images (stored in %s); no test split to "
-                 "measure it on", temperature, len(val_labels), best)
+                 "measure it on", temperature, validation, best)
     else:
         log.info("Calibration: temperature %.3f fitted on %d validation images; test NLL %.4f -> %.4f, ECE %.4f -> "
-                 "%.4f (stored in %s)", temperature, len(val_labels), result["test/nll_before"],
+                 "%.4f (stored in %s)", temperature, validation, result["test/nll_before"],
                  result["test/nll_after"], result["test/ece_before"], result["test/ece_after"], best)
     return result
 
