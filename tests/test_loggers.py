@@ -185,6 +185,7 @@ def test_mlflow_file_store_with_the_model_uploaded(tmp_path, shapes, monkeypatch
     assert str(store) in client.get_run(record["run_id"]).info.artifact_uri  # the file store keeps them inside
 
 
+@pytest.mark.slow  # W&B starts a service process of its own: 8 s of the default suite's 5 minutes
 def test_wandb_offline_by_default_holds_the_metrics_config_and_best_checkpoint(tmp_path, shapes, caplog):
     metrics, run_dir = train(tmp_path, shapes, "logger=wandb", "logger.experiment=shapes")
     record = json.loads((run_dir / "trackers.json").read_text())["wandb"]
@@ -210,6 +211,7 @@ def test_wandb_offline_by_default_holds_the_metrics_config_and_best_checkpoint(t
         in caplog.text
 
 
+@pytest.mark.slow  # a run, a resumed run and a new MLflow store: 4 s of the default suite's 5 minutes
 def test_a_resumed_run_continues_its_own_mlflow_run(tmp_path, shapes):
     import mlflow
     from mlflow.tracking import MlflowClient

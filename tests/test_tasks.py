@@ -331,6 +331,7 @@ def test_task_keys_that_cannot_work_are_one_line_before_any_work(tmp_path, args,
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow  # a sweep of three folds: 6 s of the default suite's 5 minutes
 def test_a_k_fold_sweep_of_a_regression_orders_and_averages_by_the_lowest_mae(tmp_path):
     root = make_regression_table(tmp_path / "rg", 90)
     result = run_script("train", "-m", "dataset=table", f"dataset.root={root}", "dataset.table=sizes.csv",
