@@ -84,7 +84,7 @@ def test_sigkill_then_resume_finishes_close_to_an_uninterrupted_run(tmp_path, sh
     reference = json.loads(next((tmp_path / "b" / "outputs" / "runs").iterdir()).joinpath("metrics.json").read_text())
     assert interrupted["epochs"] == reference["epochs"] == 6
     assert interrupted["global_step"] == reference["global_step"]
-    assert abs(interrupted["test/acc"] - reference["test/acc"]) <= 0.2
+    assert abs(interrupted["test/acc"] - reference["test/acc"]) <= 0.2  # measured: 0 to 2 of 24 images apart
     assert_above_chance(interrupted, margin=MARGIN, classes=3)  # chance: 8 of 24
     assert_above_chance(reference, margin=MARGIN, classes=3)
 

@@ -10,7 +10,7 @@ import pytest
 import support
 import torch
 from support import FAST, compose, run_process, run_script
-from support.recipes import FIFTHS, assert_above_chance, assert_agree
+from support.recipes import FIFTHS, RECORD_FREEZING, assert_above_chance, assert_agree
 from support.recorders import BatchKinds, FreezeRecorder, HeadRecorder
 
 from finetune.models.backbone import backbone_blocks, create_backbone, parameter_blocks
@@ -22,7 +22,6 @@ from finetune.train import run
 BASE = {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.05, "momentum": 0.9, "epochs": 8, "warmup_epochs": 1,
         "scheduler": "cosine", "step_size": 3, "gamma": 0.1, "backbone_lr_ratio": 0.5, "freeze_epochs": None,
         "unfreeze": None}
-RECORD = "callbacks.extra=[{_target_: support.recorders.FreezeRecorder}]"
 
 
 train = partial(support.train, recipe=[*FAST, *FIFTHS])
@@ -166,7 +165,8 @@ def test_scratch_is_the_default_only_when_nothing_was_chosen(tmp_path):
 
 def test_gradual_phases_train_exactly_their_blocks_at_decaying_rates(tmp_path, shapes):
     _, run_dir = train(tmp_path, shapes, "schedule=gradual", "schedule.epochs=3", "schedule.lr=3e-3",
-                       "schedule.phases=[{train: head, epochs: 1}, {train: 2, epochs: 1}, {train: all}]", RECORD)
+                       "schedule.phases=[{train: head, epochs: 1}, {train: 2, epochs: 1}, {train: all}]",
+                       RECORD_FREEZING)
     recorder = FreezeRecorder.instances[-1]
     block_of = parameter_blocks(create_backbone("mobilenetv2_100"))
     modules = backbone_blocks(create_backbone("mobilenetv2_100"))
@@ -197,7 +197,7 @@ def test_a_phase_that_stops_improving_ends_early_and_a_resume_stays_in_the_next_
     phases = "schedule.phases=[{train: head, epochs: 4, lr: 1e-50, patience: 1}, {train: all, lr: 3e-3}]"
     with caplog.at_level("INFO", logger="finetune"):
         metrics, run_dir = train(tmp_path, shapes, phases, "schedule.freeze_epochs=null", "schedule.unfreeze=null",
-                                 "schedule.epochs=3", "logger=csv", RECORD)
+                                 "schedule.epochs=3", "logger=csv", RECORD_FREEZING)
     assert "Phase 1 ends after epoch 1: val/acc has not improved for 1 epochs (best" in caplog.text
     assert "phase 2 starts at epoch 2" in caplog.text
     steps = FreezeRecorder.instances[-1].steps
@@ -205,7 +205,7 @@ def test_a_phase_that_stops_improving_ends_early_and_a_resume_stays_in_the_next_
     assert all(len(s["with_grad"]) > 100 for s in steps if s["epoch"] == 2) and metrics["epochs"] == 3
     # resumed for longer, it goes on in phase 2, which started early: the boundary is in the checkpoint (without
     # it, epoch 3 would still be in the probe's planned four epochs)
-    resumed = run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=["schedule.epochs=5", RECORD])
+    resumed = run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=["schedule.epochs=5", RECORD_FREEZING])
     steps = FreezeRecorder.instances[-1].steps
     assert sorted({s["epoch"] for s in steps}) == [3, 4]
     assert all(len(s["with_grad"]) > 100 and s["lr"]["backbone"] > 0 for s in steps)
@@ -384,7 +384,7 @@ def test_a_run_resumed_in_the_middle_of_an_epoch_trains_what_that_epoch_trains(t
     with pytest.raises(Preempted):  # pre-empted at step 6: in epoch 1, after the frozen epoch 0 (4 steps)
         train(tmp_path, shapes, "schedule.epochs=2", "schedule.freeze_epochs=1", "logger=none",
               "callbacks.extra=[{_target_: support.recorders.SigtermAt, step: 6}]")
-    run(compose(tmp_path / "ignored", f"resume={tmp_path / 'run'}"), overrides=[RECORD])
+    run(compose(tmp_path / "ignored", f"resume={tmp_path / 'run'}"), overrides=[RECORD_FREEZING])
     steps = FreezeRecorder.instances[-1].steps
     assert steps and {s["epoch"] for s in steps} == {1}
     assert all(len(s["with_grad"]) > 100 and s["lr"]["backbone"] > 0 for s in steps)

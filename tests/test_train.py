@@ -8,7 +8,7 @@ import pytest
 import support
 import torch
 from support import CONF, FAST, compose, given
-from support.recipes import PROBE_THEN_UNFREEZE, assert_above_chance
+from support.recipes import PROBE_THEN_UNFREEZE, RECORD_FREEZING, assert_above_chance
 from support.recorders import FreezeRecorder
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -17,7 +17,6 @@ from finetune.models.backbone import WeightsUnavailable
 from finetune.models.classifier import load_classifier
 from finetune.train import run
 
-RECORD = "callbacks.extra=[{_target_: support.recorders.FreezeRecorder}]"
 MARGIN = 8  # images above chance (8 of 24), of test and of validation. Measured over 4 arithmetics x 3 seeds
 # (benchmarks/arithmetics.py): test +11 to +14 (median +12), validation +13 to +14
 DOGS_MARGIN = 4  # of 16 test images, above chance (8). Measured over 4 arithmetics x 3 seeds: +6 to +8, median +8
@@ -137,7 +136,7 @@ def test_checkpoint_alone_rebuilds_the_model(trained, shapes):
 
 
 def test_unfreezing_only_the_last_blocks(tmp_path, shapes):
-    train(tmp_path, shapes, "schedule.epochs=2", "schedule.freeze_epochs=1", "schedule.unfreeze=2", RECORD,
+    train(tmp_path, shapes, "schedule.epochs=2", "schedule.freeze_epochs=1", "schedule.unfreeze=2", RECORD_FREEZING,
           "logger=none")
     steps = [s for s in FreezeRecorder.instances[-1].steps if s["epoch"] == 1]
     assert steps
@@ -152,7 +151,7 @@ def test_resume_from_a_frozen_checkpoint_unfreezes_at_the_right_epoch(tmp_path, 
     first, run_dir = train(tmp_path, shapes, "schedule.epochs=1", "schedule.freeze_epochs=2", "logger=csv", *SMALL)
     assert first["epochs"] == 1
     cfg = compose(tmp_path / "ignored", f"resume={run_dir}")
-    metrics = run(cfg, overrides=["schedule.epochs=4", RECORD])
+    metrics = run(cfg, overrides=["schedule.epochs=4", RECORD_FREEZING])
     steps = FreezeRecorder.instances[-1].steps
     assert sorted({s["epoch"] for s in steps}) == [1, 2, 3]  # continued, not restarted
     assert all(s["with_grad"] == [] for s in steps if s["epoch"] == 1)
@@ -166,7 +165,7 @@ def test_resume_from_a_frozen_checkpoint_unfreezes_at_the_right_epoch(tmp_path, 
 
 def test_resume_from_an_unfrozen_checkpoint_stays_unfrozen(tmp_path, shapes):
     _, run_dir = train(tmp_path, shapes, "schedule.epochs=2", "schedule.freeze_epochs=1", "logger=none", *SMALL)
-    run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=["schedule.epochs=3", RECORD])
+    run(compose(tmp_path / "ignored", f"resume={run_dir}"), overrides=["schedule.epochs=3", RECORD_FREEZING])
     steps = FreezeRecorder.instances[-1].steps
     assert {s["epoch"] for s in steps} == {2}
     assert all(len(s["with_grad"]) > 100 and s["lr"]["backbone"] > 0 for s in steps)
@@ -233,7 +232,8 @@ def test_local_weights_file_starts_the_backbone(tmp_path, shapes):
 
     source = timm.create_model("mobilenetv2_100")
     torch.save(source.state_dict(), tmp_path / "w.pth")
-    train(tmp_path, shapes, f"backbone.weights={tmp_path / 'w.pth'}", "schedule.epochs=1", RECORD, "logger=none")
+    train(tmp_path, shapes, f"backbone.weights={tmp_path / 'w.pth'}", "schedule.epochs=1", RECORD_FREEZING,
+          "logger=none")
     assert torch.equal(FreezeRecorder.instances[-1].initial["conv_stem.weight"], source.conv_stem.weight)
 
 

@@ -37,9 +37,8 @@ FROM_SCRATCH = [*FAST, "schedule.epochs=8", "schedule.freeze_epochs=0", "schedul
                 "schedule.backbone_lr_ratio=1", "calibrate=false", "logger=csv"]
 
 # The tasks' recipe: FROM_SCRATCH's rates at batch 32 for 14 epochs, for several labels or a number per image.
-TASKS = [*(a for a in FAST if not a.startswith("callbacks.dashboards")), "schedule.freeze_epochs=0",
-         "schedule.backbone_lr_ratio=1", "calibrate=false", "dataset.batch_size=32", "schedule.lr=1e-2",
-         "logger=csv", "callbacks.dashboards.enabled=false", "schedule.epochs=14"]
+TASKS = [*FAST, "schedule.freeze_epochs=0", "schedule.backbone_lr_ratio=1", "calibrate=false", "dataset.batch_size=32",
+         "schedule.lr=1e-2", "logger=csv", "schedule.epochs=14"]
 
 
 def record(what: str, value: float, baseline: float | None, needed: float) -> None:
@@ -94,10 +93,13 @@ def assert_agree(a: float, b: float, images: int, what: str = "accuracy", differ
     assert apart <= differ, f"{what}: {a:.4f} against {b:.4f} over {images} images: {apart} images apart"
 
 
+# FreezeRecorder (support.recorders) watching a run: what trains, BatchNorm's mode and the rates at every step.
+RECORD_FREEZING = "callbacks.extra=[{_target_: support.recorders.FreezeRecorder}]"
+
 # The one trained run that the tools', training and reliability tests share (support.trained_once trains it once a
 # session): PROBE_THEN_UNFREEZE for 6 epochs, 3 of them frozen, watched by FreezeRecorder, with the dashboards.
 COLOURS = [*PROBE_THEN_UNFREEZE, "schedule.epochs=6", "schedule.freeze_epochs=3", "callbacks.dashboards.enabled=true",
-           "callbacks.dashboards.every_n_epochs=3", "callbacks.extra=[{_target_: support.recorders.FreezeRecorder}]"]
+           "callbacks.dashboards.every_n_epochs=3", RECORD_FREEZING]
 
 
 def most_agree(a: dict, b: dict, differ: int = 1) -> None:
