@@ -86,7 +86,7 @@ def test_a_hub_name_without_a_network_is_one_line_and_label_types_say_the_task(t
     Dataset.from_dict({"image": images, "target": [["a", "b"], ["a"], ["b"], []]},
                       features=datasets_features(Image(), several)).save_to_disk(str(tmp_path / "multi"))
     multi = read_source("hf", None, path=str(tmp_path / "multi"))  # lists of labels: multilabel
-    assert multi.task == "multilabel" and multi.classes == ["a", "b"] and len(multi) == 3
+    assert multi.task.name == "multilabel" and multi.classes == ["a", "b"] and len(multi) == 3
     assert multi.targets.tolist() == [[1, 1], [1, 0], [0, 1]]
     assert multi.passed_over[-1][1] == "no label in column 'target'"
     with pytest.raises(DataError, match="column 'target' holds several labels per image, and task=multiclass: give "
@@ -95,7 +95,7 @@ def test_a_hub_name_without_a_network_is_one_line_and_label_types_say_the_task(t
     Dataset.from_dict({"image": images, "target": [1.0, 0.5, 2.0, 1.0]},
                       features=datasets_features(Image(), Value("float64"))).save_to_disk(str(tmp_path / "fraction"))
     fraction = read_source("hf", None, path=str(tmp_path / "fraction"))  # fractional numbers: regression
-    assert fraction.task == "regression" and fraction.targets.tolist() == [1.0, 0.5, 2.0, 1.0]
+    assert fraction.task.name == "regression" and fraction.targets.tolist() == [1.0, 0.5, 2.0, 1.0]
     with pytest.raises(DataError, match=r"\[train\] row 1: label 0.5 in column 'target' is not a whole number"):
         read_source("hf", None, path=str(tmp_path / "fraction"), task="multiclass")
     result = run_script("train", "dataset=hf", *FAST, cwd=tmp_path)

@@ -14,7 +14,8 @@ HEAVY = ("torch", "torchvision", "lightning", "timm")
 # What decides a command before the back half: errors, the schema, presets, checks, which run, the run's file names,
 # the script boundary; and what the checks read of the owners of each list of choices.
 FRONT = ("errors", "config", "presets", "rundir", "checks", "runconfig", "cli", "cluster", "schedule", "loggers",
-         "data", "data.sources", "data.duplicates", "data.transforms", "models.heads", "predict", "exported")
+         "data", "data.sources", "data.duplicates", "data.transforms", "models.heads", "predict", "exported", "tasks")
+TASK_NAMES = ("multiclass", "multilabel", "regression")
 
 
 def modules() -> dict[str, Path]:
@@ -77,6 +78,28 @@ def test_the_package_has_no_import_cycle_even_through_imports_inside_functions()
     assert cycles(graph) == []
     cyclic = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(cyclic) == [["a", "b", "c"]]  # and the check finds one
+
+
+def places_naming_a_task(source: str) -> list[int]:
+    """The lines of `source` that name a task outside a docstring: a string "multiclass", "multilabel" or
+    "regression" (compared, a dict key, an argument), or the task objects MULTICLASS, MULTILABEL, REGRESSION."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return sorted(node.lineno for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and node.value in TASK_NAMES and id(node) not in docstrings
+                  or isinstance(node, ast.Name) and node.id in {name.upper() for name in TASK_NAMES})
+
+
+def test_outside_the_task_package_only_the_readers_name_a_task_at_most_a_dozen_times():
+    assert places_naming_a_task('"""regression"""\nif task.name == "multilabel" or task is REGRESSION:\n    pass') == \
+        [2, 2]  # the count sees a comparison with a name and with a task object, and not a docstring
+    found = {str(path.relative_to(PACKAGE)): lines for path in PACKAGE.rglob("*.py")
+             if "tasks" not in path.relative_to(PACKAGE).parts for lines in [places_naming_a_task(path.read_text())]
+             if lines}
+    assert sum(map(len, found.values())) <= 12, found
+    assert all(path.startswith("data/") for path in found), found  # the readers, inferring a task from the data
 
 
 def test_errors_import_nothing_of_the_package():

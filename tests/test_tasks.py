@@ -232,7 +232,7 @@ def test_a_saved_hugging_face_dataset_of_label_lists_and_of_numbers(tmp_path):
     Dataset.from_dict({"image": [str(root / r["path"]) for r in rows], "radius": [float(r["radius"]) for r in rows]},
                       features=Features({"image": Image(), "radius": Value("float32")})) \
         .save_to_disk(str(tmp_path / "hf-rg"))
-    assert read_source("hf", None, path=str(tmp_path / "hf-rg")).task == "regression"
+    assert read_source("hf", None, path=str(tmp_path / "hf-rg")).task.name == "regression"
     result = run_script("train", "dataset=hf", f"dataset.path={tmp_path / 'hf-rg'}", *DASHBOARDS, "schedule.epochs=2",
                         "head.loss=huber", "tune.lr_find=true", "tune.steps=20", "schedule.freeze_epochs=1",
                         "hydra.run.dir=rg-run", cwd=tmp_path)
@@ -265,7 +265,7 @@ def test_tables_of_several_labels_and_of_targets_are_read_and_bad_rows_listed(tm
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "tags.csv").write_text("path,tags\na.jpg,cat;dog\nb.jpg,dog\nc.jpg, cat ; sofa \nd.jpg,\n")
     source = read_source("table", str(tmp_path), table="tags.csv", label_sep=";")  # label_sep given: inferred
-    assert source.task == "multilabel" and source.classes == ["cat", "dog", "sofa"]
+    assert source.task.name == "multilabel" and source.classes == ["cat", "dog", "sofa"]
     assert source.targets.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
     assert source.passed_over == [(f"{tmp_path / 'tags.csv'}:5", "no label in column 'tags'")]
     (tmp_path / "spaces.csv").write_text("path,label\na.jpg,great dane\nb.jpg,pug\n")
@@ -275,7 +275,7 @@ def test_tables_of_several_labels_and_of_targets_are_read_and_bad_rows_listed(tm
 
     (tmp_path / "sizes.csv").write_text("path,size\na.jpg,1.5\nb.jpg,big\nc.jpg,-2e1\nd.jpg,\n")
     source = read_source("table", str(tmp_path), table="sizes.csv", target_column="size")
-    assert source.task == "regression" and source.classes == ["size"] and source.targets.tolist() == [1.5, -20.0]
+    assert source.task.name == "regression" and source.classes == ["size"] and source.targets.tolist() == [1.5, -20.0]
     assert source.passed_over == [(f"{tmp_path / 'sizes.csv'}:3", "target 'big' in column 'size' is not a number"),
                                   (f"{tmp_path / 'sizes.csv'}:5", "no target in column 'size'")]
     with pytest.raises(DataError, match=r"sizes.csv: no column 'weight' \(dataset.target_column\)"):
@@ -369,7 +369,7 @@ def test_a_regression_whose_validation_and_test_splits_hold_one_image_each_train
 
 
 def test_map_counts_only_labels_with_positives_in_training_as_in_evaluate():
-    from finetune.models.classifier import LabelMeanAP
+    from finetune.models.metrics import LabelMeanAP
     from finetune.scores import multilabel_scores
 
     rng = np.random.default_rng(0)

@@ -51,7 +51,9 @@ def validate(cfg: DictConfig) -> DictConfig:
            "set augment.mixup=0 and augment.cutmix=0, or schedule.cache_features=false")
     schedule.check(s)
     heads.check(cfg.head)
-    tasks.check(cfg)
+    from finetune.data.sources import reader_tasks
+
+    tasks.check(cfg, reader_tasks(cfg.dataset.name))
 
     b = cfg.callbacks.dashboards
     _check(b.every_n_epochs >= 1 and b.images >= 1 and b.max_classes >= 2,

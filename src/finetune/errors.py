@@ -17,6 +17,10 @@ class ConfigError(FinetuneError):
     """A config value that cannot work."""
 
 
+class DataError(FinetuneError):
+    """A dataset that cannot be read as configured."""
+
+
 def suggest(word: str, options: list[str], n: int = 3) -> str:
     """' Did you mean a, b?' for the closest options, or '' when none is close."""
     close = difflib.get_close_matches(word, options, n=n, cutoff=0.6)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +23,7 @@ from finetune.loggers import log_evaluation
 from finetune.models.classifier import load_classifier, resolve_checkpoint
 from finetune.plots import confusion_matrix_figure, curves_figure, image_grid_figure
 from finetune.rundir import run_dir_of, write_json
+from finetune.tasks import Task, task_of
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir = run_dir_of(ckpt)
     out = output_folder(cfg.out, run_dir)
     try:
-        source, indices, described = evaluation_set(cfg, model.classes, run_dir, out, task=model.task.name)
+        source, indices, described = evaluation_set(cfg, model.classes, run_dir, out, task=model.task)
     except BaseException:
         if not any(out.iterdir()):  # nothing to evaluate on: no empty eval folder is left behind
             out.rmdir()
@@ -49,87 +52,115 @@ def run(cfg: DictConfig) -> dict:
         log.warning("Could not evaluate %s: %s", source.paths[indices[i]], reason)
     if not ok.any():
         raise DataError(f"none of the {len(indices)} images could be loaded (see the warnings above)")
-    if model.task.name != "multiclass":
-        return _evaluate_task(cfg, model, ckpt, run_dir, out, source, indices[ok], raw[ok], len(failed), described)
-    labels = source.labels[indices][ok]
-    raw = raw[ok]
+    report = Report(cfg, model, ckpt, run_dir, out, source, indices[ok], raw[ok], len(failed), described, device)
+    metrics, summary = model.task.evaluate(report)  # evaluate_classes, evaluate_labels or evaluate_values
+    metrics.update({"task": model.task.name, "images": len(report.indices), "unreadable": len(failed),
+                    "checkpoint": str(ckpt), "evaluated_on": described, "tta": bool(cfg.tta)})
+    write_json(out / "metrics.json", metrics)
+    write_curves(out / "curves.png", run_dir, model.task.monitor.split("/", 1)[1])
+    log.info("%s", summary)
+    log.info("Evaluation written to %s", out)
+    log_evaluation(run_dir, out, {k: v for k, v in metrics.items() if not isinstance(v, dict)})  # to its MLflow run
+    return metrics
+
+
+@dataclass
+class Report:
+    """What evaluate measured: the model's raw outputs (probabilities at temperature 1, label probabilities, values) on
+    the images `indices` of `source` that could be read, and where its files go."""
+
+    cfg: DictConfig
+    model: Any
+    ckpt: Path
+    run_dir: Path
+    out: Path
+    source: Source
+    indices: np.ndarray
+    outputs: np.ndarray
+    unreadable: int
+    described: str
+    device: Any
+
+    def classes(self) -> tuple[dict, str]:
+        return evaluate_classes(self)
+
+    def labels(self) -> tuple[dict, str]:
+        return evaluate_labels(self)
+
+    def values(self) -> tuple[dict, str]:
+        return evaluate_values(self)
+
+
+def evaluate_classes(r: Report) -> tuple[dict, str]:
+    """One class per image: accuracy, balanced accuracy, F1, log loss and calibration (before and after the
+    temperature), intervals; the classification report, confusion matrix, predictions, reliability diagram and the
+    top losses."""
+    cfg, model, source, raw = r.cfg, r.model, r.source, r.outputs
+    labels = source.labels[r.indices]
     probs = rescale(raw, model.temperature)  # what predict and the export give: calibrated
     if cfg.tta and model.temperature != 1.0:  # predict scales each crop before averaging: so must this
-        probs, _ = probabilities(model, source, indices[ok], batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                 device=device, tta=True, max_pixels=cfg.max_pixels)
+        probs, _ = probabilities(model, source, r.indices, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                 device=r.device, tta=True, max_pixels=cfg.max_pixels)
     classes = model.classes
     metrics = compute_metrics(probs, labels, len(classes))
     metrics.update(intervals(probs.argmax(1), labels, classes))
     metrics.update({"temperature": model.temperature, "nll_before": nll(raw, labels), "nll_after": nll(probs, labels),
                     "ece_before": ece(raw, labels), "ece_after": ece(probs, labels)})
-    metrics.update({"images": int(ok.sum()), "unreadable": len(failed), "checkpoint": str(ckpt),
-                    "evaluated_on": described, "tta": bool(cfg.tta)})
-
-    write_json(out / "metrics.json", metrics)
-    write_report(out, labels, probs.argmax(1), classes)
-    write_confusion(out, labels, probs.argmax(1), classes)
-    write_predictions(out / "predictions.csv", [source.paths[j] for j in indices[ok]], labels, probs, classes)
-    write_curves(out / "curves.png", run_dir)
-    _save(reliability_figure(raw, probs, labels, model.temperature), out / "reliability.png")
-    write_top_losses(out / "top_losses.png", source, indices[ok], labels, probs, classes, cfg.top_losses,
+    write_report(r.out, labels, probs.argmax(1), classes)
+    write_confusion(r.out, labels, probs.argmax(1), classes)
+    write_predictions(r.out / "predictions.csv", [source.paths[j] for j in r.indices], labels, probs, classes)
+    _save(reliability_figure(raw, probs, labels, model.temperature), r.out / "reliability.png")
+    write_top_losses(r.out / "top_losses.png", source, r.indices, labels, probs, classes, cfg.top_losses,
                      cfg.max_pixels)
-    log.info("accuracy %.4f  balanced accuracy %.4f  macro F1 %.4f  log loss %.4f  ECE %.4f%s",
-             metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"], metrics["log_loss"],
-             metrics["expected_calibration_error"],
-             f"  top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else "")
-    log.info("Evaluation written to %s", out)
-    log_evaluation(run_dir, out, metrics)  # to the run's MLflow run, if it has one
-    return metrics
+    top5 = f"  top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
+    return metrics, (f"accuracy {metrics['accuracy']:.4f}  balanced accuracy {metrics['balanced_accuracy']:.4f}  "
+                     f"macro F1 {metrics['macro_f1']:.4f}  log loss {metrics['log_loss']:.4f}  "
+                     f"ECE {metrics['expected_calibration_error']:.4f}{top5}")
 
 
-def _evaluate_task(cfg: DictConfig, model, ckpt: Path, run_dir: Path, out: Path, source: Source, indices: np.ndarray,
-                   outputs: np.ndarray, unreadable: int, described: str) -> dict:
-    """evaluate for a multi-label model (mAP, F1 at its thresholds, a table per label, precision-recall curves) or a
-    regression model (MAE, RMSE, R^2, predicted against true and the residuals)."""
-    from finetune.plots import precision_recall_figure, regression_figure
-    from finetune.scores import multilabel_scores, regression_scores
+def evaluate_labels(r: Report) -> tuple[dict, str]:
+    """Multi-label: mAP, F1 at the model's thresholds, a table per label, predictions and precision-recall curves."""
+    from finetune.plots import precision_recall_figure
+    from finetune.scores import multilabel_scores
 
-    classes, targets = model.classes, source.targets[indices]
-    paths = [source.paths[j] for j in indices]
-    if model.task.name == "multilabel":
-        metrics = multilabel_scores(outputs, targets, model.thresholds, classes)
-        with open(out / "per_label.csv", "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["label", "ap", "f1", "precision", "recall", "threshold", "images"])
-            for name, row in metrics["per_label"].items():
-                writer.writerow([name, *(row[key] for key in ("ap", "f1", "precision", "recall", "threshold",
-                                                               "images"))])
-        with open(out / "predictions.csv", "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["path", "labels", "predicted", *classes])
-            for path, y, p in zip(paths, targets, outputs):
-                writer.writerow([path, "|".join(c for c, on in zip(classes, y) if on > 0.5),
-                                 "|".join(c for c, x, t in zip(classes, p, model.thresholds) if x >= t),
-                                 *(f"{x:.6f}" for x in p)])
-        _save(precision_recall_figure(outputs, targets, classes, model.thresholds), out / "pr_curves.png")
-        summary = (f"mAP {metrics['map']:.4f}  F1 macro {metrics['f1_macro']:.4f}  micro {metrics['f1_micro']:.4f} "
-                   f"(at the thresholds fitted on the validation split)") if metrics["map"] is not None else \
-            f"no label has positives here; F1 micro {metrics['f1_micro']:.4f}"
-    else:
-        predicted = outputs[:, 0]
-        metrics = regression_scores(predicted, targets)
-        with open(out / "predictions.csv", "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["path", classes[0], "predicted", "error"])
-            writer.writerows((path, f"{y:.6g}", f"{p:.6g}", f"{p - y:.6g}") for path, y, p in
-                             zip(paths, targets, predicted))
-        _save(regression_figure(predicted, targets, classes[0]), out / "predicted_vs_true.png")
-        r2 = f"{metrics['r2']:.4f}" if metrics["r2"] is not None else "none (a constant target)"
-        summary = (f"MAE {metrics['mae']:.4f}  RMSE {metrics['rmse']:.4f}  R^2 {r2}  (predicting the mean: MAE "
-                   f"{metrics['mae_of_the_mean']:.4f})")
-    metrics.update({"task": model.task.name, "images": len(indices), "unreadable": unreadable,
-                    "checkpoint": str(ckpt), "evaluated_on": described, "tta": bool(cfg.tta)})
-    write_json(out / "metrics.json", metrics)
-    write_curves(out / "curves.png", run_dir, "map" if model.task.name == "multilabel" else "mae")
-    log.info("%s", summary)
-    log.info("Evaluation written to %s", out)
-    log_evaluation(run_dir, out, {k: v for k, v in metrics.items() if not isinstance(v, dict)})
-    return metrics
+    model, outputs = r.model, r.outputs
+    classes, targets = model.classes, r.source.targets[r.indices]
+    metrics = multilabel_scores(outputs, targets, model.thresholds, classes)
+    with open(r.out / "per_label.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["label", "ap", "f1", "precision", "recall", "threshold", "images"])
+        for name, row in metrics["per_label"].items():
+            writer.writerow([name, *(row[key] for key in ("ap", "f1", "precision", "recall", "threshold", "images"))])
+    with open(r.out / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path", "labels", "predicted", *classes])
+        for j, y, p in zip(r.indices, targets, outputs):
+            writer.writerow([r.source.paths[j], "|".join(c for c, on in zip(classes, y) if on > 0.5),
+                             "|".join(c for c, x, t in zip(classes, p, model.thresholds) if x >= t),
+                             *(f"{x:.6f}" for x in p)])
+    _save(precision_recall_figure(outputs, targets, classes, model.thresholds), r.out / "pr_curves.png")
+    if metrics["map"] is None:
+        return metrics, f"no label has positives here; F1 micro {metrics['f1_micro']:.4f}"
+    return metrics, (f"mAP {metrics['map']:.4f}  F1 macro {metrics['f1_macro']:.4f}  micro {metrics['f1_micro']:.4f} "
+                     "(at the thresholds fitted on the validation split)")
+
+
+def evaluate_values(r: Report) -> tuple[dict, str]:
+    """Regression: MAE, RMSE, R^2 and the MAE of predicting the mean; predictions and predicted against true."""
+    from finetune.plots import regression_figure
+    from finetune.scores import regression_scores
+
+    target, targets, predicted = r.model.classes[0], r.source.targets[r.indices], r.outputs[:, 0]
+    metrics = regression_scores(predicted, targets)
+    with open(r.out / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path", target, "predicted", "error"])
+        writer.writerows((r.source.paths[j], f"{y:.6g}", f"{p:.6g}", f"{p - y:.6g}") for j, y, p in
+                         zip(r.indices, targets, predicted))
+    _save(regression_figure(predicted, targets, target), r.out / "predicted_vs_true.png")
+    r2 = f"{metrics['r2']:.4f}" if metrics["r2"] is not None else "none (a constant target)"
+    return metrics, (f"MAE {metrics['mae']:.4f}  RMSE {metrics['rmse']:.4f}  R^2 {r2}  (predicting the mean: MAE "
+                     f"{metrics['mae_of_the_mean']:.4f})")
 
 
 def output_folder(out: str | None, run_dir: Path) -> Path:
@@ -145,28 +176,18 @@ def output_folder(out: str | None, run_dir: Path) -> Path:
 
 
 def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path,
-                   task: str = "multiclass") -> tuple[Source, np.ndarray, str]:
-    """The images to evaluate on, labelled with the model's class indices, and a description of them."""
+                   task: Task | None = None) -> tuple[Source, np.ndarray, str]:
+    """The images to evaluate on, labelled as the model's `task` reads them (in the model's class order), and a
+    description of them."""
+    task = task_of(task)
     if cfg.get("dataset") is not None:
         d = cfg.dataset
         if OmegaConf.is_missing(d, "root") and d.name != "hf":
             raise ConfigError(f"dataset={d.name}: give its folder with dataset.root=DIR")
-        source = read_dataset(d, task)
-        if task == "multilabel":
-            source = _as_the_models_labels(source, classes, d.name)
-        if task != "multiclass":
-            source = drop_unusable(source, d.root, cfg.max_pixels, d.get("max_bad_fraction", 0.05),
-                                   out / "skipped.csv", workers=cfg.num_workers)
-            return source, np.arange(len(source)), f"dataset={d.name} ({d.root or d.get('path')}), all of it"
-        unknown = [c for c in source.classes if c not in classes]
-        if unknown:
-            raise DataError(f"dataset={d.name} has classes the model does not know: {', '.join(unknown[:5])} "
-                            f"(the model's: {', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
-        source.labels = np.array([classes.index(source.classes[y]) for y in source.labels], dtype=np.int64)
-        source.classes = list(classes)
+        source = task.align(read_dataset(d, task), classes, d.name)
         source = drop_unusable(source, d.root, cfg.max_pixels, d.get("max_bad_fraction", 0.05), out / "skipped.csv",
                                workers=cfg.num_workers)
-        return source, np.arange(len(source)), f"dataset={d.name} ({d.root}), all of it"
+        return source, np.arange(len(source)), f"dataset={d.name} ({d.root or d.get('path')}), all of it"
     config, split_file = run_dir / "config.yaml", run_dir / "split.csv"
     if not (config.is_file() and split_file.is_file()):
         raise ConfigError(f"{cfg.ckpt} is not in a run directory with config.yaml and split.csv: give the images to "
@@ -191,19 +212,6 @@ def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path
     source = drop_unusable(subset(source, np.flatnonzero(chosen)), d.root, cfg.max_pixels, 1.0, out / "skipped.csv",
                            workers=cfg.num_workers)
     return source, np.arange(len(source)), f"the {cfg.split} split of {run_dir}"
-
-
-def _as_the_models_labels(source: Source, classes: list[str], name: str) -> Source:
-    """A multi-label dataset's targets over the model's labels, in its order; a DataError for a label it does not
-    know."""
-    unknown = [c for c in source.classes if c not in classes]
-    if unknown:
-        raise DataError(f"dataset={name} has labels the model does not know: {', '.join(unknown[:5])} (the model's: "
-                        f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
-    targets = np.zeros((len(source), len(classes)), dtype=np.float32)
-    targets[:, [classes.index(c) for c in source.classes]] = source.targets
-    source.targets, source.classes = targets, list(classes)
-    return source
 
 
 def intervals(predicted: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:

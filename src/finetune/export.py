@@ -53,8 +53,8 @@ class Deployable(nn.Module):
     def __init__(self, model: Classifier):
         super().__init__()
         self.backbone, self.head, self.binary = model.backbone, model.head, model.binary
-        self.task = model.task.name
-        self.output_name = "values" if self.task == "regression" else "probabilities"
+        self.task = model.task
+        self.output_name = model.task.output_name
         self.temperature = float(model.temperature)  # a constant in the graph: probabilities are calibrated
         self.target_mean, self.target_std = model.target_mean, model.target_std  # regression: constants too
         self.register_buffer("mean", model.mean.clone())
@@ -62,12 +62,8 @@ class Deployable(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.backbone(normalize(images, self.mean, self.std)))
-        if self.task == "multilabel":
-            return torch.sigmoid(logits)
-        if self.task == "regression":
-            return logits * self.target_std + self.target_mean
         logits = two_class_logits(logits) if self.binary else logits
-        return torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=1)
+        return self.task.outputs(logits, self.temperature, self.target_mean, self.target_std)  # as the model's
 
 
 def check(cfg: DictConfig) -> None:
@@ -132,8 +128,7 @@ def run(cfg: DictConfig) -> dict:
         if quantize == "int8":
             quantize_int8(float32, out, data.calibration_batches(cfg.calibration_images, cfg.seed), work)
         elif quantize == "fp16":
-            convert_fp16(float32, out, (model.target_std, model.target_mean)
-                         if model.task.name == "regression" else None)
+            convert_fp16(float32, out, model.task.target_scale(model))
         models = {"pytorch float32": lambda images: _torch_run(deployable, images)}
         if quantize != "none":
             models["onnx float32"] = load_exported(float32, "onnx")
@@ -159,7 +154,7 @@ def run(cfg: DictConfig) -> dict:
         drop, limit = evaluation.get("accuracy_drop_points"), cfg.get("max_accuracy_drop")
         if drop is not None and limit is not None and drop > limit:
             raise FinetuneError(
-                f"the {name} model {how_far(evaluation.get('metric', 'accuracy'), drop)} on {evaluation['images']} "
+                f"the {name} model {model.task.how_far(drop)} on {evaluation['images']} "
                 f"{data.split} images (the table above), more than max_accuracy_drop={limit}: nothing was written. "
                 f"Use {'quantize=fp16 or quantize=none' if quantize == 'int8' else 'quantize=none'}, more "
                 f"calibration images, or max_accuracy_drop={int(drop) + 1} to accept it")
@@ -179,10 +174,7 @@ def run(cfg: DictConfig) -> dict:
         "file": f"`{out.name}` ({megabytes:.1f} MB), described in `{sidecar.name}`", "format": cfg.format,
         "weights": QUANTIZE[quantize], "from": f"`{ckpt}`",
         "input": f"uint8 RGB, NCHW, {size}x{size}, any batch size (`images`)",
-        "output": {"multiclass": f"probabilities over {len(model.classes)} classes (`probabilities`)",
-                   "multilabel": f"a probability per label, {len(model.classes)} labels, each present from its "
-                                 f"threshold on (`probabilities`; thresholds in the sidecar)",
-                   "regression": f"{model.classes[0]} in its units (`values`)"}[model.task.name],
+        "output": model.task.output_words(model),
         "parity with PyTorch": f"max abs difference {difference:.2e} on 3 images (float32 graph)"}
     if "ms_per_image_batch1" in exported:
         facts["CPU latency"] = (f"{exported['ms_per_image_batch1']:.1f} ms per image at batch 1, "
@@ -226,9 +218,7 @@ def _torch_run(model: nn.Module, images: np.ndarray) -> np.ndarray:
 def parity_tolerance(model: Classifier) -> float:
     """TOLERANCE, on probabilities; a regression model's values are in its target's units, where float32 rounding
     alone is about 1e-7 of their size: TOLERANCE of the target's scale (its mean's size or its spread, at least 1)."""
-    if model.task.name != "regression":
-        return TOLERANCE
-    return TOLERANCE * max(1.0, abs(model.target_mean), model.target_std)
+    return TOLERANCE * model.task.scale(model)
 
 
 def parity(deployable: nn.Module, run_exported, size: int) -> float:
@@ -447,7 +437,7 @@ def measure(models: dict, sizes: dict, data: RunImages, name: str, size: int, li
     file sizes and CPU latency per image. A multi-label model's accuracy is its mAP, and its changed decisions are
     labels decided otherwise at its thresholds; a regression model's is its MAE, and its drop the MAE's rise in
     percent of PyTorch's."""
-    task = data.model.task.name
+    task = data.model.task
     result = {"split": data.split, "images": 0, "machine": machine(), "models": {m: {} for m in models}}
     if data.split_file is not None:
         outputs = {m: [] for m in models}
@@ -459,14 +449,15 @@ def measure(models: dict, sizes: dict, data: RunImages, name: str, size: int, li
         result["images"] = int(sum(len(y) for y in labels))
         if labels:
             labels = np.concatenate(labels)
-            scored = {m: score(task, np.concatenate(outputs[m]), labels, data.model) for m in models}
+            scored = {m: task.score(np.concatenate(outputs[m]), labels, data.model.thresholds, data.model.classes)
+                      for m in models}
             reference = scored["pytorch float32"]
             for m in models:
                 result["models"][m]["accuracy"] = scored[m][0]
                 if scored[m][1] is not None:
                     result["models"][m]["top1_changed"] = float((scored[m][1] != reference[1]).mean())
-            result["metric"] = data.model.task.figure
-            result["accuracy_drop_points"] = round(drop(task, reference[0], scored[name][0]), 4)
+            result["metric"] = task.figure
+            result["accuracy_drop_points"] = round(task.drop(reference[0], scored[name][0]), 4)
     elif data.split is None:
         log.warning("%s has no split.csv and config.yaml: the export's accuracy is not measured", data.run_dir)
     one = torch.randint(0, 256, (32, 3, size, size), dtype=torch.uint8,
@@ -489,33 +480,6 @@ def measure(models: dict, sizes: dict, data: RunImages, name: str, size: int, li
     return result
 
 
-def score(task: str, outputs: np.ndarray, labels: np.ndarray, model: Classifier) -> tuple[float, np.ndarray | None]:
-    """A model's figure on a split (accuracy, mAP or MAE) from its outputs, and its decisions (top-1 class, labels
-    at the model's thresholds; none for regression) to compare with another's."""
-    if task == "regression":
-        return float(np.abs(outputs.reshape(-1) - labels.reshape(-1)).mean()), None
-    if task == "multilabel":
-        from finetune.scores import multilabel_scores
-
-        scores = multilabel_scores(outputs, labels, model.thresholds, model.classes)
-        return scores["map"] or 0.0, outputs >= np.asarray(model.thresholds)[None, :]
-    return float((outputs.argmax(1) == labels).mean()), outputs.argmax(1)
-
-
-def how_far(metric: str, drop: float) -> str:
-    """An export's drop in words: accuracy or mAP points below PyTorch's, or its MAE's rise in percent."""
-    if metric == "MAE":
-        return f"has a MAE {drop:.2f}% above PyTorch's"
-    return f"is {drop:.2f} {metric} points below PyTorch's"
-
-
-def drop(task: str, reference: float, exported: float) -> float:
-    """How far the export falls below PyTorch: points of accuracy or mAP; for regression the MAE's rise in percent."""
-    if task == "regression":
-        return 100 * (exported - reference) / reference if reference > 0 else 0.0
-    return 100 * (reference - exported)
-
-
 def table(evaluation: dict) -> str:
     """The measurements as a small text table."""
     split = f"{evaluation['images']} {evaluation['split']} images" if evaluation["images"] else "not measured"
@@ -524,10 +488,10 @@ def table(evaluation: dict) -> str:
     lines = [f"{'model':<18} {metric:>9} {'drop':>6} {changed_name:>14} {'MB':>7} {'ms/img b1':>10} "
              f"{'ms/img b32':>11}   ({metric} on {split}; CPU, {evaluation['machine']})"]
     reference = evaluation["models"]["pytorch float32"].get("accuracy")
-    task = next(t.name for t in TASKS.values() if t.figure == metric)
+    task = next(t for t in TASKS.values() if t.figure == metric)
     for m, r in evaluation["models"].items():
         accuracy = f"{r['accuracy']:.4f}" if "accuracy" in r else "-"
-        drop_ = f"{drop(task, reference, r['accuracy']):.2f}" if "accuracy" in r and m != "pytorch float32" else "-"
+        drop_ = f"{task.drop(reference, r['accuracy']):.2f}" if "accuracy" in r and m != "pytorch float32" else "-"
         changed = f"{r['top1_changed']:.1%}" if "top1_changed" in r and m != "pytorch float32" else "-"
         megabytes = f"{r['megabytes']:.2f}" if "megabytes" in r else "-"
         lines.append(f"{m:<18} {accuracy:>9} {drop_:>6} {changed:>14} {megabytes:>7} {r['ms_per_image_batch1']:>10.2f} "
@@ -574,15 +538,7 @@ def describe(model: Classifier, fmt: str, filename: str, quantize: str = "none",
         "temperature": float(model.temperature),
         "backbone": model.hparams.backbone_config["name"],
     }
-    if model.task.name == "multilabel":  # each label on its own: present where its probability reaches its threshold
-        description["inside_the_model"] = {**description["inside_the_model"], "softmax": False, "sigmoid": True}
-        description["thresholds"] = dict(zip(model.classes, model.thresholds))
-    elif model.task.name == "regression":
-        description["output"] = {"name": "values", "dtype": "float32", "shape": ["batch", 1],
-                                 "target": model.classes[0]}
-        description["inside_the_model"] = {"normalise": description["inside_the_model"]["normalise"],
-                                           "softmax": False,
-                                           "target_scale": {"mean": model.target_mean, "std": model.target_std}}
+    description = model.task.describe_output(description, model)
     if quantize == "int8":
         description["quantization"] = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                                        "weights": "int8, per channel", "activations": "uint8, MinMax ranges",

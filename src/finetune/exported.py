@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import ConfigError, require_extra
+from finetune.tasks import task_of
 
 
 def onnx_session(path: Path, spinning: bool = True):
@@ -41,13 +42,8 @@ class ExportedModel:
         try:
             meta = json.loads(sidecar.read_text())
             self.pre = meta["preprocessing"]
-            self.task = str(meta.get("task", "multiclass"))
-            output = meta["output"]
-            self.classes = [output["target"]] if self.task == "regression" else list(output["classes"])
-            self.thresholds = [float(meta["thresholds"][c]) for c in self.classes] if self.task == "multilabel" \
-                else None
-            self.softmax_inside = self.task != "multiclass" or \
-                bool(meta.get("inside_the_model", {}).get("softmax", True))
+            self.task = task_of(meta.get("task"))  # stored by name; an export of an older version: multiclass
+            self.classes, self.thresholds, self.softmax_inside = self.task.read_sidecar(meta)
             self.temperature = float(meta.get("temperature", 1.0))
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{sidecar}: not an export sidecar with preprocessing and classes ({e!r}); export the "

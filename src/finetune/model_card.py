@@ -64,8 +64,8 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
                    f"      name: {split} {metric_name} ({test_images} images, best checkpoint)"]
     header.append("---")
 
-    width = max(len(c) for c in classes + ["class"])
-    rows = [f"| {'class':<{width}} | train | val | test |", f"|{'-' * (width + 2)}|------:|----:|-----:|"]
+    width = max(len(c) for c in classes + [task.noun])
+    rows = [f"| {task.noun:<{width}} | train | val | test |", f"|{'-' * (width + 2)}|------:|----:|-----:|"]
     rows += [f"| {c:<{width}} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
              for i, c in enumerate(classes)]
     rows.append(f"| {'all':<{width}} | {totals['train']} | {totals['val']} | {totals['test']} |")
@@ -74,26 +74,13 @@ def train_card(cfg, classes: list[str], counts: dict[str, list[int]], metrics: d
         f"head alone for {s.freeze_epochs} epochs, then the backbone (`unfreeze={s.unfreeze}`) at " \
         f"{s.backbone_lr_ratio} x the head's rate"
     size = preprocessing["image_size"]
-    keys = ("test/acc", "test/loss", "test/balanced_acc", "test/acc_top5", "val/acc_best", "val/temperature",
-            "test/nll_before", "test/nll_after", "test/ece_before", "test/ece_after") if task.name == "multiclass" \
-        else (*task.headline, "test/loss", f"{task.monitor}_best", "test/label_frequency")
-    measured = [(key, metrics[key]) for key in keys if metrics.get(key) is not None]
-    what = {"multiclass": f"An image classifier for {len(classes)} classes",
-            "multilabel": f"A multi-label image classifier (any number of {len(classes)} labels per image:",
-            "regression": f"An image regressor of `{classes[0]}`"}[task.name]
-    listed = f" ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})" if task.name == "multiclass" else \
-        (f" {', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})" if task.name == "multilabel" else "")
-    limits = {"multiclass": f"It knows only these {len(classes)} classes: any other image (another animal, an empty "
-                            "room, a drawing) is still\n  given one of them, often with high confidence.",
-              "multilabel": f"It knows only these {len(classes)} labels, each decided at the threshold fitted on the "
-                            "validation split\n  (`val/thresholds`); other things in an image are not named.",
-              "regression": "It predicts within the range of the targets it was trained on; far outside it, its "
-                            "values\n  are extrapolations nobody measured."}[task.name]
+    measured = [(key, metrics[key]) for key in task.card_metrics() if metrics.get(key) is not None]
+    words = task.card(classes)  # what the model is, its limits, its noun and verb
     card = "\n".join(header) + f"""
 
-# {dataset} {'regressor' if task.name == 'regression' else 'classifier'}: {name}
+# {dataset} {words['noun']}: {name}
 
-{what}{listed},
+{words['what']},
 fine-tuned with finetune from a timm backbone (`task={task.name}`). Run directory: `{run_dir}`.
 
 ## Model
@@ -141,14 +128,13 @@ from the checkpoint alone (class names and preprocessing included).
 
 ## Limitations
 
-- {limits}
+- {words['limits']}
 - It was trained at {size}x{size} pixels on the images of `{cfg.dataset.root}`; photos unlike them (other
-  cameras, lighting, framing) may be {'predicted' if task.name == 'regression' else 'classified'} worse than the \
+  cameras, lighting, framing) may be {words['verb']} worse than the \
 test figures say.
-- The {'test' if held_out else 'validation'} {'accuracy' if task.name == 'multiclass' else 'figures'} \
-{'was' if task.name == 'multiclass' else 'were'} measured on {test_images} images{
+- The {'test' if held_out else 'validation'} {words['figures']} measured on {test_images} images{
     f": each image more or less right moves it by {_number(100 / max(int(test_images or 1), 1), 2)} points"
-    if task.name == 'multiclass' else ", a small sample"}.
+    if task.one_class_per_image else ", a small sample"}.
 """
     return card
 

@@ -43,8 +43,8 @@ def run(cfg: DictConfig) -> dict:
 
         model = load_classifier(resolve_checkpoint(cfg.ckpt))
     classes = model.classes
-    task = getattr(model.task, "name", model.task)  # a Classifier's Task, an export's name
-    if cfg.format == "kaggle" and task != "multiclass":
+    task = model.task  # finetune.tasks: what the outputs are, and how a prediction is decided and written
+    if cfg.format == "kaggle" and not task.one_class_per_image:
         raise ConfigError(f"format=kaggle writes class probabilities; this model is task={task}: format=csv or json")
     out = output_path(cfg.out, cfg.format)
     if cfg.format == "kaggle":
@@ -65,17 +65,8 @@ def run(cfg: DictConfig) -> dict:
         if i in failed:
             log.error("%s: not classified (%s)", path, failed[i])
             continue
-        if task == "regression":
-            results.append((path, [(classes[0], float(probs[i, 0]))], probs[i]))
-            print(f"{path}: {classes[0]} {probs[i, 0]:.6g}")
-            continue
-        if task == "multilabel":  # every label whose probability reaches its threshold, most probable first
-            top = [c for c in np.argsort(-probs[i]) if probs[i, c] >= model.thresholds[c]]
-        else:
-            top = np.argsort(-probs[i])[:k]
-        results.append((path, [(classes[c], float(probs[i, c])) for c in top], probs[i]))
-        print(f"{path}: " + (", ".join(f"{name} {p:.4f}" for name, p in results[-1][1]) or "no label over its "
-                             "threshold"))
+        results.append((path, task.decide(probs[i], classes, model.thresholds, k), probs[i]))
+        print(f"{path}: {task.said(results[-1][1])}")
     write(out, cfg.format, results, classes, task)
     log.info("Classified %d of %d images; %s written", len(results), len(paths), out)
     if failed:
@@ -121,35 +112,20 @@ def kaggle_header(classes: list[str]) -> list[str]:
                       "nor dog-breed-identification")
 
 
-def write(out: Path, fmt: str, results: list, classes: list[str], task: str = "multiclass") -> None:
-    """The predictions in `fmt`: the top-k classes with their probabilities; a multi-label model's labels over their
-    thresholds (every label's probability in JSON); a regression model's value."""
+def write(out: Path, fmt: str, results: list, classes: list[str], task) -> None:
+    """The predictions in `fmt`, as `task` (finetune.tasks) writes a row: the top-k classes with their probabilities; a
+    multi-label model's labels over their thresholds (every label's probability in JSON); a regression model's
+    value."""
     if fmt == "json":
-        if task == "regression":
-            rows = [{"path": path, classes[0]: value} for path, [(_, value)], _ in results]
-        elif task == "multilabel":
-            rows = [{"path": path, "labels": [{"label": c, "probability": p} for c, p in top],
-                     "probabilities": dict(zip(classes, (float(x) for x in every)))} for path, top, every in results]
-        else:
-            rows = [{"path": path, "predictions": [{"class": c, "probability": p} for c, p in top]}
-                    for path, top, _ in results]
+        rows = [task.json_row(path, decided, every, classes) for path, decided, every in results]
         out.write_text(json.dumps(rows, indent=2) + "\n")
         return
     with open(out, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
-        if fmt == "csv" and task == "regression":
-            writer.writerow(["path", classes[0]])
-            writer.writerows((path, f"{value:.6g}") for path, [(_, value)], _ in results)
-            return
-        if fmt == "csv" and task == "multilabel":  # one row per label present; an image with none has an empty one
-            writer.writerow(["path", "label", "probability"])
-            for path, top, _ in results:
-                writer.writerows([(path, c, f"{p:.6f}") for c, p in top] or [(path, "", "")])
-            return
         if fmt == "csv":
-            writer.writerow(["path", "rank", "class", "probability"])
-            for path, top, _ in results:
-                writer.writerows((path, rank, c, f"{p:.6f}") for rank, (c, p) in enumerate(top, start=1))
+            writer.writerow(task.csv_header(classes))
+            for path, decided, _ in results:
+                writer.writerows(task.csv_rows(path, decided))
             return
         header = kaggle_header(classes)
         writer.writerow(header)

@@ -80,7 +80,7 @@ class SweepReport(Callback):
                                 if o.split("=", 1)[0].lstrip("+~") != "dataset.fold"),
             # the task's own figures: the monitored metric's best (val/acc_best, val/map_best, val/mae_best) and
             # its test figures
-            "task": metrics.get("task") or ("multiclass" if metrics else None),  # none known for a failed job
+            "task": metrics.get("task") or (task.name if metrics else None),  # none known for a failed job
             "val_best": metrics.get(f"{task.monitor}_best"),
             **{key.replace("/", "_"): metrics.get(key) for key in ("test/map", "test/f1_macro", "test/f1_micro",
                                                                     "test/mae", "test/rmse", "test/r2")},
@@ -130,7 +130,7 @@ def write_summary(sweep_dir: Path) -> list[dict]:
         writer.writeheader()
         writer.writerows({k: r.get(k) for k in COLUMNS} for r in rows)
     tmp.replace(sweep_dir / "summary.csv")
-    intervals = " (95% CI)" if task.name == "multiclass" else ""
+    intervals = " (95% CI)" if task.one_class_per_image else ""
     lines = [f"| job | overrides | {task.monitor}_best{intervals} | {task.headline[0]}{intervals} | epochs | wall time "
              f"| status |", "|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +25,6 @@ from finetune.models.backbone import architecture, backbone_blocks, create_backb
 from finetune.models.classifier import Classifier, UnsafeCheckpoint, load_checkpoint
 from finetune.runconfig import Plan, command_line_overrides, gives, is_rank_zero, plan, record_resume, save_config
 from finetune.schedule import Schedule
-from finetune.stats import accuracy_interval
 from finetune.tasks import agrees, task_of
 from finetune.trainer import build_trainer, compile_model, refuse_multirun_with_ddp
 
@@ -74,15 +74,14 @@ def _run(plan: Plan, overrides: list[str]) -> dict:
                       moved=moved_dataset(run_dir, cfg) if resuming else None)
     data.prepare_data()
     data.setup("fit")
-    agrees(task_of(data.task), cfg)  # a task the data said: the keys only another task uses are refused
+    agrees(data.task, cfg)  # a task the data said: the keys only another task uses are refused
     model = build_model(cfg, backbone, data, preprocessing)
     if cfg.trainer.get("compile"):
         compile_model(model)
 
     trainer = build_trainer(cfg, run_dir, data, resuming=resuming)
-    if data.task != "multiclass":  # one class per image keeps its log as it was: val/acc, as always
-        log.info("task=%s: the best checkpoint is the epoch of the %s %s", data.task,
-                 "highest" if model.task.mode == "max" else "lowest", model.task.monitor)
+    log.info("task=%s: the best checkpoint is the epoch of the %s %s", data.task,
+             "highest" if model.task.mode == "max" else "lowest", model.task.monitor)
     ckpt_path = None
     if resuming:
         ckpt_path = rundir.last(run_dir)
@@ -103,19 +102,16 @@ def _run(plan: Plan, overrides: list[str]) -> dict:
         metrics = test_best(trainer, model, data, run_dir)
         metrics["phases"] = phases
         if trainer.is_global_zero:  # before the trackers close: an uploaded best.ckpt holds its temperature
-            if data.task == "multilabel":  # the thresholds predict and the export decide labels by
-                metrics.update(fit_thresholds_of_best(run_dir, data, trainer.strategy.root_device))
-            elif cfg.calibrate and data.task == "multiclass":
-                metrics.update(calibrate_best(run_dir, data, trainer.strategy.root_device))
+            # a temperature, or thresholds, that predict and the export decide by; nothing for a number
+            after = AfterTraining(cfg, run_dir, data, trainer.strategy.root_device)
+            metrics.update(data.task.fit_after_training(after))
             write_model_card(cfg, model, data, metrics, run_dir)
             # Last: resume=auto takes a run with metrics.json for finished, so it is written once all else is done.
             rundir.write_json(run_dir / rundir.METRICS, metrics)
-    task = task_of(data.task)
-    if task.name == "multiclass" and "test/acc" in metrics:
-        log.info("Test accuracy %.4f (best checkpoint). Run directory: %s", metrics["test/acc"], run_dir)
-    elif any(metrics.get(key) is not None for key in task.headline):
-        figures = "  ".join(f"{key} {metrics[key]:.4f}" for key in task.headline if metrics.get(key) is not None)
-        log.info("Test (best checkpoint): %s. Run directory: %s", figures, run_dir)
+    task = data.task
+    tested = task.test_line(metrics)
+    if tested is not None:
+        log.info("%s. Run directory: %s", tested, run_dir)
     else:
         best = metrics.get(f"{task.monitor}_best")
         log.info("No test split, no test figures; %s_best %s. Run directory: %s", task.monitor,
@@ -187,7 +183,7 @@ def build_data(cfg: DictConfig, preprocessing: Preprocessing, run_dir: Path,
     s = cfg.schedule
     return ImageDataModule(cfg.dataset, cfg.augment, preprocessing, cfg.seed, run_dir, split_file=split_file,
                            split_moved=moved, cache_features=s.cache_features, feature_views=s.cache_views,
-                           ema=s.ema is not None, task=cfg.get("task"))
+                           ema=s.ema is not None, task=task_of(cfg.task) if cfg.get("task") else None)
 
 
 def moved_dataset(run_dir: Path, cfg: DictConfig) -> tuple[str, str] | None:
@@ -212,8 +208,8 @@ def build_model(cfg: DictConfig, backbone: torch.nn.Module, data: ImageDataModul
         preprocessing=preprocessing.as_dict(),
         class_weights=data.class_weights() if cfg.dataset.balance == "weights" else None,
         mix={"mixup": cfg.augment.mixup, "cutmix": cfg.augment.cutmix},
-        task=data.task,
-        target_stats=data.target_stats() if data.task == "regression" else None,
+        task=data.task.name,  # a checkpoint holds plain data: the name, which task_of reads back
+        target_stats=data.task.target_stats(data),
     )
 
 
@@ -287,13 +283,27 @@ def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_
     metrics["test_images"] = len(data.indices("test"))
     metrics["val_images"] = len(data.indices("val"))
     metrics["task"] = model.task.name
-    if model.task.name != "multiclass":
-        return metrics
-    # 95% Wilson intervals: how far the accuracies could be from the truth on sets this small
-    if "test/acc" in metrics:
-        metrics["test/acc_ci95"] = accuracy_interval(metrics["test/acc"], metrics["test_images"])
-    metrics["val/acc_best_ci95"] = accuracy_interval(metrics.get("val/acc_best"), metrics["val_images"])
+    metrics.update(model.task.test_extras(metrics))
     return metrics
+
+
+@dataclass
+class AfterTraining:
+    """What a task can fit on the validation split once training has ended (finetune.tasks: fit_after_training asks
+    for its own), stored in the best checkpoint."""
+
+    cfg: DictConfig
+    run_dir: Path
+    data: ImageDataModule
+    device: torch.device
+
+    def temperature(self) -> dict:
+        """calibrate=true: the temperature of the class probabilities."""
+        return calibrate_best(self.run_dir, self.data, self.device) if self.cfg.calibrate else {}
+
+    def thresholds(self) -> dict:
+        """A threshold per label."""
+        return fit_thresholds_of_best(self.run_dir, self.data, self.device)
 
 
 def fit_thresholds_of_best(run_dir: Path, data: ImageDataModule, device: torch.device) -> dict:

@@ -81,9 +81,10 @@ class Dashboards(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self._active or not self._logits:
             return
-        if pl_module.task.name != "multiclass":
-            self._task_views(trainer, pl_module)
-            return
+        pl_module.task.draw_validation(self, trainer, pl_module)  # class_views, label_views or value_views
+
+    def class_views(self, trainer, pl_module) -> None:
+        """One class per image: predictions on a grid, the confusion matrix, precision and recall per class."""
         logits = pl_module.all_gather(torch.cat(self._logits)).reshape(-1, len(pl_module.classes))
         labels = pl_module.all_gather(torch.cat(self._labels)).reshape(-1)
         writer = self._writer(trainer)
@@ -121,34 +122,38 @@ class Dashboards(L.Callback):
             writer.add_pr_curve(f"val_pr_curve/{name}", labels_np == c, probs[:, c], step)
 
 
-    def _task_views(self, trainer, pl_module) -> None:
-        """Multi-label: a precision-recall curve per label. Regression: predicted against true, and the residuals."""
-        width = len(pl_module.classes) if pl_module.task.name == "multilabel" else 1
+    def _gathered(self, trainer, pl_module) -> tuple | None:
+        """The validation epoch's outputs and targets from every rank, as numpy; None off rank zero."""
+        width = pl_module.task.head_width(pl_module.classes, binary=False)
         logits = pl_module.all_gather(torch.cat(self._logits)).reshape(-1, width)
         labels = pl_module.all_gather(torch.cat(self._labels)).reshape(len(logits), -1)
         writer = self._writer(trainer)
         if writer is None:
-            return
-        step = trainer.global_step
-        outputs = pl_module.outputs(logits).cpu().numpy()
-        targets = labels.float().cpu().numpy()
-        if pl_module.task.name == "multilabel":
-            for k, name in list(enumerate(pl_module.classes))[:self.max_classes]:
-                writer.add_pr_curve(f"val_pr_curve/{name}", targets[:, k] > 0.5, outputs[:, k], step)
-            return
-        from finetune.plots import regression_figure
+            return None
+        return writer, pl_module.outputs(logits).cpu().numpy(), labels.float().cpu().numpy()
 
-        figure = regression_figure(outputs[:, 0], targets[:, 0], pl_module.classes[0])
-        writer.add_image("val/predicted_vs_true", figure_to_array(figure), step, dataformats="HWC")
+    def label_views(self, trainer, pl_module) -> None:
+        """Multi-label: a precision-recall curve per label."""
+        gathered = self._gathered(trainer, pl_module)
+        if gathered is not None:
+            writer, outputs, targets = gathered
+            for k, name in list(enumerate(pl_module.classes))[:self.max_classes]:
+                writer.add_pr_curve(f"val_pr_curve/{name}", targets[:, k] > 0.5, outputs[:, k], trainer.global_step)
+
+    def value_views(self, trainer, pl_module) -> None:
+        """Regression: predicted against true, and the residuals."""
+        gathered = self._gathered(trainer, pl_module)
+        if gathered is not None:
+            from finetune.plots import regression_figure
+
+            writer, outputs, targets = gathered
+            figure = regression_figure(outputs[:, 0], targets[:, 0], pl_module.classes[0])
+            writer.add_image("val/predicted_vs_true", figure_to_array(figure), trainer.global_step, dataformats="HWC")
 
 
 def target_text(model, target: torch.Tensor) -> str:
     """A training image's target as its grid's title: its class, its labels, or its number."""
-    if model.task.name == "regression":
-        return f"{float(target):.4g}"
-    if model.task.name == "multilabel":
-        return " ".join(name for name, on in zip(model.classes, target.tolist()) if on > 0.5) or "(none)"
-    return model.classes[int(target)]
+    return model.task.target_text(model.classes, target)
 
 
 def _hwc(image: torch.Tensor) -> np.ndarray:
@@ -157,34 +162,31 @@ def _hwc(image: torch.Tensor) -> np.ndarray:
 
 # --- the run summary: what the run is, in TensorBoard's HPARAMS, TEXT and IMAGES tabs ------------------------
 
-# The metrics each run reports in TensorBoard's HPARAMS tab, to compare the runs of a sweep.
-HPARAM_METRICS = ("val/acc", "val/acc_best", "val/loss", "train/loss", "test/acc", "test/loss")
-
-
-def hparam_metrics(task: str) -> tuple[str, ...]:
-    """HPARAM_METRICS for `task` (finetune.tasks): its monitored metric and its test figures."""
+def hparam_metrics(task) -> tuple[str, ...]:
+    """The metrics each run of `task` (finetune.tasks) reports in TensorBoard's HPARAMS tab, to compare the runs of a
+    sweep: its monitored metric, the losses and its test figures (val/acc, val/acc_best, val/loss, train/loss,
+    test/acc, test/loss for one class per image)."""
     from finetune.tasks import task_of
 
     t = task_of(task)
-    if t.name == "multiclass":
-        return HPARAM_METRICS
-    logged = ("test/map",) if t.name == "multilabel" else t.headline  # F1 at the thresholds comes after the test
-    return (t.monitor, f"{t.monitor}_best", "val/loss", "train/loss", *logged, "test/loss")
+    return (t.monitor, f"{t.monitor}_best", "val/loss", "train/loss", *t.logged_test(), "test/loss")
 
 
-def hyperparameters(cfg, image_size: int, precision: str, task: str | None = None) -> dict:
+def hyperparameters(cfg, image_size: int, precision: str, task=None) -> dict:
     """The hyperparameters that compare the runs of a sweep: TensorBoard's HPARAMS, MLflow's params, W&B's config."""
+    from finetune.tasks import task_of
+
     return {
         "dataset": cfg.dataset.name, "backbone": cfg.backbone.name, "pretrained": cfg.backbone.pretrained,
         "head": cfg.head.name, "dropout": cfg.head.dropout, "image_size": image_size,
         "batch_size": cfg.dataset.batch_size, "augment": cfg.augment.name, "seed": cfg.seed,
-        "task": task or cfg.get("task") or "multiclass", "loss": str(cfg.head.get("loss")),
+        "task": task_of(task or cfg.get("task")).name, "loss": str(cfg.head.get("loss")),
         "precision": precision,
         **{f"schedule.{k}": (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in cfg.schedule.items()},
     }
 
 
-def log_hparams(trainer: L.Trainer, cfg, image_size: int, task: str = "multiclass") -> None:
+def log_hparams(trainer: L.Trainer, cfg, image_size: int, task=None) -> None:
     """Write this run's hyperparameters and metric names for TensorBoard's HPARAMS tab.
 
     Lightning's log_hyperparams would also log a placeholder value for every metric at step 0, which then shows
@@ -207,14 +209,8 @@ def log_class_counts(trainer: L.Trainer, data) -> None:
     tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
     if tensorboard is None or trainer.global_rank != 0:
         return
-    counts = data.class_counts()
-    if data.task == "regression":
-        tensorboard.experiment.add_text("dataset/class_counts", "```\n" + data.class_count_table() + "\n```")
-        return
-    rows = ["| class | train | val | test |", "|---|---:|---:|---:|"]
-    rows += [f"| {name} | {counts['train'][i]} | {counts['val'][i]} | {counts['test'][i]} |"
-             for i, name in enumerate(data.classes)]
-    tensorboard.experiment.add_text("dataset/class_counts", "\n".join(rows))
+    table = data.task.markdown_counts(data.source, {s: data.indices(s) for s in ("train", "val", "test")})
+    tensorboard.experiment.add_text("dataset/class_counts", table)
 
 
 def log_duplicate_groups(trainer: L.Trainer, data, groups: int = 6, per_group: int = 4,

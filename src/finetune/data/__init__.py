@@ -18,7 +18,7 @@ DECODE = ("cpu", "device")
 def check(d: Any) -> None:
     """The `dataset` config `d`: its reader, a root that exists, and the values types cannot say; one line each."""
     from finetune.data.duplicates import DEDUP, MAX_THRESHOLD
-    from finetune.data.sources import DUPLICATE_IDS, OWN_KEYS, READERS, TARGETS
+    from finetune.data.sources import DUPLICATE_IDS, READERS
     from finetune.errors import suggest
 
     def ok(condition: bool, message: str) -> None:
@@ -27,25 +27,17 @@ def check(d: Any) -> None:
 
     ok(d.name in READERS, f"dataset.name={d.name} has no reader; known: {', '.join(READERS)}."
                           f"{suggest(d.name, list(READERS))}")
+    reader = READERS[d.name]
     if d.get("target") is not None:
-        options = f"one of {', '.join(TARGETS[d.name])}" if d.name in TARGETS else "not used (leave it null)"
-        ok(d.target in TARGETS.get(d.name, ()), f"dataset.target={d.target}: for dataset={d.name} it is {options}")
+        options = f"one of {', '.join(reader.targets)}" if reader.targets else "not used (leave it null)"
+        ok(d.target in reader.targets, f"dataset.target={d.target}: for dataset={d.name} it is {options}")
     if d.root is not None and not d.download:
         ok(Path(d.root).expanduser().is_dir(), f"dataset.root={d.root}: no such directory")
-    for key in sorted({key for keys in OWN_KEYS.values() for key in keys} - set(OWN_KEYS.get(d.name, ()))):
-        readers = " or ".join(f"dataset={r}" for r, keys in OWN_KEYS.items() if key in keys)
+    for key in sorted({key for r in READERS.values() for key in r.own_keys} - set(reader.own_keys)):
+        readers = " or ".join(f"dataset={name}" for name, r in READERS.items() if key in r.own_keys)
         ok(d.get(key) is None, f"dataset.{key} is for {readers}; dataset={d.name} does not read it (leave it null)")
-    if d.name == "table":
-        ok(bool(d.get("table")), "dataset=table needs dataset.table=FILE: a CSV or Parquet file of image paths and "
-                                 "labels (relative to dataset.root, or absolute)")
-        table = Path(d.root or ".").expanduser() / Path(d.table).expanduser()
-        ok(table.is_file(), f"dataset.table={d.table}: no such file ({table})")
-    if d.name == "hf":
-        ok(bool(d.get("path")), "dataset=hf needs dataset.path=NAME_OR_DIR: a folder saved with save_to_disk, an "
-                                "image folder, or a Hugging Face Hub dataset name")
-        from finetune.errors import require_extra
-
-        require_extra("hf", f"dataset.path={d.path}", ("datasets",))
+    if reader.check is not None:
+        reader.check(d, ok)
     ok(d.batch_size > 0, f"dataset.batch_size must be > 0 (got {d.batch_size})")
     ok(d.num_workers >= 0, f"dataset.num_workers must be >= 0 (got {d.num_workers})")
     ok(d.image_size is None or d.image_size >= 8, f"dataset.image_size must be >= 8 (got {d.image_size})")

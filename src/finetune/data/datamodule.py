@@ -22,10 +22,10 @@ from finetune.data.dataset import EpochShuffle, ImageDataset, collate_raw, decod
 from finetune.data.duplicates import Duplicates, conflicts, find_duplicates, image_hashes, report
 from finetune.data.features import FrozenFeatures
 from finetune.data.integrity import scan
-from finetune.data.sources import DataError, Source, label_text, read_dataset
+from finetune.data.sources import DataError, Source, read_dataset
 from finetune.data.splits import SPLITS, read_split, stratified_split, write_split
 from finetune.data.transforms import Preprocessing, eval_transform, train_transform
-from finetune.tasks import task_of
+from finetune.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, dataset, augment, preprocessing: Preprocessing, seed: int, run_dir: str | Path,
                  split_file: str | Path | None = None, cache_features: bool = False, feature_views: int = 0,
-                 ema: bool = False, split_moved: tuple[str, str] | None = None, task: str | None = None):
+                 ema: bool = False, split_moved: tuple[str, str] | None = None, task: Task | None = None):
         super().__init__()
         self.task_given = task  # task=, or None: as the data says (self.task once set up)
         self.cfg, self.augment, self.preprocessing, self.seed = dataset, augment, preprocessing, seed
@@ -63,7 +63,7 @@ class ImageDataModule(L.LightningDataModule):
         return self.source.classes
 
     @property
-    def task(self) -> str:
+    def task(self) -> Task:
         return self.source.task
 
     def prepare_data(self) -> None:
@@ -91,7 +91,7 @@ class ImageDataModule(L.LightningDataModule):
         source = read_dataset(d, self.task_given)
         if self.task_given is None:
             log.info("task=%s, inferred from the data (%s); task=... on the command line says otherwise",
-                     source.task, task_of(source.task).reads)
+                     source.task, source.task.reads)
         if self.split_file is not None:
             moved = self.split_moved
             hint = (f"; the run's dataset was in {moved[0]}, and dataset.root={moved[1]} does not hold the same "
@@ -112,9 +112,7 @@ class ImageDataModule(L.LightningDataModule):
         self.source, self.splits = source, splits
         self.failed = torch.zeros(len(source), dtype=torch.bool).share_memory_()  # files failing from now on
         _record_split(self.run_dir / "split.csv", source, splits)
-        kinds = {"multiclass": f"{len(source.classes)} classes", "multilabel": f"{len(source.classes)} labels",
-                 "regression": "a target to regress"}
-        log.info("Dataset %s: %s images, %s\n%s", d.name, f"{len(source):,}", kinds[source.task],
+        log.info("Dataset %s: %s images, %s\n%s", d.name, f"{len(source):,}", source.task.describe(source),
                  self.class_count_table())
         if d.get("cache"):
             self.cache = self._open_cache()
@@ -136,12 +134,12 @@ class ImageDataModule(L.LightningDataModule):
         kept = subset(source, keep)
         splits = stratified_split(kept.labels, d.val_fraction, d.test_fraction, self.seed, official=kept.splits,
                                   groups=groups, folds=d.get("folds"), fold=d.get("fold", 0),
-                                  multilabel=kept.targets if kept.task == "multilabel" else None)
+                                  multilabel=kept.task.stratify(kept))
         every = np.full(len(source), "dropped", dtype=object)
         every[keep] = splits
         _report_duplicates(duplicates, source, every, self.run_dir)
         self.duplicates = (duplicates, source)
-        if kept.task != "multiclass":  # the checks below are of classes
+        if not kept.task.one_class_per_image:  # the checks below are of classes
             return kept, splits
         if d.get("folds"):
             refuse_folds_that_leave_classes_unvalidated(kept, splits, int(d.folds), int(d.get("fold", 0)))
@@ -172,12 +170,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def class_counts(self) -> dict[str, list[int]]:
         """Images per class (multilabel: with each label; regression: all of them) in each split."""
-        if self.task == "multilabel":
-            return {s: self.source.targets[self.indices(s)].sum(0).astype(int).tolist() for s in SPLITS}
-        if self.task == "regression":
-            return {s: [len(self.indices(s))] for s in SPLITS}
-        k = len(self.classes)
-        return {s: np.bincount(self.source.labels[self.indices(s)], minlength=k).tolist() for s in SPLITS}
+        return {s: self.task.counts(self.source, self.indices(s)) for s in SPLITS}
 
     def target_stats(self) -> dict[str, float]:
         """Regression: the target's mean and standard deviation on the training split, by which the model standardises
@@ -193,20 +186,7 @@ class ImageDataModule(L.LightningDataModule):
         return weights.tolist()
 
     def class_count_table(self) -> str:
-        if self.task == "regression":
-            lines = [f"  {'split':<6} {'images':>7} {'mean':>10} {'std':>10} {'min':>10} {'max':>10}"]
-            for s in SPLITS:
-                v = self.source.targets[self.indices(s)]
-                if len(v):
-                    lines.append(f"  {s:<6} {len(v):>7} {v.mean():>10.4g} {v.std():>10.4g} {v.min():>10.4g} "
-                                 f"{v.max():>10.4g}")
-            return f"  target {self.classes[0]!r}\n" + "\n".join(lines)
-        counts = self.class_counts()
-        width = max(len(c) for c in self.classes + ["class"])
-        lines = [f"  {'class':<{width}}  {'train':>7} {'val':>7} {'test':>7}"]
-        for i, name in enumerate(self.classes):
-            lines.append(f"  {name:<{width}}  " + " ".join(f"{counts[s][i]:>7}" for s in SPLITS))
-        return "\n".join(lines)
+        return self.task.count_table(self.source, {s: self.indices(s) for s in SPLITS})
 
     def dataset(self, split: str, train_transforms: bool | None = None) -> ImageDataset:
         train = split == "train" if train_transforms is None else train_transforms
@@ -392,11 +372,10 @@ def apply_split_file(source: Source, split_file: Path, only: str | None = None,
         raise DataError(f"{len(missing)} images of {split_file} are not in the dataset any more, e.g. {missing[0]}"
                         f"{hint}")
     keep = np.array([position[path] for path, _, _ in rows], dtype=np.int64)
-    wrong = [path for (path, label, _), j in zip(rows, keep) if label_text(source, j) != label]
+    wrong = [path for (path, label, _), j in zip(rows, keep) if source.label_text(j) != label]
     if wrong:
         raise DataError(f"{len(wrong)} images of {split_file} have another "
-                        f"{ {'regression': 'target', 'multilabel': 'set of labels'}.get(source.task, 'class')} now, "
-                        f"e.g. {wrong[0]}")
+                        f"{source.task.one_label} now, e.g. {wrong[0]}")
     if len(keep) < len(source) and only is None:
         log.warning("%d images of the dataset are not in %s and are left out", len(source) - len(keep), split_file)
     chosen = subset(source, keep)
@@ -451,7 +430,7 @@ def _report_duplicates(duplicates: Duplicates, source: Source, splits: np.ndarra
 
 @rank_zero_only
 def _record_split(path: Path, source: Source, splits: np.ndarray) -> None:
-    write_split(path, source.paths, [label_text(source, j) for j in range(len(source))], splits)
+    write_split(path, source.paths, [source.label_text(j) for j in range(len(source))], splits)
 
 
 @rank_zero_only

@@ -28,7 +28,7 @@ import numpy as np
 
 from finetune.data.images import open_rgb
 from finetune.data.integrity import cache_path, load_cache, parallel_map, save_cache
-from finetune.data.sources import Source, label_text
+from finetune.data.sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def report(duplicates: Duplicates, source: Source, splits: np.ndarray, path: Pat
         if source.splits is not None and np.isin(splits[members], ("train", "val")).any():
             counts["leaks"] += sum(source.splits[j] == "test" for j in members)
         for j in members:
-            rows.append([g, source.paths[j], label_text(source, j), splits[j],
+            rows.append([g, source.paths[j], source.label_text(j), splits[j],
                          duplicates.distance(j, members), "exact" if exact else "near", "yes" if conflict else "no"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -281,10 +281,10 @@ def report(duplicates: Duplicates, source: Source, splits: np.ndarray, path: Pat
 
 def conflicts(duplicates: Duplicates, source: Source) -> list[str]:
     """'path (label), path (label)' for each group whose images carry different labels."""
-    return [", ".join(f"{source.paths[j]} ({label_text(source, j)})" for j in members)
+    return [", ".join(f"{source.paths[j]} ({source.label_text(j)})" for j in members)
             for members in duplicates.groups if is_conflict(members, source)]
 
 
 def is_conflict(members: np.ndarray, source) -> bool:
     """Whether the images of a group carry different labels (for regression: different targets)."""
-    return len({label_text(source, j) for j in members}) > 1
+    return len({source.label_text(j) for j in members}) > 1

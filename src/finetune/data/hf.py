@@ -22,11 +22,9 @@ from finetune.data.samples import (
     SPLIT_FOLDERS,
     DataError,
     Source,
-    is_number,
-    is_whole,
-    label_name,
     labelled,
 )
+from finetune.tasks import MULTICLASS, MULTILABEL, REGRESSION, Task, of_target_column
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +34,7 @@ COMPLETE = ".complete"  # written last into a folder of extracted images: the fo
 
 
 def read_hf(root: str | None, path: str | None = None, image_column: str | None = None,
-            label_column: str | None = None, target_column: str | None = None, task: str | None = None) -> Source:
+            label_column: str | None = None, target_column: str | None = None, task: Task | None = None) -> Source:
     """The dataset at `path` (a folder, or a Hub name), its images from `image_column` and labels from
     `label_column` (found from the features where not given) or targets from `target_column`; a DataError naming what
     is wrong. The task follows the label column's type unless `task` is given: a ClassLabel, names or whole numbers
@@ -51,17 +49,13 @@ def read_hf(root: str | None, path: str | None = None, image_column: str | None 
     first = next(iter(splits.values()))
     image_col = _image_column(first, image_column, path)
     if target_column is not None:
-        if task not in (None, "regression"):
-            raise DataError(f"dataset.target_column={target_column} is a target to regress, and task={task}: give "
-                            "task=regression (or leave task out), or dataset.label_column for labels")
+        task = of_target_column(task, target_column)
         label_col = _label_column(first, target_column, image_col, path, key="target_column")
-        task = "regression"
     else:
         label_col = _label_column(first, label_column, image_col, path, task=task)
-    inferred, names = _kind(first, label_col, path, task)
-    if task is None and inferred != "multiclass":
-        log.info("task=%s (inferred): column %r of dataset.path=%s holds %s", inferred, label_col, path,
-                 "lists of labels" if inferred == "multilabel" else "fractional numbers")
+    inferred, names, holds = _kind(first, label_col, path, task)
+    if task is None and holds:
+        log.info("task=%s (inferred): column %r of dataset.path=%s holds %s", inferred, label_col, path, holds)
     task = task or inferred
     folder = _images_folder(root, path)
     paths, values, split_names, passed_over = [], [], [], []
@@ -79,8 +73,9 @@ def read_hf(root: str | None, path: str | None = None, image_column: str | None 
         for i, (file, label) in enumerate(zip(files, data[label_col])):
             if file is None:
                 continue
-            value = _value(label, task, names, f"{where} row {i}", label_col, file, passed_over)
-            if value is None:
+            value, why = task.read_cell(label, label_col, f"{where} row {i}", names=names)
+            if why is not None:
+                passed_over.append((file, why))
                 continue
             paths.append(file)
             values.append(value)
@@ -89,48 +84,11 @@ def read_hf(root: str | None, path: str | None = None, image_column: str | None 
         raise DataError(f"dataset.path={path}: none of its splits ({', '.join(splits)}) is a labelled train split: "
                         "nothing to learn from")
     source = labelled(task, paths, values, split_names if official else None, passed_over, label_col, path)
-    if task == "multiclass" and names is not None:  # a ClassLabel's classes in its own order, images or not
+    if task.one_class_per_image and names is not None:  # a ClassLabel's classes in its own order, images or not
         index = {name: i for i, name in enumerate(names)}
         source.labels = np.array([index[source.classes[y]] for y in source.labels], dtype=np.int64)
         source.classes = list(names)
     return source
-
-
-def _value(label, task: str, names: list[str] | None, where: str, column: str, file: str,
-           passed_over: list) -> str | tuple | float | None:
-    """One row's label for `task` (a class name, a tuple of names, a number); None, with the row passed over, where
-    it has none (or, for regression, no number)."""
-    if isinstance(label, str):
-        label = label.strip()
-    if task == "multilabel":
-        parts = label if isinstance(label, (list, tuple)) else [] if label is None or label == "" else [label]
-        if names is not None:
-            wrong = [v for v in parts if not 0 <= v < len(names)]
-            if wrong:
-                raise DataError(f"{where}: label {wrong[0]} in column {column!r} is not one of its ClassLabel's "
-                                f"{len(names)} classes (0 to {len(names) - 1})")
-            parts = [names[v] for v in parts]
-        parts = sorted({label_name(v) for v in parts if v is not None and str(v).strip()})
-        if not parts:
-            passed_over.append((file, f"no label in column {column!r}"))
-            return None
-        return tuple(parts)
-    if label is None or label == "" or (names is not None and label == -1) or \
-            (isinstance(label, float) and math.isnan(label)):  # -1: a ClassLabel's "no label"
-        passed_over.append((file, f"no {'target' if task == 'regression' else 'label'} in column {column!r}"))
-        return None
-    if task == "regression":
-        if not is_number(label):
-            passed_over.append((file, f"target {label!r} in column {column!r} is not a number"))
-            return None
-        return float(label)
-    if names is not None and not 0 <= label < len(names):
-        raise DataError(f"{where}: label {label} in column {column!r} is not one of its ClassLabel's {len(names)} "
-                        f"classes (0 to {len(names) - 1})")
-    if names is None and is_number(label) and not is_whole(label):
-        raise DataError(f"{where}: label {label} in column {column!r} is not a whole number: class numbers are whole "
-                        "(a number to regress: dataset.target_column, or task=regression)")
-    return names[label] if names is not None else label_name(label)
 
 
 def _load(path: str) -> dict:
@@ -184,7 +142,7 @@ def _image_column(data, given: str | None, path: str) -> str:
 
 
 def _label_column(data, given: str | None, image_col: str, path: str, key: str = "label_column",
-                  task: str | None = None) -> str:
+                  task: Task | None = None) -> str:
     """The column of labels: as given, else the ClassLabel one (a list of ClassLabels first for task=multilabel, last
     otherwise), else one named like a label column, else the only column beside the images."""
     from datasets import ClassLabel
@@ -196,7 +154,7 @@ def _label_column(data, given: str | None, image_col: str, path: str, key: str =
         return given
     single = [c for c, f in data.features.items() if isinstance(f, ClassLabel)]
     lists = [c for c, f in data.features.items() if isinstance(getattr(f, "feature", None), ClassLabel)]
-    found = (lists or single if task == "multilabel" else single or lists) or \
+    found = (lists or single if task == MULTILABEL else single or lists) or \
         [c for c in data.column_names if c.lower() in (*LABEL_COLUMNS, "labels")]
     rest = [c for c in data.column_names if c != image_col]
     if not found and len(rest) == 1:
@@ -207,33 +165,34 @@ def _label_column(data, given: str | None, image_col: str, path: str, key: str =
     return found[0]
 
 
-def _kind(data, label_col: str, path: str, task: str | None) -> tuple[str, list[str] | None]:
-    """The task the label column's type says (a list of labels: multilabel; floats: regression; else multiclass), and
-    its ClassLabel's names (or None: names or numbers written in the rows); a DataError for a column of another kind,
-    or one that cannot hold `task`'s labels."""
+def _kind(data, label_col: str, path: str, task: Task | None) -> tuple[Task, list[str] | None, str | None]:
+    """The task the label column's type says (a list of labels: multilabel; floats: regression; else multiclass), its
+    ClassLabel's names (or None: names or numbers written in the rows) and what the column holds where that made the
+    task another than one class per image; a DataError for a column of another kind, or one that cannot hold `task`'s
+    labels."""
     from datasets import ClassLabel, Value
 
     feature = data.features[label_col]
     inner = getattr(feature, "feature", None)  # Sequence / List of labels
     if inner is not None and not isinstance(feature, (Value, ClassLabel)):
-        if task not in (None, "multilabel"):
+        if task not in (None, MULTILABEL):
             raise DataError(f"dataset.path={path}: column {label_col!r} holds several labels per image, and "
                             f"task={task}: give task=multilabel (or leave task out)")
         if isinstance(inner, ClassLabel):
-            return "multilabel", list(inner.names)
+            return MULTILABEL, list(inner.names), "lists of labels"
         if isinstance(inner, Value) and inner.dtype.startswith(("int", "uint", "string", "large_string")):
-            return "multilabel", None
+            return MULTILABEL, None, "lists of labels"
         raise DataError(f"dataset.path={path}: column {label_col!r} holds lists of {inner}: a list of class names or "
                         "numbers per image is read")
     if isinstance(feature, ClassLabel):
-        if task == "regression":
+        if task == REGRESSION:
             raise DataError(f"dataset.path={path}: column {label_col!r} holds classes (a ClassLabel), and "
                             "task=regression: name a column of numbers with dataset.target_column")
-        return task or "multiclass", list(feature.names)
+        return task or MULTICLASS, list(feature.names), None
     if isinstance(feature, Value) and feature.dtype.startswith(("int", "uint", "float", "string", "large_string",
                                                                "bool")):
-        return task or ("regression" if feature.dtype.startswith("float") and _fractional(data[label_col])
-                        else "multiclass"), None
+        fractional = feature.dtype.startswith("float") and _fractional(data[label_col])
+        return task or (REGRESSION if fractional else MULTICLASS), None, "fractional numbers" if fractional else None
     raise DataError(f"dataset.path={path}: column {label_col!r} holds {feature}: class names or numbers, lists of them "
                     "(multilabel) or numbers to regress are read")
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +23,11 @@ from finetune.data.samples import (  # noqa: F401 (re-exported: the readers' typ
     is_number,
     is_whole,
     label_name,
-    label_text,
     labelled,
     warn_classes_missing_from_train,
     written,
 )
+from finetune.tasks import MULTICLASS, MULTILABEL, TASKS, Task, of_target_column, task_of
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +432,7 @@ SPLIT_COLUMNS = ("split",)
 
 def read_table(root: str | None, table: str | None = None, path_column: str | None = None,
                label_column: str | None = None, split_column: str | None = None, label_sep: str | None = None,
-               target_column: str | None = None, duplicate_ids: str = "refuse", task: str | None = None) -> Source:
+               target_column: str | None = None, duplicate_ids: str = "refuse", task: Task | None = None) -> Source:
     """A label table: a CSV or Parquet file (dataset.table, relative to ROOT or absolute) with a column of image paths
     (relative to ROOT, or absolute), a column of labels and, optionally, a split column (train/val/test, kept as
     given). Columns are found by name (PATH_COLUMNS, LABEL_COLUMNS, `split`), or the path column as the one whose cells
@@ -456,11 +456,9 @@ def read_table(root: str | None, table: str | None = None, path_column: str | No
     path_col = _column(file, header, path_column, "path_column", PATH_COLUMNS, rows,
                        lambda v: isinstance(v, str) and is_image_file(os.path.basename(v.strip())))
     split_col = _column(file, header, split_column, "split_column", SPLIT_COLUMNS, rows, None, required=False)
+    task = None if task is None else task_of(task)
     if target_column is not None:
-        if task not in (None, "regression"):
-            raise DataError(f"dataset.target_column={target_column} is a target to regress, and task={task}: give "
-                            "task=regression (or leave task out), or dataset.label_column for labels")
-        task = "regression"
+        task = of_target_column(task, target_column)
         label_col = _column(file, header, target_column, "target_column", (), rows, None)
     else:
         rest = [h for h in header if h not in (path_col, split_col)]
@@ -474,51 +472,29 @@ def read_table(root: str | None, table: str | None = None, path_column: str | No
         several = next(((where, row[label_col]) for where, row in rows if isinstance(row.get(label_col), (list, tuple))
                         or (label_sep and isinstance(row.get(label_col), str)
                             and len(_names(row[label_col], sep)) > 1)), None)
-        task = "multilabel" if several else "multiclass"
+        task = MULTILABEL if several else MULTICLASS
         if several:
-            log.info("task=multilabel (inferred): %s holds several labels in column %r (%r)", several[0], label_col,
+            log.info("task=%s (inferred): %s holds several labels in column %r (%r)", task, several[0], label_col,
                      several[1])
     passed_over: list[tuple[str, str]] = []
     found, split_of, numbers, names = [], {}, None, None
     for where, row in rows:
-        cell, label = row.get(path_col), row.get(label_col)
-        label = label.strip() if isinstance(label, str) else label
+        cell = row.get(path_col)
         if cell is None or not str(cell).strip():
             passed_over.append((where, f"no image path in column {path_col!r}"))
             continue
-        if label is None or label == "" or (isinstance(label, float) and math.isnan(label)) or \
-                (isinstance(label, (list, tuple)) and not label):
-            passed_over.append((where, f"no {'target' if task == 'regression' else 'label'} in column {label_col!r}"))
+        value, why = task.read_cell(row.get(label_col), label_col, where, sep=sep)
+        if why is not None:
+            passed_over.append((where, why))
             continue
-        if task == "regression":
-            if not is_number(label):
-                passed_over.append((where, f"target {label!r} in column {label_col!r} is not a number"))
-                continue
-            value = float(label)
-        elif task == "multilabel":
-            parts = [label_name(v) for v in label] if isinstance(label, (list, tuple)) else (
-                _names(label, sep) if isinstance(label, str) else [label_name(label)])
-            value = tuple(sorted(set(parts)))
-            if not value:  # separators alone
-                passed_over.append((where, f"no label in column {label_col!r}"))
-                continue
-        else:
-            if not isinstance(label, (str, int, float)):
-                raise DataError(f"{where}: the label in column {label_col!r} is {label!r}: one class name or number "
-                                "per image (several labels per image: task=multilabel)")
-            if is_number(label) and not is_whole(label):
-                raise DataError(f"{where}: label {label} in column {label_col!r} is not a whole number: class numbers "
-                                "are whole (a number to regress: dataset.target_column, or task=regression)")
-            value = label_name(label)
-        if task != "regression":
-            for part in value if task == "multilabel" else (value,):
-                if is_number(part):
-                    numbers = numbers or (where, part)
-                else:
-                    names = names or (where, part)
-            if numbers and names:
-                raise DataError(f"{file}: column {label_col!r} mixes numbers ({numbers[0]}: {numbers[1]!r}) and names "
-                                f"({names[0]}: {names[1]!r}): one kind of label per column")
+        for part in task.parts(value):
+            if is_number(part):
+                numbers = numbers or (where, part)
+            else:
+                names = names or (where, part)
+        if numbers and names:
+            raise DataError(f"{file}: column {label_col!r} mixes numbers ({numbers[0]}: {numbers[1]!r}) and names "
+                            f"({names[0]}: {names[1]!r}): one kind of label per column")
         path = os.path.abspath(os.path.join(base.absolute(), os.path.expanduser(str(cell).strip())))
         key = os.path.realpath(path)  # one file however it is spelt (./a.jpg, an absolute path, a link)
         if split_col is not None:
@@ -548,7 +524,7 @@ def read_table(root: str | None, table: str | None = None, path_column: str | No
             kept.append((key, path, text[value]))
     splits = [split_of[key][0] for key, _, _ in kept] if split_col is not None else None
     return labelled(task, [path for _, path, _ in kept], [value for _, _, value in kept], splits, passed_over,
-                    label_col, root)
+                         label_col, root)
 
 
 def _names(cell: str, sep: str) -> list[str]:
@@ -618,75 +594,93 @@ def _column(file: Path, header: list[str], given: str | None, key: str, names: t
                     f"dataset.{key}=NAME")
 
 
-READERS: dict[str, Callable[..., Source]] = {
-    "digits": read_digits,
-    "dogs_vs_cats": read_dogs_vs_cats,
-    "pet_images": read_pet_images,
-    "dog_breeds": read_dog_breeds,
-    "stanford_dogs": read_stanford_dogs,
-    "cifar10": read_cifar10,
-    "oxford_pets": read_oxford_pets,
-    "image_folder": read_image_folder,
-    "table": read_table,
-    "hf": lambda root, **keys: _read_hf(root, **keys),
-}
-
-
 def _read_hf(root: str | None, **keys) -> Source:
     from finetune.data.hf import read_hf  # datasets, an optional extra, only when asked for
 
     return read_hf(root, **keys)
 
 
-# Readers that take dataset.target, and the values they take; the first is the default.
-TARGETS = {"oxford_pets": ("breed", "species")}
-# Readers of a label file, which take dataset.duplicate_ids.
-LABEL_FILES = ("dog_breeds", "oxford_pets", "table")
-# Readers that take keys of their own: the dataset config's keys they take.
-OWN_KEYS = {"table": ("table", "path_column", "label_column", "split_column", "label_sep", "target_column"),
-            "hf": ("path", "image_column", "label_column", "target_column")}
-# Readers that read labels of every task (finetune.tasks); the others read one class per image.
-ANY_TASK = ("table", "hf")
+def _check_table(d, ok: Callable[[bool, str], None]) -> None:
+    ok(bool(d.get("table")), "dataset=table needs dataset.table=FILE: a CSV or Parquet file of image paths and "
+                             "labels (relative to dataset.root, or absolute)")
+    table = Path(d.root or ".").expanduser() / Path(d.table).expanduser()
+    ok(table.is_file(), f"dataset.table={d.table}: no such file ({table})")
 
 
-def read_dataset(d, task: str | None = None) -> Source:
+def _check_hf(d, ok: Callable[[bool, str], None]) -> None:
+    ok(bool(d.get("path")), "dataset=hf needs dataset.path=NAME_OR_DIR: a folder saved with save_to_disk, an "
+                            "image folder, or a Hugging Face Hub dataset name")
+    from finetune.errors import require_extra
+
+    require_extra("hf", f"dataset.path={d.path}", ("datasets",))
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A dataset reader (dataset.name): what reads it, the tasks it reads labels of, the dataset keys of its own,
+    the values of dataset.target it takes (the first is the default), whether it reads a label file (and so takes
+    dataset.duplicate_ids), and the check of its own keys that the pre-flight check runs."""
+
+    read: Callable[..., Source]
+    tasks: tuple[Task, ...] = (MULTICLASS,)
+    own_keys: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    label_file: bool = False
+    check: Callable[..., None] | None = None
+
+
+READERS: dict[str, Reader] = {
+    "digits": Reader(read_digits),
+    "dogs_vs_cats": Reader(read_dogs_vs_cats),
+    "pet_images": Reader(read_pet_images),
+    "dog_breeds": Reader(read_dog_breeds, label_file=True),
+    "stanford_dogs": Reader(read_stanford_dogs),
+    "cifar10": Reader(read_cifar10),
+    "oxford_pets": Reader(read_oxford_pets, targets=("breed", "species"), label_file=True),
+    "image_folder": Reader(read_image_folder),
+    "table": Reader(read_table, tasks=tuple(TASKS.values()), label_file=True, check=_check_table,
+                    own_keys=("table", "path_column", "label_column", "split_column", "label_sep", "target_column")),
+    "hf": Reader(_read_hf, tasks=tuple(TASKS.values()), check=_check_hf,
+                 own_keys=("path", "image_column", "label_column", "target_column")),
+}
+
+
+def reader_tasks(name: str) -> tuple[str, ...]:
+    """The names of the tasks dataset=`name` reads labels of (every task, for a name that is no reader's: the config
+    check says so on its own)."""
+    reader = READERS.get(name)
+    return tuple(t.name for t in (reader.tasks if reader else TASKS.values()))
+
+
+def read_dataset(d, task: str | Task | None = None) -> Source:
     """read_source with the keys of a `dataset` config; `task` (task=) as given, or None: as the data says."""
+    reader = READERS.get(d.name)
     return read_source(d.name, d.root, d.get("target"), duplicate_ids=d.get("duplicate_ids") or "refuse", task=task,
-                       **{key: d.get(key) for key in OWN_KEYS.get(d.name, ())})
+                       **{key: d.get(key) for key in (reader.own_keys if reader else ())})
 
 
 def read_source(name: str, root: str | None, target: str | None = None, duplicate_ids: str = "refuse",
-                task: str | None = None, **own: str | None) -> Source:
-    """Read dataset `name` from `root`; a DataError if it has fewer than two classes with images (labels in use; values
-    of the target)."""
+                task: str | Task | None = None, **own: str | None) -> Source:
+    """Read dataset `name` from `root`, labels of `task` (given, or None: as the data says); a DataError if it has fewer
+    than two classes with images (labels in use; values of the target)."""
     if name not in READERS:
         from finetune.errors import suggest
 
         known = ", ".join(READERS)
         raise DataError(f"dataset.name={name} has no reader; known: {known}.{suggest(name, list(READERS))}")
-    if target is not None and target not in TARGETS.get(name, ()):
-        options = f"one of {', '.join(TARGETS[name])}" if name in TARGETS else "not used (leave it null)"
+    reader = READERS[name]
+    if target is not None and target not in reader.targets:
+        options = f"one of {', '.join(reader.targets)}" if reader.targets else "not used (leave it null)"
         raise DataError(f"dataset.target={target}: for dataset={name} it is {options}")
-    if task not in (None, "multiclass") and name not in ANY_TASK:
+    task = None if task is None else task_of(task)
+    if task is not None and task not in reader.tasks:
         raise DataError(f"task={task}: dataset={name} reads one class per image; {task} labels are read from "
                         f"dataset=table or dataset=hf")
     options = {"target": target} if target is not None else {}
-    if name in LABEL_FILES:
+    if reader.label_file:
         options["duplicate_ids"] = duplicate_ids
-    if name in ANY_TASK:
+    if len(reader.tasks) > 1:
         options["task"] = task
-    source = READERS[name](root, **options, **own)
-    where = f"dataset.root={root}" if name != "hf" else f"dataset.path={own.get('path')}"
-    if source.task == "regression":
-        if len(np.unique(source.targets)) < 2:
-            found = f"only the value {source.targets[0]:g}" if len(source) else "no images with a target"
-            raise DataError(f"{where}: found {found} in column {source.classes[0]!r}; a regression needs targets that "
-                            "differ")
-        return source
-    counts = source.targets.sum(0) if source.task == "multilabel" else \
-        np.bincount(source.labels, minlength=len(source.classes))
-    present = [c for c, n in zip(source.classes, counts) if n > 0]
-    if len(present) < 2 and source.task != "multilabel" or not present:
-        found = f"only class {present[0]!r}" if present else "no labelled images"
-        raise DataError(f"{where}: found {found}; a classifier needs at least two classes")
+    source = reader.read(root, **options, **own)
+    source.task.check_read(source, f"dataset.root={root}" if name != "hf" else f"dataset.path={own.get('path')}")
     return source

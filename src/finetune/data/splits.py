@@ -159,7 +159,7 @@ def _share(n: int, fraction: float) -> int:
 
 
 def write_split(path: Path, paths: list[str], labels: list[str], splits: np.ndarray) -> None:
-    """split.csv: each sample's path, its label as samples.label_text writes it, and its split."""
+    """split.csv: each sample's path, its label as Source.label_text writes it, and its split."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:

@@ -10,15 +10,14 @@ import lightning as L
 import torch
 import torch.nn as nn
 from torchmetrics import MaxMetric, Metric, MinMetric
-from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
-from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
-from torchvision.transforms import v2
+from torchmetrics.regression import R2Score
 
 from finetune.config import HeadConfig, defaults
 from finetune.data.features import FeatureBatch
 from finetune.errors import FinetuneError
 from finetune.models.backbone import backbone_blocks, rebuild_backbone
 from finetune.models.heads import create_head
+from finetune.models.metrics import BatchMean
 from finetune.schedule import Schedule
 from finetune.tasks import task_of
 
@@ -39,44 +38,6 @@ def two_class_logits(logit: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(logit), logit], dim=1)
 
 
-class BatchMean(Metric):
-    """The mean of per-batch values weighted by batch size, accumulated on the device without reading anything
-    back (torchmetrics' MeanMetric checks every value for NaN on the host, or, told not to, drops the weights)."""
-
-    full_state_update = False
-
-    def __init__(self):
-        super().__init__()
-        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0), dist_reduce_fx="sum")
-
-    def update(self, value: torch.Tensor, weight: int) -> None:
-        self.total += value.detach().float() * weight
-        self.count += weight
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count
-
-
-class LabelMeanAP(MultilabelAveragePrecision):
-    """mAP over the labels that have positives among the images seen (torchmetrics' macro average counts a label
-    without any as AP 0): the mean that evaluate and the export (finetune.scores) report too."""
-
-    def __init__(self, num_labels: int):
-        super().__init__(num_labels=num_labels, average=None, validate_args=False)
-        self.add_state("positives", torch.zeros(num_labels), dist_reduce_fx="sum")
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        super().update(preds, target)
-        self.positives += target.sum(0).float()
-
-    def compute(self) -> torch.Tensor:
-        present = self.positives > 0
-        if not present.any():
-            return torch.tensor(float("nan"), device=self.positives.device)
-        return super().compute()[present].mean()
-
-
 class Classifier(L.LightningModule):
     """timm backbone (pooled features) -> head -> logits, fed uint8 images that it normalises on its own device.
 
@@ -86,7 +47,7 @@ class Classifier(L.LightningModule):
 
     def __init__(self, backbone: nn.Module, classes: list[str], backbone_config: dict, head_config: dict,
                  schedule: dict, preprocessing: dict, class_weights: list[float] | None = None,
-                 mix: dict | None = None, temperature: float = 1.0, task: str = "multiclass",
+                 mix: dict | None = None, temperature: float = 1.0, task: str | None = None,
                  target_stats: dict | None = None, thresholds: list[float] | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"], logger=False)
@@ -106,8 +67,7 @@ class Classifier(L.LightningModule):
         self.binary = bool(head_config["binary"])
         if self.binary and len(classes) != 2:
             raise FinetuneError(f"head.binary=true needs two classes; this dataset has {len(classes)}")
-        outputs = 1 if self.binary or self.task.name == "regression" else len(classes)
-        self.head = create_head(head_config["name"], backbone.num_features, outputs,
+        self.head = create_head(head_config["name"], backbone.num_features, self.task.head_width(classes, self.binary),
                                 hidden=head_config["hidden"], dropout=head_config["dropout"])
         # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtraction and one division on uint8 input.
         self.register_buffer("mean", torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
@@ -115,44 +75,14 @@ class Classifier(L.LightningModule):
         # how the backbone is fine-tuned: parameter groups, their rates, what trains when (finetune.schedule)
         self.schedule = Schedule(schedule, blocks=len(backbone_blocks(self.backbone)), monitor=self.task.monitor,
                                  mode=self.task.mode)
-        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        loss = head_config.get("loss") or self.task.losses[0]
-        self.criterion = {"cross_entropy": lambda: nn.CrossEntropyLoss(
-                              weight=weight, label_smoothing=self.schedule.config["label_smoothing"]),
-                          "bce": nn.BCEWithLogitsLoss, "mse": nn.MSELoss, "huber": nn.HuberLoss}[loss]()
+        self.criterion = self.task.criterion(head_config.get("loss"), class_weights,
+                                             self.schedule.config["label_smoothing"])
         self.train_loss, self.val_loss, self.test_loss = BatchMean(), BatchMean(), BatchMean()
         self.last_loss: torch.Tensor | None = None  # the latest training loss, on the device
         self.val_acc_best = MaxMetric() if self.task.mode == "max" else MinMetric()  # of the monitored metric
-        self.top5 = False
-        self.mix = None
-        if self.task.name == "multilabel":
-            for stage in ("val", "test"):  # mean average precision over the labels: needs no threshold
-                setattr(self, f"{stage}_map", LabelMeanAP(len(classes)))
-            return
-        if self.task.name == "regression":  # in the target's units
-            for stage in ("train", "val", "test"):
-                setattr(self, f"{stage}_mae", MeanAbsoluteError())
-            for stage in ("val", "test"):
-                setattr(self, f"{stage}_rmse", MeanSquaredError(squared=False))
-                setattr(self, f"{stage}_r2", R2Score())
-            return
-
-        k = len(classes)
-        # validate_args=False: the input checks read values on the host, a GPU sync on every update
-        metric = {"num_classes": k, "validate_args": False}
-        mixers = [cls(alpha=alpha, num_classes=k) for cls, alpha in
-                  ((v2.MixUp, (mix or {}).get("mixup", 0)), (v2.CutMix, (mix or {}).get("cutmix", 0))) if alpha]
-        self.mix = v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
-        self.train_acc = MulticlassAccuracy(**metric, average="micro")
-        self.val_acc = MulticlassAccuracy(**metric, average="micro")
-        self.test_acc = MulticlassAccuracy(**metric, average="micro")
-        # mean recall over classes: what accuracy hides on imbalanced data
-        self.val_balanced_acc = MulticlassAccuracy(**metric, average="macro")
-        self.test_balanced_acc = MulticlassAccuracy(**metric, average="macro")
-        self.top5 = k > 5
-        if self.top5:
-            self.val_acc_top5 = MulticlassAccuracy(**metric, top_k=5, average="micro")
-            self.test_acc_top5 = MulticlassAccuracy(**metric, top_k=5, average="micro")
+        for name, metric in self.task.metrics(self.classes).items():  # val_acc, val_map, test_mae, ...
+            setattr(self, name, metric)
+        self.mix = self.task.mixer(self.classes, mix)  # augment.mixup / cutmix: soft targets of one class per image
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for RGB images, NCHW, uint8 (or float) in 0..255."""
@@ -170,30 +100,17 @@ class Classifier(L.LightningModule):
         return two_class_logits(self.head(features)) if self.binary else self.head(features)
 
     def outputs(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-        """What the model says, from its logits: class probabilities (softmax of logits / T), label probabilities
-        (sigmoid, each label on its own) or the target in its units (N, 1)."""
-        if self.task.name == "multilabel":
-            return logits.float().sigmoid()
-        if self.task.name == "regression":
-            return logits.float() * self.target_std + self.target_mean
+        """What the model says, from its logits (finetune.tasks: class probabilities, softmax of logits / T; label
+        probabilities; the target in its units, (N, 1))."""
         t = self.temperature if temperature is None else temperature
-        return (logits.float() / t).softmax(1)
+        return self.task.outputs(logits.float(), t, self.target_mean, self.target_std)
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.task.name == "regression":
-            return self.criterion(logits.squeeze(1).float(), (targets.float() - self.target_mean) / self.target_std)
-        if self.task.name == "multilabel":
-            return self.criterion(logits.float(), targets.float())
-        return self.criterion(logits, targets)
+        return self.task.loss(self.criterion, logits, targets, self)
 
     def _update(self, metric: Metric, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Feed one batch to a metric of this task, as that metric reads it."""
-        if self.task.name == "multilabel":
-            metric.update(logits.detach().float().sigmoid(), targets.long())
-        elif self.task.name == "regression":
-            metric.update(self.outputs(logits.detach()).squeeze(1), targets.float())
-        else:
-            metric.update(logits, targets)
+        self.task.update(metric, logits, targets, self)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -223,16 +140,7 @@ class Classifier(L.LightningModule):
         return {"logits": logits.detach(), "labels": labels}  # for the dashboards; Lightning keeps none of it
 
     def _stage_metrics(self, stage: str) -> list[str]:
-        if self.task.name == "multilabel":
-            return [f"{stage}_loss"] + ([f"{stage}_map"] if stage != "train" else [])
-        if self.task.name == "regression":
-            return [f"{stage}_loss", f"{stage}_mae"] + ([f"{stage}_rmse", f"{stage}_r2"] if stage != "train" else [])
-        names = [f"{stage}_loss", f"{stage}_acc"]
-        if stage != "train":
-            names.append(f"{stage}_balanced_acc")
-            if self.top5:
-                names.append(f"{stage}_acc_top5")
-        return names
+        return self.task.stage_metrics(stage, self.classes)
 
     def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
         """Compute (across all ranks), log and reset `stage`'s metrics; return the values."""
