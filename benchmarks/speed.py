@@ -118,7 +118,7 @@ def _quiet():
 
 
 def _model_and_data(cfg: DictConfig, run_dir: Path):
-    """The validated config, the Classifier and the set-up ImageDataModule a run of `cfg` would train."""
+    """The validated config, the ImageModule and the set-up ImageDataModule a run of `cfg` would train."""
     from finetune.checks import validate
     from finetune.data.transforms import resolve_preprocessing
     from finetune.models.backbone import create_backbone
@@ -167,7 +167,7 @@ class InMemoryData(L.LightningDataModule):
 
 def framework_vs_plain(cfg: DictConfig, device: torch.device, clock: Clock, steps: int, repeats: int,
                        work: Path) -> dict:
-    """Images/s of finetune's Trainer + Classifier (its callbacks, metrics, logging) against a plain loop: the same
+    """Images/s of finetune's Trainer + ImageModule (its callbacks, metrics, logging) against a plain loop: the same
     timm model, optimizer, schedule, precision and uint8 batches, already in memory, on the device."""
     from finetune.trainer import resolve_precision
 

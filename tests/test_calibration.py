@@ -65,7 +65,7 @@ def test_a_run_calibrates_and_predict_evaluate_and_export_use_its_temperature(tm
     from finetune.export import load_exported
     from finetune.export import run as export
     from finetune.inference import probabilities
-    from finetune.models.classifier import load_classifier
+    from finetune.models.module import load_module
     from finetune.train import run
 
     cfg = compose(tmp_path / "run", "dataset=image_folder", f"dataset.root={shapes}", *FAST, "logger=none",
@@ -78,9 +78,9 @@ def test_a_run_calibrates_and_predict_evaluate_and_export_use_its_temperature(tm
     # images of a model one epoch old it may not)
     assert all(np.isfinite(metrics[k]) for k in ("test/nll_before", "test/nll_after", "test/ece_before",
                                                   "test/ece_after"))
-    model = load_classifier(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    model = load_module(tmp_path / "run" / "checkpoints" / "best.ckpt")
     assert model.temperature == pytest.approx(t)
-    from finetune.data.sources import read_source
+    from finetune.data.readers import read_source
 
     source = read_source("image_folder", str(shapes))
     indices = np.arange(0, len(source), 10)

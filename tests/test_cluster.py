@@ -170,7 +170,8 @@ def test_on_slurm_lightning_leaves_requeueing_to_submitit(tmp_path, monkeypatch)
 def test_a_job_that_submitit_will_not_requeue_again_ends_in_one_line():
     from submitit.core.utils import UncompletedJobError
 
-    from finetune.callbacks.preemption import NotRequeued, RequeueAtBatchBoundary
+    from finetune.callbacks.preemption import RequeueAtBatchBoundary
+    from finetune.errors import NotRequeued
 
     def submitits_handler(signum, frame):
         raise UncompletedJobError("Job not requeued because: timed-out too many times.")

@@ -11,7 +11,7 @@ from support.fabricate import make_image_folder, write_png_header_only
 
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.images import ImageTooLarge, open_rgb
-from finetune.data.sources import DataError, read_source
+from finetune.data.readers import DataError, read_source
 from finetune.data.splits import read_split, stratified_split
 from finetune.data.transforms import Preprocessing, eval_transform, train_transform
 

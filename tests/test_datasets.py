@@ -20,7 +20,7 @@ from support.recipes import assert_above
 
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.integrity import CACHE_NAME, scan
-from finetune.data.sources import DataError, read_source
+from finetune.data.readers import DataError, read_source
 from finetune.data.transforms import Preprocessing
 from finetune.train import run
 
@@ -247,9 +247,9 @@ def _balanced_accuracy(run_dir) -> float:
     from finetune.data.images import open_rgb
     from finetune.data.splits import read_split
     from finetune.data.transforms import eval_transform
-    from finetune.models.classifier import load_classifier
+    from finetune.models.module import load_module
 
-    model = load_classifier(run_dir / "checkpoints" / "last.ckpt")
+    model = load_module(run_dir / "checkpoints" / "last.ckpt")
     pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.hparams.preprocessing.items()})
     rows = [row for row in read_split(run_dir / "split.csv") if row[2] == "test"]
     images = torch.stack([eval_transform(pre)(open_rgb(path)) for path, _, _ in rows])

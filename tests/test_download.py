@@ -11,7 +11,7 @@ from support.fabricate import make_cifar10, make_pet_images, make_stanford_dogs
 
 from finetune.data import download as downloads
 from finetune.data.download import Archive
-from finetune.data.sources import DataError, read_source
+from finetune.data.readers import DataError, read_source
 
 
 class Server:

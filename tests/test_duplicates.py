@@ -14,7 +14,7 @@ from support.fabricate import make_cifar10, make_image_folder, plant_copy
 from finetune.checks import validate
 from finetune.data import duplicates as dups
 from finetune.data.datamodule import ImageDataModule
-from finetune.data.sources import read_source
+from finetune.data.readers import read_source
 from finetune.data.splits import read_split, stratified_split
 from finetune.data.transforms import Preprocessing
 from finetune.errors import ConfigError

@@ -51,12 +51,12 @@ def recompute(model_path, run_dir):
     """The exported model's accuracy on the run's test split, from split.csv, through predict's own reader."""
     from finetune.exported import ExportedModel
     from finetune.inference import probabilities
-    from finetune.models.classifier import load_classifier
+    from finetune.models.module import load_module
 
     rows = [r for r in csv.DictReader(open(run_dir / "split.csv")) if r["split"] == "test"]
-    from finetune.data.sources import Source
+    from finetune.data.readers import Source
 
-    classes = load_classifier(run_dir / "checkpoints" / "best.ckpt").classes
+    classes = load_module(run_dir / "checkpoints" / "best.ckpt").classes
     source = Source(classes, [r["path"] for r in rows], np.array([classes.index(r["label"]) for r in rows]))
     probs, failed = probabilities(ExportedModel(model_path), source, np.arange(len(rows)))
     assert not failed
@@ -221,7 +221,7 @@ def test_an_export_never_overwrites_nor_removes_another_exports_sidecar_or_the_u
 def test_a_run_whose_dataset_is_gone_still_exports_unmeasured_but_int8_needs_its_images(run_dir, tmp_path, caplog):
     import shutil
 
-    from finetune.data.sources import DataError
+    from finetune.data.readers import DataError
     from finetune.export import run
 
     copy = tmp_path / "copied-run"  # a run folder copied to another machine, without the dataset

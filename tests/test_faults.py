@@ -14,7 +14,7 @@ import torch
 from support import FAST, compose, given, start_process, wait_for
 from support.recipes import PROBE_THEN_UNFREEZE, assert_above_chance
 
-from finetune.callbacks.nonfinite import NonFiniteLoss
+from finetune.errors import NonFiniteLoss
 from finetune.train import run
 
 

@@ -8,7 +8,7 @@ import pytest
 from support import FAST, closed_port, run_script
 from support.recipes import FROM_SCRATCH, assert_above_chance, assert_agree
 
-from finetune.data.sources import DataError, read_source
+from finetune.data.readers import DataError, read_source
 
 pytest.importorskip("datasets")  # the hf extra: the dev group installs it
 

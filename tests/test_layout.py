@@ -14,7 +14,7 @@ HEAVY = ("torch", "torchvision", "lightning", "timm")
 # What decides a command before the back half: errors, the schema, presets, checks, which run, the run's file names,
 # the script boundary; and what the checks read of the owners of each list of choices.
 FRONT = ("errors", "config", "presets", "rundir", "checks", "runconfig", "cli", "cluster", "schedule", "loggers",
-         "data", "data.sources", "data.duplicates", "data.transforms", "models.heads", "predict", "exported", "tasks")
+         "data", "data.readers", "data.duplicates", "data.transforms", "models.heads", "predict", "exported", "tasks")
 TASK_NAMES = ("multiclass", "multilabel", "regression")
 
 
@@ -190,3 +190,23 @@ def test_an_onnx_export_or_prediction_without_the_onnx_extra_names_the_install_c
         check(OmegaConf.create({"format": "onnx", "quantize": "none", "max_accuracy_drop": 1.0}))
     with pytest.raises(MissingExtra, match="uv sync --extra onnx"):
         ExportedModel(tmp_path / "model.onnx")
+
+
+def test_the_datasets_table_of_the_docs_is_the_readers_table():
+    from finetune.data.readers import READERS
+
+    lines = (ROOT / "docs" / "datasets.md").read_text().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| `dataset=` |"))) + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("| `"):
+            break
+        rows[line[3:line.index("`", 3)].split(" ")[0]] = line
+    assert sorted(rows) == sorted(READERS)  # every reader has its row, and every row its reader
+    for name, reader in READERS.items():
+        for key in reader.own_keys:
+            assert f"dataset.{key}" in rows[name], (name, key)
+        for target in reader.targets:
+            assert target in rows[name], (name, target)
+        if len(reader.tasks) > 1:
+            assert "tasks.md" in rows[name], name  # where reading labels of every task is explained

@@ -15,7 +15,7 @@ from support import FAST, compose, skipped
 from support.fabricate import make_dog_breeds, make_image_folder, make_oxford_pets
 
 from finetune.data.datamodule import ImageDataModule
-from finetune.data.sources import DataError, read_source
+from finetune.data.readers import DataError, read_source
 from finetune.data.transforms import Preprocessing
 from finetune.evaluate import evaluation_set
 

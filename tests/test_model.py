@@ -1,4 +1,4 @@
-"""Backbone, heads, the Classifier's normalisation and parameter groups, and the learning-rate schedule."""
+"""Backbone, heads, the ImageModule's normalisation and parameter groups, and the learning-rate schedule."""
 
 import math
 import shutil
@@ -8,9 +8,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from finetune.errors import ConfigError
-from finetune.models.backbone import WeightsUnavailable, backbone_blocks, create_backbone
-from finetune.models.classifier import Classifier
+from finetune.errors import ConfigError, WeightsUnavailable
+from finetune.models.backbone import backbone_blocks, create_backbone
+from finetune.models.module import ImageModule
 from finetune.schedule import Schedule
 
 SCHEDULE = {"epochs": 10, "warmup_epochs": 1, "scheduler": "cosine", "step_size": 3, "gamma": 0.1, "lr": 1.0,
@@ -150,7 +150,7 @@ def _classifier(head="linear", k=3):
     pre = {"image_size": 32, "crop_pct": 1.0, "interpolation": "bicubic", "mean": [0.4, 0.5, 0.6], "std": [0.2] * 3}
     schedule = {**SCHEDULE, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "momentum": 0.9,
                 "freeze_epochs": 1, "unfreeze": "all", "backbone_lr_ratio": 0.1}
-    return Classifier(create_backbone("mobilenetv2_100"), [str(i) for i in range(k)],
+    return ImageModule(create_backbone("mobilenetv2_100"), [str(i) for i in range(k)],
                       {"name": "mobilenetv2_100"}, {"name": head, "hidden": 16, "dropout": 0.1}, schedule, pre)
 
 
@@ -194,7 +194,7 @@ def test_binary_head_is_one_logit_trained_with_binary_cross_entropy():
     import torch.nn.functional as F
 
     model = _classifier(k=2)
-    binary = Classifier(create_backbone("mobilenetv2_100"), ["cat", "dog"], {"name": "mobilenetv2_100"},
+    binary = ImageModule(create_backbone("mobilenetv2_100"), ["cat", "dog"], {"name": "mobilenetv2_100"},
                         {"name": "mlp", "hidden": 8, "dropout": 0.0, "binary": True}, model.hparams.schedule,
                         model.hparams.preprocessing).eval()
     assert binary.head[-1].out_features == 1
@@ -212,14 +212,14 @@ def test_binary_head_needs_two_classes():
     from finetune.errors import FinetuneError
 
     with pytest.raises(FinetuneError, match="head.binary=true needs two classes; this dataset has 3"):
-        Classifier(create_backbone("mobilenetv2_100"), ["a", "b", "c"], {"name": "mobilenetv2_100"},
+        ImageModule(create_backbone("mobilenetv2_100"), ["a", "b", "c"], {"name": "mobilenetv2_100"},
                    {"name": "linear", "hidden": 8, "dropout": 0.0, "binary": True}, {},
                    _classifier().hparams.preprocessing)
 
 
 def test_mixup_and_cutmix_train_on_soft_targets():
     model = _classifier()
-    mixed = Classifier(model.backbone, model.classes, {"name": "mobilenetv2_100"},
+    mixed = ImageModule(model.backbone, model.classes, {"name": "mobilenetv2_100"},
                        {"name": "linear", "hidden": 8, "dropout": 0.0}, model.hparams.schedule,
                        model.hparams.preprocessing, mix={"mixup": 0.4, "cutmix": 1.0})
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)

@@ -18,7 +18,7 @@ from finetune.data.datamodule import ImageDataModule
 from finetune.data.dataset import EpochShuffle
 from finetune.data.images import open_rgb
 from finetune.data.transforms import Preprocessing
-from finetune.models.classifier import load_classifier
+from finetune.models.module import load_module
 from finetune.train import run
 
 PRE = Preprocessing(image_size=32, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.25,) * 3)
@@ -179,7 +179,7 @@ def test_compiled_training_writes_plain_checkpoints(tmp_path, shapes):
         overrides=[])
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
     assert not any("_orig_mod" in key for key in checkpoint["state_dict"])
-    model = load_classifier(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    model = load_module(tmp_path / "run" / "checkpoints" / "best.ckpt")
     assert model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 3)
 
 

@@ -12,10 +12,9 @@ from support import FAST, ROOT, compose, given, run_script, start_process
 from support.fabricate import make_image_folder
 from support.recipes import TWO_EPOCHS, assert_agree
 
-from finetune.callbacks.nonfinite import NonFiniteLoss
 from finetune.checks import validate
-from finetune.errors import ConfigError, FinetuneError
-from finetune.models.classifier import load_checkpoint, load_classifier, resolve_checkpoint
+from finetune.errors import ConfigError, FinetuneError, NonFiniteLoss
+from finetune.models.module import load_checkpoint, load_module, resolve_checkpoint
 from finetune.train import run
 
 
@@ -118,7 +117,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_the_tools(tmp_path, trained
     checkpoint["state_dict"]["head.1.weight"].fill_(float("nan"))
     torch.save(checkpoint, tmp_path / "nan.ckpt")
     with pytest.raises(FinetuneError, match="NaN or infinite weights"):
-        load_classifier(tmp_path / "nan.ckpt")
+        load_module(tmp_path / "nan.ckpt")
 
 
 @pytest.mark.parametrize("content", ["null", "[]", '{"version": 1, "max_pixels": 100000000, "files": null}',
@@ -328,7 +327,7 @@ def test_a_local_dir_backbone_trains_offline_and_its_checkpoint_needs_nothing_el
     assert result.returncode == 0, output[-3000:]
     ckpt = next((tmp_path / "outputs" / "runs").iterdir()) / "checkpoints" / "best.ckpt"
     shutil.rmtree(tmp_path / "my-backbone")  # the checkpoint alone rebuilds the model
-    model = load_classifier(ckpt)
+    model = load_module(ckpt)
     assert model.hparams.backbone_config["architecture"] == "mobilenetv2_100"
     assert model.hparams.preprocessing["image_size"] == 32
 

@@ -379,7 +379,7 @@ def test_ddp_ranks_stay_identical_across_every_phase_boundary_with_gradual_and_l
 
 def test_a_run_resumed_in_the_middle_of_an_epoch_trains_what_that_epoch_trains(tmp_path, shapes):
     """Lightning does not start an epoch again when it resumes in its middle (no on_train_epoch_start)."""
-    from finetune.callbacks.preemption import Preempted
+    from finetune.errors import Preempted
 
     with pytest.raises(Preempted):  # pre-empted at step 6: in epoch 1, after the frozen epoch 0 (4 steps)
         train(tmp_path, shapes, "schedule.epochs=2", "schedule.freeze_epochs=1", "logger=none",
@@ -394,7 +394,7 @@ def test_sigterm_while_validating_saves_the_epoch_and_resume_finishes_its_valida
     """Issue 22 item 14: SIGTERM during the validation inside fitting saved nothing (the epoch's steps were lost)."""
     from support.recorders import SigtermInValidation
 
-    from finetune.callbacks.preemption import Preempted
+    from finetune.errors import Preempted
 
     SigtermInValidation.fired = False
     with pytest.raises(Preempted):

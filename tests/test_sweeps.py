@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 from support import FAST, compose, run_process, run_script
 from support.recipes import TWO_EPOCHS, assert_agree
 
-from finetune.data.datamodule import apply_split_file
-from finetune.data.sources import read_source
+from finetune.data.pipeline import apply_split_file
+from finetune.data.readers import read_source
 from finetune.inference import probabilities
-from finetune.models.classifier import load_classifier
+from finetune.models.module import load_module
 from finetune.train import run
 
 
@@ -54,7 +54,7 @@ def test_failed_jobs_are_recorded_the_others_run_and_the_sweep_exits_nonzero(tmp
 
 def test_jobs_of_a_sweep_leave_no_model_or_data_behind(tmp_path, shapes):
     from finetune.data.datamodule import ImageDataModule
-    from finetune.models.classifier import Classifier
+    from finetune.models.module import ImageModule
 
     def alive(kind):
         gc.collect()
@@ -64,7 +64,7 @@ def test_jobs_of_a_sweep_leave_no_model_or_data_behind(tmp_path, shapes):
         run(compose(tmp_path / f"job{i}", "dataset=image_folder", f"dataset.root={shapes}", *TWO_EPOCHS, "logger=none",
                     "schedule.epochs=1", "schedule.freeze_epochs=0", "dataset.limit_per_class=12", "calibrate=false"),
             overrides=[])
-        assert alive(Classifier) == 0 and alive(ImageDataModule) == 0
+        assert alive(ImageModule) == 0 and alive(ImageDataModule) == 0
 
 
 def test_lr_find_plots_and_uses_its_suggestion_unless_lr_is_given(tmp_path, shapes):
@@ -129,6 +129,6 @@ def test_ddp_on_cpu_one_run_directory_and_identical_ranks_across_the_unfreeze(tm
     d = OmegaConf.load(run_dir / "config.yaml").dataset
     source = apply_split_file(read_source(d.name, d.root), run_dir / "split.csv")
     test = np.flatnonzero(np.array(source.splits) == "test")
-    probs, _ = probabilities(load_classifier(run_dir / "checkpoints" / "best.ckpt"), source, test)
+    probs, _ = probabilities(load_module(run_dir / "checkpoints" / "best.ckpt"), source, test)
     assert metrics["test_images"] == len(test)  # each image once, not padded to the ranks' share
     assert_agree(metrics["test/acc"], float((probs.argmax(1) == source.labels[test]).mean()), images=len(test))

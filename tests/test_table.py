@@ -8,7 +8,7 @@ import pytest
 from support import FAST, run_script
 from support.recipes import FROM_SCRATCH, assert_above_chance, assert_agree
 
-from finetune.data.sources import DataError, read_source
+from finetune.data.readers import DataError, read_source
 
 MARGIN = 5  # test images above chance (8 of 24) for FROM_SCRATCH. Measured over 4 arithmetics x 3 seeds
 # (benchmarks/arithmetics.py): +8 to +16, median +13

@@ -11,7 +11,7 @@ from support import FAST, run_script
 from support.fabricate import make_multilabel_table, make_regression_table
 from support.recipes import TASKS, assert_above, assert_below, most_agree
 
-from finetune.data.sources import DataError, read_source
+from finetune.data.readers import DataError, read_source
 from finetune.data.splits import stratified_split
 
 BASE = [a for a in TASKS if not a.startswith(("logger=", "schedule.epochs="))]  # a later key=value wins

@@ -16,8 +16,7 @@ from support import FAST, ROOT, compose, given, read_csv, run_script
 from support.fabricate import add_broken
 from support.recipes import assert_agree, most_agree
 
-from finetune.errors import FinetuneError
-from finetune.models.classifier import UnsafeCheckpoint
+from finetune.errors import FinetuneError, UnsafeCheckpoint
 from finetune.train import run as train
 
 
@@ -206,7 +205,7 @@ def exported(trained, tmp_path_factory):
     below check parity; test_export_measures_a_sample_of_eval_images measures): {format: (path, run's result)}."""
     from finetune.checkpoints import AtomicCheckpointIO
     from finetune.export import run
-    from finetune.models.classifier import load_checkpoint
+    from finetune.models.module import load_checkpoint
 
     folder = tmp_path_factory.mktemp("exported")
     # a copy of the run whose best.ckpt holds a temperature, as calibration stores one (24 validation images are
@@ -224,7 +223,7 @@ def exported(trained, tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_matches_pytorch_and_describes_itself(trained, exported, fmt):
     from finetune.export import load_exported
-    from finetune.models.classifier import load_classifier
+    from finetune.models.module import load_module
 
     run_dir, _ = trained
     out, result = exported[fmt]
@@ -232,7 +231,7 @@ def test_export_matches_pytorch_and_describes_itself(trained, exported, fmt):
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["output"]["classes"] == ["green", "not red or green", "red"]
     assert sidecar["input"]["shape"] == ["batch", 3, 32, 32] and sidecar["input"]["dtype"] == "uint8"
-    model = load_classifier(out.parent / "run" / "checkpoints" / "best.ckpt")  # the exported copy, T=1.7
+    model = load_module(out.parent / "run" / "checkpoints" / "best.ckpt")  # the exported copy, T=1.7
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)  # another batch size: the batch is dynamic
     with torch.no_grad():  # calibrated, as predict's: softmax(logits / T)
         expected = (model(images) / model.temperature).softmax(1).numpy()

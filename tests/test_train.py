@@ -12,9 +12,8 @@ from support.recipes import PROBE_THEN_UNFREEZE, RECORD_FREEZING, assert_above_c
 from support.recorders import FreezeRecorder
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from finetune.callbacks.nonfinite import NonFiniteLoss
-from finetune.models.backbone import WeightsUnavailable
-from finetune.models.classifier import load_classifier
+from finetune.errors import NonFiniteLoss, WeightsUnavailable
+from finetune.models.module import load_module
 from finetune.train import run
 
 MARGIN = 8  # images above chance (8 of 24), of test and of validation. Measured over 4 arithmetics x 3 seeds
@@ -58,7 +57,7 @@ def test_after_the_unfreeze_the_backbone_trains_at_its_lower_rate(trained):
     assert thawed and all(len(s["with_grad"]) > 100 and "" in s["modules_training"] for s in thawed)
     assert all(0 < s["lr"]["backbone"] < s["lr"]["head"] for s in thawed[1:])
     assert not torch.equal(thawed[-1]["bn_running_mean"], recorder.initial["bn1.running_mean"])
-    model = load_classifier(run_dir / "checkpoints" / "last.ckpt")
+    model = load_module(run_dir / "checkpoints" / "last.ckpt")
     assert not torch.equal(model.backbone.conv_stem.weight, recorder.initial["conv_stem.weight"])
 
 
@@ -121,7 +120,7 @@ def test_a_run_shorter_than_log_every_n_steps_still_logs_its_learning_rates(tmp_
 
 def test_checkpoint_alone_rebuilds_the_model(trained, shapes):
     _, run_dir, _ = trained
-    model = load_classifier(run_dir / "checkpoints" / "best.ckpt")
+    model = load_module(run_dir / "checkpoints" / "best.ckpt")
     assert model.classes == ["green", "not red or green", "red"] and not model.training
     from PIL import Image
 

@@ -51,7 +51,7 @@ def validate(cfg: DictConfig) -> DictConfig:
            "set augment.mixup=0 and augment.cutmix=0, or schedule.cache_features=false")
     schedule.check(s)
     heads.check(cfg.head)
-    from finetune.data.sources import reader_tasks
+    from finetune.data.readers import reader_tasks
 
     tasks.check(cfg, reader_tasks(cfg.dataset.name))
 

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.errors import INTERRUPTED, PREEMPTED, REFUSED, FinetuneError
 
 log = logging.getLogger("finetune")
 
@@ -69,7 +69,7 @@ def check_the_command_line(args: list[str] | None = None) -> None:
     problem = command_line_problem(sys.argv[1:] if args is None else args)
     if problem:
         print(problem, file=sys.stderr)
-        sys.exit(2)
+        sys.exit(REFUSED)
 
 
 def command_line_problem(args: list[str]) -> str | None:
@@ -163,10 +163,10 @@ def script():
     except KeyboardInterrupt:
         log.error("Interrupted (Ctrl-C). Nothing was lost: files already written (checkpoints, caches) are whole; "
                   "a training run continues with resume=RUN_DIR")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except FinetuneError as e:
         log.error("%s", e)
-        if not _in_multirun() or e.exit_code in (130, 143):  # interrupted or pre-empted: the sweep stops too
+        if not _in_multirun() or e.exit_code in (INTERRUPTED, PREEMPTED):  # stopped: the sweep stops too
             sys.exit(e.exit_code)
         job_error = str(e)
         if not _basic_sweeper():
@@ -231,17 +231,6 @@ def _in_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def free_path(path: Path) -> Path:
-    """`path` if nothing is there yet, else the first free of path-2, path-3, ... (before any suffix)."""
-    path = Path(path)
-    n = 2
-    candidate = path
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        n += 1
-    return candidate
 
 
 def _basic_sweeper() -> bool:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import difflib
 import importlib.util
 
+# The exit statuses besides 0: a refusal or a failure the user can fix (2); stopped by Ctrl-C (130) or by SIGTERM
+# (143), as for a process those signals end, so that a cluster's scheduler and a shell read them as such.
+REFUSED, INTERRUPTED, PREEMPTED = 2, 130, 143
+
 
 class FinetuneError(Exception):
     """An error the user can fix; scripts print its message as one line instead of a traceback."""
 
-    exit_code = 2
+    exit_code = REFUSED
 
 
 class ConfigError(FinetuneError):
@@ -19,6 +23,34 @@ class ConfigError(FinetuneError):
 
 class DataError(FinetuneError):
     """A dataset that cannot be read as configured."""
+
+
+class WeightsUnavailable(FinetuneError):
+    """Pretrained weights were asked for and cannot be had."""
+
+
+class UnsafeCheckpoint(FinetuneError):
+    """A checkpoint that holds more than tensors and plain containers."""
+
+
+class NonFiniteLoss(FinetuneError):
+    """The training loss turned NaN or infinite; training stopped before a broken model was checkpointed."""
+
+
+class Preempted(FinetuneError):
+    """The run was stopped by SIGTERM after saving a checkpoint."""
+
+    exit_code = PREEMPTED
+
+
+class Interrupted(FinetuneError):
+    """Ctrl-C during training: Lightning stops it; the checkpoints written so far stay."""
+
+    exit_code = INTERRUPTED
+
+
+class NotRequeued(FinetuneError):
+    """submitit's signal stopped the run, and submitit did not requeue it (it timed out too many times)."""
 
 
 def suggest(word: str, options: list[str], n: int = 3) -> str:

@@ -12,17 +12,17 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from finetune import rundir
 from finetune.calibration import ece, nll, reliability_figure, rescale
-from finetune.cli import free_path
-from finetune.data.datamodule import apply_split_file, drop_unusable, subset
 from finetune.data.dataset import load_image
-from finetune.data.sources import DataError, Source, read_dataset
+from finetune.data.pipeline import apply_split_file, drop_unusable, subset
+from finetune.data.readers import DataError, Source, read_dataset
 from finetune.errors import ConfigError
 from finetune.inference import probabilities, resolve_device
 from finetune.loggers import log_evaluation
-from finetune.models.classifier import load_classifier, resolve_checkpoint
+from finetune.models.module import load_module, resolve_checkpoint
 from finetune.plots import confusion_matrix_figure, curves_figure, image_grid_figure
-from finetune.rundir import run_dir_of, write_json
+from finetune.rundir import free_path, run_dir_of, write_json
 from finetune.tasks import Task, task_of
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def run(cfg: DictConfig) -> dict:
     losses into the output folder; return the metrics."""
     ckpt = resolve_checkpoint(cfg.ckpt)
     device = resolve_device(cfg.device)
-    model = load_classifier(ckpt, map_location="cpu")
+    model = load_module(ckpt, map_location="cpu")
     run_dir = run_dir_of(ckpt)
     out = output_folder(cfg.out, run_dir)
     try:
@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> dict:
     metrics, summary = model.task.evaluate(report)  # evaluate_classes, evaluate_labels or evaluate_values
     metrics.update({"task": model.task.name, "images": len(report.indices), "unreadable": len(failed),
                     "checkpoint": str(ckpt), "evaluated_on": described, "tta": bool(cfg.tta)})
-    write_json(out / "metrics.json", metrics)
+    write_json(out / rundir.METRICS, metrics)
     write_curves(out / "curves.png", run_dir, model.task.monitor.split("/", 1)[1])
     log.info("%s", summary)
     log.info("Evaluation written to %s", out)
@@ -167,7 +167,7 @@ def output_folder(out: str | None, run_dir: Path) -> Path:
     """out, or RUN_DIR/eval (eval-2, ... if taken): an earlier evaluation is never overwritten."""
     if out is not None:
         folder = Path(out)
-        if (folder / "metrics.json").exists():
+        if (folder / rundir.METRICS).exists():
             raise ConfigError(f"out={out} already holds an evaluation (metrics.json): choose another out=")
     else:
         folder = free_path(run_dir / "eval")
@@ -185,10 +185,10 @@ def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path
         if OmegaConf.is_missing(d, "root") and d.name != "hf":
             raise ConfigError(f"dataset={d.name}: give its folder with dataset.root=DIR")
         source = task.align(read_dataset(d, task), classes, d.name)
-        source = drop_unusable(source, d.root, cfg.max_pixels, d.get("max_bad_fraction", 0.05), out / "skipped.csv",
+        source = drop_unusable(source, d.root, cfg.max_pixels, d.get("max_bad_fraction", 0.05), out / rundir.SKIPPED,
                                workers=cfg.num_workers)
         return source, np.arange(len(source)), f"dataset={d.name} ({d.root or d.get('path')}), all of it"
-    config, split_file = run_dir / "config.yaml", run_dir / "split.csv"
+    config, split_file = run_dir / rundir.CONFIG, run_dir / rundir.SPLIT
     if not (config.is_file() and split_file.is_file()):
         raise ConfigError(f"{cfg.ckpt} is not in a run directory with config.yaml and split.csv: give the images to "
                           "evaluate on with dataset=NAME dataset.root=DIR")
@@ -209,7 +209,7 @@ def evaluation_set(cfg: DictConfig, classes: list[str], run_dir: Path, out: Path
     chosen = np.array([s == cfg.split for s in source.splits])
     if not chosen.any():
         raise DataError(f"{split_file} has no '{cfg.split}' images: choose split=train, val or test")
-    source = drop_unusable(subset(source, np.flatnonzero(chosen)), d.root, cfg.max_pixels, 1.0, out / "skipped.csv",
+    source = drop_unusable(subset(source, np.flatnonzero(chosen)), d.root, cfg.max_pixels, 1.0, out / rundir.SKIPPED,
                            workers=cfg.num_workers)
     return source, np.arange(len(source)), f"the {cfg.split} split of {run_dir}"
 

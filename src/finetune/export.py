@@ -19,11 +19,12 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
+from finetune import rundir
 from finetune.errors import ConfigError, FinetuneError, require_extra
 from finetune.model_card import write_export_card
-from finetune.models.classifier import (
-    Classifier,
-    load_classifier,
+from finetune.models.module import (
+    ImageModule,
+    load_module,
     normalize,
     resolve_checkpoint,
     two_class_logits,
@@ -48,9 +49,9 @@ TOLERANCE = 1e-4
 class Deployable(nn.Module):
     """uint8 RGB images (N, 3, H, W) in, class probabilities (N, classes) out: normalisation and softmax inside. A
     multi-label model gives each label's probability (sigmoid), a regression model the value in the target's units
-    (N, 1). A plain nn.Module holding the Classifier's network, so exporters see no Lightning machinery."""
+    (N, 1). A plain nn.Module holding the ImageModule's network, so exporters see no Lightning machinery."""
 
-    def __init__(self, model: Classifier):
+    def __init__(self, model: ImageModule):
         super().__init__()
         self.backbone, self.head, self.binary = model.backbone, model.head, model.binary
         self.task = model.task
@@ -95,7 +96,7 @@ def run(cfg: DictConfig) -> dict:
     check(cfg)
     quantize = str(cfg.get("quantize", "none"))
     ckpt = resolve_checkpoint(cfg.ckpt)
-    model = load_classifier(ckpt).float().eval()
+    model = load_module(ckpt).float().eval()
     size = int(model.hparams.preprocessing["image_size"])
     run_dir = run_dir_of(ckpt)
     data = RunImages(cfg, model, run_dir, required=quantize == "int8")  # int8 needs the run's images to calibrate
@@ -215,7 +216,7 @@ def _torch_run(model: nn.Module, images: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(images)).numpy()
 
 
-def parity_tolerance(model: Classifier) -> float:
+def parity_tolerance(model: ImageModule) -> float:
     """TOLERANCE, on probabilities; a regression model's values are in its target's units, where float32 rounding
     alone is about 1e-7 of their size: TOLERANCE of the target's scale (its mean's size or its spread, at least 1)."""
     return TOLERANCE * model.task.scale(model)
@@ -375,14 +376,14 @@ class RunImages:
     """The run's own images, read as evaluate and predict read them (the evaluation transform, uint8): its test
     split (or val, where the run has no test split) to measure on, its training split to calibrate on."""
 
-    def __init__(self, cfg: DictConfig, model: Classifier, run_dir: Path, required: bool = False):
-        from finetune.data.sources import DataError
+    def __init__(self, cfg: DictConfig, model: ImageModule, run_dir: Path, required: bool = False):
         from finetune.data.splits import read_split
+        from finetune.errors import DataError
 
         self.cfg, self.model, self.run_dir = cfg, model, run_dir
         self._read_splits: dict[str, tuple] = {}  # each split is read (and its files scanned) once
-        self.split_file = run_dir / "split.csv"
-        if not (self.split_file.is_file() and (run_dir / "config.yaml").is_file()):
+        self.split_file = run_dir / rundir.SPLIT
+        if not (self.split_file.is_file() and (run_dir / rundir.CONFIG).is_file()):
             self.split_file, self.split = None, None
             return
         present = {split for _, _, split in read_split(self.split_file)}
@@ -514,7 +515,7 @@ def median_latency(run, batch: np.ndarray, repeats: int = 20) -> float:
     return float(np.median(times))
 
 
-def describe(model: Classifier, fmt: str, filename: str, quantize: str = "none",
+def describe(model: ImageModule, fmt: str, filename: str, quantize: str = "none",
              calibration_images: int | None = None) -> dict:
     """What an app needs to feed the exported model and read its output."""
     pre = model.hparams.preprocessing

@@ -10,10 +10,10 @@ from torchvision.transforms import v2
 
 from finetune.data.dataset import load_image
 from finetune.data.integrity import failure_reason
-from finetune.data.sources import Source
+from finetune.data.samples import Source
 from finetune.data.transforms import Preprocessing, _interpolation, eval_transform
 from finetune.exported import ExportedModel
-from finetune.models.classifier import Classifier
+from finetune.models.module import ImageModule
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -22,7 +22,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def preprocessing_of(model: Classifier | ExportedModel) -> Preprocessing:
+def preprocessing_of(model: ImageModule | ExportedModel) -> Preprocessing:
     if isinstance(model, ExportedModel):  # mean and std are applied inside the graph
         return Preprocessing(model.image_size, float(model.pre["crop_pct"]), str(model.pre["interpolation"]),
                              (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
@@ -71,7 +71,7 @@ def _collate(items):
     return images, [i for _, i in good], failed
 
 
-def probabilities(model: Classifier | ExportedModel, source: Source, indices: np.ndarray, *, batch_size: int = 64,
+def probabilities(model: ImageModule | ExportedModel, source: Source, indices: np.ndarray, *, batch_size: int = 64,
                   num_workers: int = 0, device: torch.device | None = None, tta: bool = False,
                   max_pixels: int = 100_000_000, progress: bool = False,
                   temperature: float | None = None) -> tuple[np.ndarray, dict[int, str]]:

@@ -23,11 +23,12 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig
 
+from finetune import rundir
 from finetune.errors import ConfigError, require_extra
 
 log = logging.getLogger(__name__)
 
-RECORD = "trackers.json"  # RUN_DIR/trackers.json: the run's MLflow and W&B runs
+RECORD = rundir.TRACKERS  # RUN_DIR/trackers.json: the run's MLflow and W&B runs
 DEFAULT_STORE = Path("outputs") / "mlflow.db"  # beside outputs/runs and outputs/sweeps: one store for every run
 PROBE_TIMEOUT_S = 5.0
 # The user's own MLFLOW_TRACKING_URI, read before any run: Lightning's MLFlowLogger sets it to the run's store
@@ -196,7 +197,7 @@ def ended(trainer, run_dir: Path, log_model: bool) -> Iterator[None]:
     """Around fit and test: at the end, each tracker gets the best checkpoint's path (the file too with
     logger.log_model), metrics.json and config.yaml, and its run is ended, finished or failed: the next job of a
     sweep, in the same process, starts runs of its own."""
-    from finetune.callbacks.preemption import Interrupted, Preempted
+    from finetune.errors import Interrupted, Preempted
 
     status = "FAILED"
     try:
@@ -212,7 +213,7 @@ def ended(trainer, run_dir: Path, log_model: bool) -> Iterator[None]:
 def _end(trainer, run_dir: Path, status: str, log_model: bool) -> None:
     from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 
-    metrics = _read_json(run_dir / "metrics.json") if status == "FINISHED" else {}
+    metrics = _read_json(run_dir / rundir.METRICS) if status == "FINISHED" else {}
     best = run_dir / metrics["best_checkpoint"] if metrics.get("best_checkpoint") else None
     for logger in trainer.loggers if trainer.global_rank == 0 else []:
         try:
@@ -221,8 +222,8 @@ def _end(trainer, run_dir: Path, status: str, log_model: bool) -> None:
                 if best is not None:
                     client.set_tag(run_id, "best_checkpoint", str(best.resolve()))
                     if log_model:
-                        client.log_artifact(run_id, str(best), "checkpoints")
-                for name in ("metrics.json", "config.yaml"):
+                        client.log_artifact(run_id, str(best), rundir.CHECKPOINTS)
+                for name in (rundir.METRICS, rundir.CONFIG):
                     if status == "FINISHED" and (run_dir / name).is_file():
                         client.log_artifact(run_id, str(run_dir / name))
                 client.set_terminated(run_id, status)
@@ -239,7 +240,7 @@ def _end(trainer, run_dir: Path, status: str, log_model: bool) -> None:
                         artifact = wandb.Artifact(f"model-{run.id}", type="model",
                                                   metadata={key: value for key, value in metrics.items()
                                                             if key.startswith("val/") and key.endswith("_best")})
-                        artifact.add_file(str(best), name="best.ckpt")
+                        artifact.add_file(str(best), name=rundir.BEST)
                         run.log_artifact(artifact, aliases=["best"])
         except Exception as e:  # the run itself is done and on disk: a tracker that fails now costs a warning
             log.warning("Could not finish the %s run: %s", type(logger).__name__.replace("Logger", ""),
@@ -269,7 +270,7 @@ def log_evaluation(run_dir: Path, out: Path, metrics: dict) -> None:
         client = MlflowClient(uri)
         client.get_run(run_id)
         for file in sorted(out.iterdir()):
-            if file.suffix == ".png" or file.name in ("metrics.json", "classification_report.txt",
+            if file.suffix == ".png" or file.name in (rundir.METRICS, "classification_report.txt",
                                                       "confusion_matrix.csv"):
                 client.log_artifact(run_id, str(file), prefix)
         now = int(time.time() * 1000)

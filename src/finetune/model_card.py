@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune import rundir
+
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -123,7 +125,7 @@ On {where} ({test_images} images), with the best checkpoint (`{metrics.get('best
     uv run scripts/evaluate.py ckpt={run_dir}
     uv run scripts/export.py ckpt={run_dir} format=onnx
 
-In Python: `finetune.models.classifier.load_classifier("{run_dir}/checkpoints/best.ckpt")` rebuilds the model
+In Python: `finetune.models.module.load_module("{run_dir}/checkpoints/best.ckpt")` rebuilds the model
 from the checkpoint alone (class names and preprocessing included).
 
 ## Limitations
@@ -164,7 +166,7 @@ def export_section(facts: dict) -> str:
 
 def write_export_card(run_dir: Path, out: Path, facts: dict) -> Path:
     """RUN_DIR/model_card.md with the export's facts, beside the exported model as <name>.model_card.md."""
-    card = run_dir / "model_card.md"
+    card = run_dir / rundir.MODEL_CARD
     text = card.read_text() if card.is_file() else f"# {out.name}\n\n(The run's model_card.md was not found.)\n"
     path = out.with_name(f"{out.stem}.model_card.md")
     path.write_text(text + export_section(facts))

@@ -1,5 +1,6 @@
-"""finetune.predict.run: the top-k classes of images, files or folders, from a checkpoint alone or from an exported
-ONNX model and its sidecar (onnxruntime, no PyTorch model)."""
+"""finetune.predict.run: what a model says of images, files or folders (the top-k classes; the labels over their
+thresholds; the value), from a checkpoint alone or from an exported ONNX model and its sidecar (onnxruntime, no
+PyTorch model)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from finetune.cli import free_path
-from finetune.data.sources import Source, is_image_file
+from finetune.data.samples import Source, is_image_file
 from finetune.errors import ConfigError
+from finetune.rundir import free_path
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ FORMATS = ("csv", "json", "kaggle")
 
 
 def run(cfg: DictConfig) -> dict:
-    """Classify cfg.inputs; print and write the top-k of each image. Returns {"classified", "failed", "out"};
+    """Predict cfg.inputs; print and write each image's prediction. Returns {"classified", "failed", "out"};
     images that could not be read are reported one by one and the others are still classified."""
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format}: one of {', '.join(FORMATS)}")
@@ -39,9 +40,9 @@ def run(cfg: DictConfig) -> dict:
 
         model = ExportedModel(cfg.model)
     else:
-        from finetune.models.classifier import load_classifier, resolve_checkpoint
+        from finetune.models.module import load_module, resolve_checkpoint
 
-        model = load_classifier(resolve_checkpoint(cfg.ckpt))
+        model = load_module(resolve_checkpoint(cfg.ckpt))
     classes = model.classes
     task = model.task  # finetune.tasks: what the outputs are, and how a prediction is decided and written
     if cfg.format == "kaggle" and not task.one_class_per_image:

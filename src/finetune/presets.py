@@ -17,6 +17,29 @@ def load(group: str, option: str) -> DictConfig:
     return preset
 
 
+def resolved(group: str, option: str) -> DictConfig:
+    """conf/GROUP/OPTION.yaml over the schema's defaults of its group: every value a run of that preset starts with
+    (a default preset states only what differs from the schema)."""
+    from finetune.config import TrainConfig
+
+    if group not in TrainConfig.__dataclass_fields__:
+        return load(group, option)
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig)[group], load(group, option))
+
+
+def default_option(group: str) -> str | None:
+    """The option conf/train.yaml's defaults list gives `group` (schedule: default; head: linear), or None."""
+    listed = OmegaConf.load(CONF / "train.yaml").get("defaults", [])
+    return next((str(entry[group]) for entry in listed if isinstance(entry, (dict, DictConfig)) and group in entry),
+                None)
+
+
+def groups() -> tuple[str, ...]:
+    """The config groups of conf/train.yaml's defaults list (dataset, backbone, ...; not Hydra's own)."""
+    listed = OmegaConf.load(CONF / "train.yaml").get("defaults", [])
+    return tuple(name for entry in listed if isinstance(entry, (dict, DictConfig)) for name in entry if name != "hydra")
+
+
 def differences(group: str, option: str, saved: DictConfig, composed: DictConfig | None = None,
                 skip: set[str] = frozenset()) -> list[str]:
     """Where conf/GROUP/OPTION.yaml differs from the saved run's config, as `key: saved -> preset`; [] when the
@@ -31,8 +54,10 @@ def differences(group: str, option: str, saved: DictConfig, composed: DictConfig
         return []
     if not path.is_file():
         return [f"there is no {group} preset {option}"]
-    preset = load(group, option)
-    base = "" if "@package _global_" in path.read_text() else f"{group}."
+    in_its_group = "@package _global_" not in path.read_text()
+    # a default preset states only what differs from the schema: its values are the schema's
+    preset = resolved(group, option) if in_its_group and option == default_option(group) else load(group, option)
+    base = f"{group}." if in_its_group else ""
     differing = []
 
     def walk(node: DictConfig, prefix: str) -> None:

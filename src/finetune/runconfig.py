@@ -20,8 +20,7 @@ from finetune.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # The config groups of conf/train.yaml: GROUP=OPTION on a resume's command line names a preset, not a value.
-GROUPS = ("dataset", "backbone", "head", "schedule", "augment", "trainer", "logger", "callbacks", "debug", "experiment",
-          "hparams_search")
+GROUPS = presets.groups()  # the config groups of conf/train.yaml's defaults list: dataset, backbone, head, ...
 
 
 @dataclass
@@ -203,7 +202,7 @@ def use_scratch_when_nothing_to_protect(cfg, overrides: list[str], say=log.info)
     if cfg.schedule.get("name") != "default" or "schedule" in given or any(
             g == f"schedule.{k}" or g.startswith(f"schedule.{k}.") for g in given for k in PHASE_KEYS):
         return _train_batchnorm_of_a_random_backbone(cfg, given, say)
-    preset = presets.load("schedule", "default")
+    preset = presets.resolved("schedule", "default")
     if any(cfg.schedule.get(k) != preset.get(k) for k in PHASE_KEYS):  # a dataset or experiment preset chose
         return _train_batchnorm_of_a_random_backbone(cfg, given, say)
     scratch = presets.load("schedule", "scratch")

@@ -37,6 +37,17 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
 
 
+def free_path(path: Path) -> Path:
+    """`path` if nothing is there yet, else the first free of path-2, path-3, ... (before any suffix)."""
+    path = Path(path)
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
 def write_text(path: Path, text: str) -> None:
     """`text` into `path` through a temporary file beside it, renamed over it: a reader sees the old file or the
     new one, never a part."""

@@ -3,7 +3,7 @@
 A schedule is a list of phases. Each says how long it lasts (epochs, or until val/acc stops improving), what
 trains (the head alone, the last N blocks of the backbone in timm's block grouping, or all of it) and at which
 rates (the head's; the backbone's as a ratio of it, optionally decaying block by block towards the input). Every
-consumer asks this module: the Classifier for its optimizer and learning-rate scheduler, the ApplySchedule callback
+consumer asks this module: the ImageModule for its optimizer and learning-rate scheduler, the ApplySchedule callback
 for what trains at each epoch, the frozen-feature cache for the epochs in which the whole backbone is frozen.
 `schedule.freeze_epochs`, `unfreeze` and `backbone_lr_ratio` are the shorthand for the common two phases.
 Light to import (the pre-flight check reads its tables and `check`): torch loads when an optimizer is made.
@@ -357,7 +357,7 @@ class PhaseLR:
     The rate is a function of the step and the schedule alone (not of the rates before), so a resumed run, whose
     optimizer was saved with the rates of its last step (and perhaps another schedule.epochs), is put right the
     moment its state is loaded. Its state is the step count only; the schedule's own state is in the checkpoint.
-    It is not one of torch's LRSchedulers (nothing here needs their chaining): the Classifier's
+    It is not one of torch's LRSchedulers (nothing here needs their chaining): the ImageModule's
     `lr_scheduler_step` steps it, as Lightning asks of schedulers of one's own.
     """
 

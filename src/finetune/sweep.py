@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from finetune import loggers
+from finetune import loggers, rundir
 from finetune.runconfig import is_rank_zero
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ class SweepReport(Callback):
         if job_return.status == JobStatus.FAILED:
             error = error or _one_line(job_return._return_value)
         metrics = {}
-        if (job_dir / "metrics.json").is_file():
-            metrics = json.loads((job_dir / "metrics.json").read_text())
+        if (job_dir / rundir.METRICS).is_file():
+            metrics = json.loads((job_dir / rundir.METRICS).read_text())
         from finetune.tasks import task_of
 
         task = task_of(metrics.get("task"))

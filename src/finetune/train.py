@@ -16,13 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune import loggers, rundir
 from finetune.callbacks.dashboards import hyperparameters, log_class_counts, log_duplicate_groups, log_hparams
-from finetune.callbacks.preemption import Interrupted, Preempted, RequeueAtBatchBoundary
+from finetune.callbacks.preemption import RequeueAtBatchBoundary
 from finetune.checkpoints import AtomicCheckpointIO, remove_leftovers
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.transforms import Preprocessing, resolve_preprocessing
-from finetune.errors import ConfigError, FinetuneError
+from finetune.errors import ConfigError, FinetuneError, Interrupted, Preempted, UnsafeCheckpoint
 from finetune.models.backbone import architecture, backbone_blocks, create_backbone
-from finetune.models.classifier import Classifier, UnsafeCheckpoint, load_checkpoint
+from finetune.models.module import ImageModule, load_checkpoint
 from finetune.runconfig import Plan, command_line_overrides, gives, is_rank_zero, plan, record_resume, save_config
 from finetune.schedule import Schedule
 from finetune.tasks import agrees, task_of
@@ -126,7 +126,7 @@ def _run(plan: Plan, overrides: list[str]) -> dict:
     return metrics
 
 
-def fit(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_dir: Path, ckpt_path: Path | None) -> None:
+def fit(trainer: L.Trainer, model: ImageModule, data: ImageDataModule, run_dir: Path, ckpt_path: Path | None) -> None:
     """trainer.fit, with SIGTERM (pre-emption) and Ctrl-C turned into messages that say how to continue."""
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
@@ -140,7 +140,7 @@ def fit(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_dir: P
     except SystemExit as e:  # Lightning's sys.exit(1) once it has caught a KeyboardInterrupt (Ctrl-C)
         if not trainer.interrupted or not isinstance(e.__context__, KeyboardInterrupt):
             raise  # another exit (submitit's, having requeued the job) goes on as it is
-        last = run_dir / "checkpoints" / "last.ckpt"
+        last = rundir.last(run_dir)
         kept = f"{last} holds the last whole epoch; continue with resume={run_dir}" if last.is_file() else \
             "no checkpoint had been written yet"
         raise Interrupted(f"Interrupted (Ctrl-C) in epoch {trainer.current_epoch}. Nothing was lost: {kept}") \
@@ -197,9 +197,9 @@ def moved_dataset(run_dir: Path, cfg: DictConfig) -> tuple[str, str] | None:
 
 
 def build_model(cfg: DictConfig, backbone: torch.nn.Module, data: ImageDataModule,
-                preprocessing: Preprocessing) -> Classifier:
-    """The Classifier for `backbone` on the classes of `data` (set up), as `cfg` describes it."""
-    return Classifier(
+                preprocessing: Preprocessing) -> ImageModule:
+    """The ImageModule for `backbone` on the classes of `data` (set up), as `cfg` describes it."""
+    return ImageModule(
         backbone,
         classes=data.classes,
         backbone_config={**_plain(cfg.backbone), **architecture(backbone, cfg.backbone.name)},
@@ -219,7 +219,7 @@ def remove_lr_find_copies(run_dir: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def find_learning_rate(trainer: L.Trainer, model: Classifier, data: ImageDataModule, cfg: DictConfig, run_dir: Path,
+def find_learning_rate(trainer: L.Trainer, model: ImageModule, data: ImageDataModule, cfg: DictConfig, run_dir: Path,
                        given: bool) -> float:
     """Lightning's learning-rate finder: plot it to RUN_DIR/lr_find.png and, unless schedule.lr was given on the
     command line, train with its suggestion."""
@@ -262,7 +262,7 @@ def find_learning_rate(trainer: L.Trainer, model: Classifier, data: ImageDataMod
     return float(suggestion)
 
 
-def test_best(trainer: L.Trainer, model: Classifier, data: ImageDataModule, run_dir: Path) -> dict:
+def test_best(trainer: L.Trainer, model: ImageModule, data: ImageDataModule, run_dir: Path) -> dict:
     """Test the best checkpoint (the current weights when there is none): the metrics for metrics.json."""
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if len(data.indices("test")):
@@ -309,13 +309,13 @@ class AfterTraining:
 def fit_thresholds_of_best(run_dir: Path, data: ImageDataModule, device: torch.device) -> dict:
     """Multi-label: fit each label's threshold (its best F1) on the validation split and store them in best.ckpt, where
     evaluate, predict and export read them; the test split's F1 (macro, micro) at them, and its per-label figures."""
-    from finetune.models.classifier import load_classifier
+    from finetune.models.module import load_module
     from finetune.scores import fit_thresholds, multilabel_scores
 
-    best = run_dir / "checkpoints" / "best.ckpt"
+    best = rundir.best(run_dir)
     if not best.is_file() or not len(data.indices("val")):
         return {}
-    model = load_classifier(best).to(device)
+    model = load_module(best).to(device)
     val_logits, val_targets = split_logits(model, data, "val", device)
     thresholds = fit_thresholds(val_logits.sigmoid().numpy(), val_targets.numpy())
     checkpoint = load_checkpoint(best)
@@ -339,13 +339,13 @@ def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -
     """Fit the best checkpoint's temperature on the validation split and store it in best.ckpt, where evaluate,
     predict and export read it; the test NLL and ECE before and after, for metrics.json."""
     from finetune.calibration import ece, fit_temperature, nll, too_few, why_not_fitted
-    from finetune.models.classifier import load_classifier
+    from finetune.models.module import load_module
 
-    best = run_dir / "checkpoints" / "best.ckpt"
+    best = rundir.best(run_dir)
     validation = len(data.indices("val"))
     if not best.is_file() or not validation:
         return {}
-    model = load_classifier(best).to(device)
+    model = load_module(best).to(device)
     reason = too_few(validation)  # then the validation images need not be classified: T stays 1
     temperature = 1.0
     if reason is None:
@@ -374,7 +374,7 @@ def calibrate_best(run_dir: Path, data: ImageDataModule, device: torch.device) -
     return result
 
 
-def split_logits(model: Classifier, data: ImageDataModule, split: str,
+def split_logits(model: ImageModule, data: ImageDataModule, split: str,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's float32 logits for `split`'s images (evaluation transform), and their labels, on the CPU."""
     loader = data.plain_loader(data.dataset(split, train_transforms=False))
@@ -387,11 +387,11 @@ def split_logits(model: Classifier, data: ImageDataModule, split: str,
     return torch.cat(logits), torch.cat(labels)
 
 
-def write_model_card(cfg: DictConfig, model: Classifier, data: ImageDataModule, metrics: dict, run_dir: Path) -> None:
+def write_model_card(cfg: DictConfig, model: ImageModule, data: ImageDataModule, metrics: dict, run_dir: Path) -> None:
     """RUN_DIR/model_card.md: the backbone, data, schedule, test metrics, use and limits of this run's model."""
     from finetune.model_card import train_card
 
-    skipped = run_dir / "skipped.csv"
+    skipped = run_dir / rundir.SKIPPED
     passed_over = max(len(skipped.read_text().splitlines()) - 1, 0) if skipped.is_file() else 0
     text = train_card(cfg, data.classes, data.class_counts(), metrics, model.hparams.backbone_config,
                       model.hparams.preprocessing, sum(p.numel() for p in model.parameters()), passed_over, run_dir,

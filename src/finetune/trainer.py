@@ -15,10 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune import loggers, rundir
 from finetune.callbacks.dashboards import Dashboards
+from finetune.callbacks.ema import EMA
 from finetune.callbacks.mixed_precision import CountSkippedSteps
 from finetune.callbacks.nonfinite import StopOnNonFiniteLoss
 from finetune.callbacks.preemption import RequeueAtBatchBoundary, SaveOnPreemption
-from finetune.callbacks.schedule import EMA, ApplySchedule, SummaryOfTheFirstEpoch
+from finetune.callbacks.schedule import ApplySchedule
+from finetune.callbacks.summary import SummaryOfTheFirstEpoch
 from finetune.checkpoints import AtomicCheckpointIO
 from finetune.cluster import cluster_plugins
 from finetune.errors import ConfigError, suggest

@@ -38,7 +38,7 @@ def lr_factor(step: int, steps_per_epoch: int, schedule: dict, start_epoch: int 
 
 
 def configure_optimizers(self):
-    """The previous release's Classifier.configure_optimizers (`self`: the run's Classifier)."""
+    """The previous release's ImageModule.configure_optimizers (`self`: the run's ImageModule)."""
     s = self.hparams.schedule
     groups = [
         {"name": "backbone", "params": list(self.backbone.parameters()), "lr": s["lr"] * s["backbone_lr_ratio"]},

@@ -5,11 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from finetune.errors import FinetuneError
-
-
-class NonFiniteLoss(FinetuneError):
-    pass
+from finetune.errors import NonFiniteLoss
 
 
 class StopOnNonFiniteLoss(L.Callback):

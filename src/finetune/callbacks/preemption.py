@@ -7,20 +7,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from finetune.errors import FinetuneError
-
-
-class Preempted(FinetuneError):
-    """The run was stopped by SIGTERM after saving a checkpoint; exit status 143, as for a process SIGTERM ends."""
-
-    exit_code = 143
-
-
-class Interrupted(FinetuneError):
-    """Ctrl-C during training: Lightning stops it; the checkpoints written so far stay. Exit status 130, as for a
-    process SIGINT ends."""
-
-    exit_code = 130
+from finetune.errors import NotRequeued
 
 
 class SaveOnPreemption(L.Callback):
@@ -137,5 +124,3 @@ class RequeueAtBatchBoundary(L.Callback):
                               f"{kept}") from None
 
 
-class NotRequeued(FinetuneError):
-    """submitit's signal stopped the run, and submitit did not requeue it (it timed out too many times)."""

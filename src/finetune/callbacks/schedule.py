@@ -1,17 +1,14 @@
-"""Apply the fine-tuning schedule to the model: what trains at every epoch, early phase ends, best-weight restores;
-and the EMA of the weights that validation, checkpoints and test see."""
+"""Apply the fine-tuning schedule to the model: what trains at every epoch, early phase ends, best-weight restores."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 from pathlib import Path
 
 import lightning as L
 import torch.nn as nn
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelSummary
-from lightning.pytorch.trainer.states import TrainerFn
 
+from finetune.callbacks.ema import EMA
 from finetune.models.backbone import backbone_blocks, parameter_blocks
 from finetune.schedule import PhaseLR, Schedule
 
@@ -118,7 +115,7 @@ class ApplySchedule(L.Callback):
 
     def _restore_best(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int) -> None:
         """Load the best weights so far (best.ckpt) to start phase `index`; the optimizer's moments start afresh."""
-        from finetune.models.classifier import load_checkpoint
+        from finetune.models.module import load_checkpoint
 
         schedule: Schedule = pl_module.schedule
         schedule.restored = index
@@ -136,34 +133,3 @@ class ApplySchedule(L.Callback):
         score = f" ({schedule.monitor} {float(saver.best_model_score):.4f})" if saver.best_model_score is not None \
             else ""
         log.info("Phase %d starts from the best weights so far: %s%s", index + 1, path, score)
-
-
-class SummaryOfTheFirstEpoch(ModelSummary):
-    """Lightning's model summary, printed when training starts (after ApplySchedule has put the model in its first
-    epoch's state) instead of when fit starts: its trainable parameters and modules in train mode are the ones that
-    really train, not every one of them before a frozen epoch."""
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pass
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-
-
-class EMA(EMAWeightAveraging):
-    """Lightning's exponential moving average of the weights (and BatchNorm statistics), updated after every
-    optimizer step: validation, and so the best checkpoint, see the average, which checkpoints hold as their
-    `state_dict` (the live weights beside it, for resuming). Testing or evaluating a checkpoint then uses the average
-    (Lightning's callback would load the live weights back into the model whenever a checkpoint is loaded)."""
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
-            super().on_load_checkpoint(trainer, pl_module, checkpoint)
-
-    def reset_average(self, pl_module: L.LightningModule) -> None:
-        """Start the average again from the model's current weights (a phase that starts from restored weights)."""
-        if self._average_model is None:
-            return
-        average = itertools.chain(self._average_model.module.parameters(), self._average_model.module.buffers())
-        for mine, current in zip(average, itertools.chain(pl_module.parameters(), pl_module.buffers())):
-            mine.data.copy_(current.data)

@@ -18,7 +18,7 @@ DECODE = ("cpu", "device")
 def check(d: Any) -> None:
     """The `dataset` config `d`: its reader, a root that exists, and the values types cannot say; one line each."""
     from finetune.data.duplicates import DEDUP, MAX_THRESHOLD
-    from finetune.data.sources import DUPLICATE_IDS, READERS
+    from finetune.data.readers import DUPLICATE_IDS, READERS
     from finetune.errors import suggest
 
     def ok(condition: bool, message: str) -> None:

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, RandomSampler
 
 from finetune.data.cache import ImageCache
 from finetune.data.images import open_rgb
-from finetune.data.sources import DataError, Source
+from finetune.data.samples import DataError, Source
 
 log = logging.getLogger(__name__)
 

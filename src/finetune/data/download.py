@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.data.sources import DataError
+from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
 

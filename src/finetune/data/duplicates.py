@@ -28,7 +28,7 @@ import numpy as np
 
 from finetune.data.images import open_rgb
 from finetune.data.integrity import cache_path, load_cache, parallel_map, save_cache
-from finetune.data.sources import Source
+from finetune.data.samples import Source
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,17 @@
-"""What every reader returns: labelled samples (Source), the error of a dataset that cannot be read, and what the
-readers share. Imports nothing of the package but its errors and the tasks, so that any reader module can build on
-it."""
+"""What every reader returns (labelled samples: Source), what a reader is (its record: Reader), and what the readers
+share. Imports nothing of the package but its errors and the tasks, so that any reader module can build on it."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from finetune.errors import DataError  # noqa: F401 (the readers' error, where they have always found it)
-from finetune.tasks import Task, task_of
+from finetune.tasks import MULTICLASS, Task, task_of
 from finetune.tasks.labels import (  # noqa: F401 (what the readers share)
     class_order,
     is_number,
@@ -22,7 +23,7 @@ from finetune.tasks.labels import (  # noqa: F401 (what the readers share)
     written,
 )
 
-log = logging.getLogger("finetune.data.sources")  # the readers' messages, under one name
+log = logging.getLogger("finetune.data.readers")  # the readers' messages, under one name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -86,3 +87,62 @@ def labelled(task: Task, paths: list[str], values: list, splits: list[str] | Non
     of names each, or a float each (the target of column `column`)."""
     classes, labels, targets = task.encode(values, column, splits, root)
     return Source(classes, paths, labels, splits=splits, passed_over=passed_over, task=task, targets=targets)
+
+def require_dir(root: str | None, dataset: str) -> Path:
+    """The dataset folder, or a DataError saying what is wrong with it."""
+    if root is None:
+        raise DataError(f"dataset.root is required for dataset={dataset}")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"dataset.root={root}: no such directory")
+    if not any(path.iterdir()):
+        raise DataError(f"dataset.root={root} is empty")
+    return path
+
+
+DUPLICATE_IDS = ("refuse", "first")  # dataset.duplicate_ids: what an id listed twice with two labels does
+
+
+def one_label_per_id(rows: list[tuple[str, str, str]], file: Path, duplicate_ids: str,
+                     passed_over: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(id, label) once per id, from (id, label, FILE:LINE) rows of label files. Repeats with the same label are
+    passed over; an id with two labels is a DataError naming them, or keeps its first row (duplicate_ids=first)."""
+    first: dict[str, tuple[str, str]] = {}
+    conflicts: dict[str, list[str]] = {}
+    for image_id, label, line in rows:
+        if image_id not in first:
+            first[image_id] = (label, line)
+            continue
+        kept, kept_line = first[image_id]
+        if label == kept:
+            passed_over.append((line, f"id {image_id} again, as at {kept_line}"))
+        else:
+            conflicts.setdefault(image_id, [kept]).append(label)
+            passed_over.append((line, f"id {image_id} as {label!r}, but {kept!r} at {kept_line} "
+                                      "(the first kept: dataset.duplicate_ids=first)"))
+    if conflicts:
+        examples = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(conflicts.items())[:3])
+        if duplicate_ids != "first":
+            raise DataError(f"{file} gives {len(conflicts)} ids more than one label ({examples}): the same image "
+                            "would be trained and tested under two classes. Fix the file, or keep each id's first "
+                            "row with dataset.duplicate_ids=first")
+        log.warning("%s gives %d ids more than one label (%s): each keeps its first (dataset.duplicate_ids=first)",
+                    file, len(conflicts), examples)
+    repeats = len(rows) - len(first)
+    if repeats > len(conflicts):
+        log.warning("%s lists %d ids more than once; each is taken once (the rows are in skipped.csv)", file, repeats)
+    return [(image_id, label) for image_id, (label, _) in first.items()]
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A dataset reader (dataset.name): what reads it, the tasks it reads labels of, the dataset keys of its own,
+    the values of dataset.target it takes (the first is the default), whether it reads a label file (and so takes
+    dataset.duplicate_ids), and the check of its own keys that the pre-flight check runs."""
+
+    read: Callable[..., Source]
+    tasks: tuple[Task, ...] = (MULTICLASS,)
+    own_keys: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    label_file: bool = False
+    check: Callable[..., None] | None = None

@@ -95,7 +95,7 @@ def eval_transform(pre: Preprocessing, tensors: bool = False):
 def train_transform(pre: Preprocessing, augment, tensors: bool = False):
     """The augmentation preset `augment` (conf/augment) at the model's input size, on PIL images or, with
     `tensors`, on uint8 CHW tensors on any device. MixUp and CutMix work on whole batches, on the device: the
-    Classifier applies them."""
+    ImageModule applies them."""
     from torchvision.transforms import InterpolationMode, v2
 
     interpolation = _interpolation(pre.interpolation)

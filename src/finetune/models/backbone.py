@@ -8,11 +8,7 @@ import timm
 import torch.nn as nn
 from timm.models import group_modules, group_parameters
 
-from finetune.errors import ConfigError, FinetuneError
-
-
-class WeightsUnavailable(FinetuneError):
-    """Pretrained weights were asked for and cannot be had."""
+from finetune.errors import ConfigError, WeightsUnavailable
 
 
 def create_backbone(name: str, pretrained: bool = False, weights: str | None = None, pool: str = "avg") -> nn.Module:

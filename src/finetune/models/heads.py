@@ -1,5 +1,5 @@
 """Classification heads on pooled backbone features (the pooling itself is timm's, inside the backbone): one table,
-HEADS, that the config check, the Classifier and README read. Light to import: torch loads when a head is made."""
+HEADS, that the config check, the ImageModule and README read. Light to import: torch loads when a head is made."""
 
 from __future__ import annotations
 

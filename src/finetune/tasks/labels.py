@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-log = logging.getLogger("finetune.data.sources")  # the readers' messages, under one name
+log = logging.getLogger("finetune.data.readers")  # the readers' messages, under one name
 
 
 def warn_classes_missing_from_train(classes: list[str], labels: list[int], splits: list[str],

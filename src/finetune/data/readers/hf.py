@@ -21,10 +21,11 @@ from finetune.data.samples import (
     LABEL_COLUMNS,
     SPLIT_FOLDERS,
     DataError,
+    Reader,
     Source,
     labelled,
 )
-from finetune.tasks import MULTICLASS, MULTILABEL, REGRESSION, Task, of_target_column
+from finetune.tasks import MULTICLASS, MULTILABEL, REGRESSION, TASKS, Task, of_target_column
 
 log = logging.getLogger(__name__)
 
@@ -262,3 +263,17 @@ def _extension(data: bytes) -> str:
             return FORMATS.get(image.format or "", ".png")
     except (UnidentifiedImageError, OSError):
         return ".png"  # the integrity scan reports it as not an image
+
+
+def _check_hf(d, ok) -> None:
+    ok(bool(d.get("path")), "dataset=hf needs dataset.path=NAME_OR_DIR: a folder saved with save_to_disk, an "
+                            "image folder, or a Hugging Face Hub dataset name")
+    from finetune.errors import require_extra
+
+    require_extra("hf", f"dataset.path={d.path}", ("datasets",))
+
+
+READERS = {
+    "hf": Reader(read_hf, tasks=tuple(TASKS.values()), check=_check_hf,
+                 own_keys=("path", "image_column", "label_column", "target_column")),
+}

@@ -1,4 +1,5 @@
-"""Classifier: the LightningModule holding backbone + head, its steps, metrics, and optimizer/schedule."""
+"""ImageModule: the LightningModule holding backbone + head for any task (finetune.tasks: classes, labels or a
+number per image), its steps, metrics, and optimizer/schedule."""
 
 from __future__ import annotations
 
@@ -12,18 +13,15 @@ import torch.nn as nn
 from torchmetrics import MaxMetric, Metric, MinMetric
 from torchmetrics.regression import R2Score
 
+from finetune import rundir
 from finetune.config import HeadConfig, defaults
 from finetune.data.features import FeatureBatch
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, UnsafeCheckpoint
 from finetune.models.backbone import backbone_blocks, rebuild_backbone
 from finetune.models.heads import create_head
 from finetune.models.metrics import BatchMean
 from finetune.schedule import Schedule
 from finetune.tasks import task_of
-
-
-class UnsafeCheckpoint(FinetuneError):
-    """A checkpoint that holds more than tensors and plain containers."""
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -38,7 +36,7 @@ def two_class_logits(logit: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(logit), logit], dim=1)
 
 
-class Classifier(L.LightningModule):
+class ImageModule(L.LightningModule):
     """timm backbone (pooled features) -> head -> logits, fed uint8 images that it normalises on its own device.
 
     Everything needed to rebuild it (class names, backbone and head config, preprocessing) is in its
@@ -79,7 +77,7 @@ class Classifier(L.LightningModule):
                                              self.schedule.config["label_smoothing"])
         self.train_loss, self.val_loss, self.test_loss = BatchMean(), BatchMean(), BatchMean()
         self.last_loss: torch.Tensor | None = None  # the latest training loss, on the device
-        self.val_acc_best = MaxMetric() if self.task.mode == "max" else MinMetric()  # of the monitored metric
+        self.monitor_best = MaxMetric() if self.task.mode == "max" else MinMetric()  # val/acc_best, val/map_best, ...
         for name, metric in self.task.metrics(self.classes).items():  # val_acc, val_map, test_mae, ...
             setattr(self, name, metric)
         self.mix = self.task.mixer(self.classes, mix)  # augment.mixup / cutmix: soft targets of one class per image
@@ -163,10 +161,10 @@ class Classifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Start (or resume) with the best value of the monitored metric (val/acc, val/map, val/mae) so far."""
-        self.val_acc_best.reset()  # forget the sanity check's validation
+        self.monitor_best.reset()  # forget the sanity check's validation
         best = self.trainer.checkpoint_callback.best_model_score if self.trainer.checkpoint_callback else None
         if best is not None and torch.isfinite(best):
-            self.val_acc_best.update(best.to(self.device))
+            self.monitor_best.update(best.to(self.device))
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -178,8 +176,8 @@ class Classifier(L.LightningModule):
         values = self._log_epoch("val")
         monitor = self.task.monitor
         if not self.trainer.sanity_checking and monitor in values:
-            self.val_acc_best.update(values[monitor])
-            self.log(f"{monitor}_best", self.val_acc_best.compute())
+            self.monitor_best.update(values[monitor])
+            self.log(f"{monitor}_best", self.monitor_best.compute())
 
     def configure_optimizers(self):
         optimizer, scheduler = self.schedule.optimizer(self.backbone, self.head, self._steps_per_epoch())
@@ -205,7 +203,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run directory (as resume= takes it): its checkpoints/best.ckpt; `~` expanded."""
     path = Path(path).expanduser()
     if path.is_dir():
-        best = path / "checkpoints" / "best.ckpt"
+        best = rundir.best(path)
         if not best.is_file():
             raise FinetuneError(f"{path} is a folder without checkpoints/best.ckpt: give a checkpoint file "
                                 f"(ckpt=RUN_DIR/checkpoints/last.ckpt) or a finetune run directory")
@@ -239,15 +237,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             from None
 
 
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
-    """A trained Classifier from a finetune checkpoint alone, in eval mode."""
+def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> ImageModule:
+    """A trained ImageModule from a finetune checkpoint alone, in eval mode."""
     checkpoint = load_checkpoint(path, map_location)
     hp = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not hp or "classes" not in hp:
         raise FinetuneError(f"{path} is not a finetune checkpoint (it has no class names)")
     pool = hp["head_config"].get("pool", "avg")
     backbone = rebuild_backbone(hp["backbone_config"], pool=pool)
-    model = Classifier(backbone, **hp)
+    model = ImageModule(backbone, **hp)
     model.load_state_dict(checkpoint["state_dict"])
     broken = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
