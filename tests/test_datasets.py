@@ -22,7 +22,7 @@ from finetune.data.datamodule import ImageDataModule
 from finetune.data.integrity import CACHE_NAME, scan
 from finetune.data.readers import DataError, read_source
 from finetune.data.transforms import Preprocessing
-from finetune.train import run
+from finetune.training import run
 
 PRE = Preprocessing(image_size=32, crop_pct=1.0, interpolation="bicubic", mean=(0.5,) * 3, std=(0.25,) * 3)
 BREEDS = {"n02085620-Chihuahua": "red", "n02089078-black-and-tan_coonhound": "blue", "n02099601-golden_retriever":

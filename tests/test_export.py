@@ -15,7 +15,7 @@ from support.recipes import FIFTHS, FROM_SCRATCH, assert_agree, assert_at_most, 
 from test_tools import tool_cfg
 
 from finetune.errors import ConfigError, FinetuneError
-from finetune.train import run as train
+from finetune.training import run as train
 
 
 def script(name, *args, cwd=None):

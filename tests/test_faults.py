@@ -15,7 +15,7 @@ from support import FAST, compose, given, start_process, wait_for
 from support.recipes import PROBE_THEN_UNFREEZE, assert_above_chance
 
 from finetune.errors import NonFiniteLoss
-from finetune.train import run
+from finetune.training import run
 
 
 def start_training(cwd, *args):

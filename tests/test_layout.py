@@ -74,7 +74,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_package_has_no_import_cycle_even_through_imports_inside_functions():
     known = modules()
     graph = {name: imports_of(path, known) for name, path in known.items()}
-    assert graph["finetune.train"] >= {"finetune.runconfig", "finetune.trainer"}  # the walk sees the imports
+    assert graph["finetune.training"] >= {"finetune.runconfig", "finetune.trainer"}  # the walk sees the imports
     assert cycles(graph) == []
     cyclic = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(cyclic) == [["a", "b", "c"]]  # and the check finds one

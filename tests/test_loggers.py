@@ -22,7 +22,7 @@ from finetune.checks import validate
 from finetune.config import LoggerConfig
 from finetune.errors import ConfigError
 from finetune.loggers import LOGGERS
-from finetune.train import run
+from finetune.training import run
 
 WANDB = str(Path(sys.executable).parent / "wandb")  # the command-line tool of the environment running the tests
 

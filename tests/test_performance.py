@@ -19,7 +19,7 @@ from finetune.data.dataset import EpochShuffle
 from finetune.data.images import open_rgb
 from finetune.data.transforms import Preprocessing
 from finetune.models.module import load_module
-from finetune.train import run
+from finetune.training import run
 
 PRE = Preprocessing(image_size=32, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.25,) * 3)
 

@@ -15,7 +15,7 @@ from support.recipes import TWO_EPOCHS, assert_agree
 from finetune.checks import validate
 from finetune.errors import ConfigError, FinetuneError, NonFiniteLoss
 from finetune.models.module import load_checkpoint, load_module, resolve_checkpoint
-from finetune.train import run
+from finetune.training import run
 
 
 def script(name, cwd, *args, env=None):

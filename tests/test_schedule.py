@@ -17,7 +17,7 @@ from finetune.models.backbone import backbone_blocks, create_backbone, parameter
 from finetune.models.heads import create_head
 from finetune.runconfig import use_scratch_when_nothing_to_protect
 from finetune.schedule import Schedule
-from finetune.train import run
+from finetune.training import run
 
 BASE = {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.05, "momentum": 0.9, "epochs": 8, "warmup_epochs": 1,
         "scheduler": "cosine", "step_size": 3, "gamma": 0.1, "backbone_lr_ratio": 0.5, "freeze_epochs": None,

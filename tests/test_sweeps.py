@@ -15,7 +15,7 @@ from finetune.data.pipeline import apply_split_file
 from finetune.data.readers import read_source
 from finetune.inference import probabilities
 from finetune.models.module import load_module
-from finetune.train import run
+from finetune.training import run
 
 
 def train_script(cwd, *args, env=None, timeout=600):

@@ -12,12 +12,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from support import FAST, ROOT, compose, given, read_csv, run_script
+from support import CONF, FAST, ROOT, compose, given, read_csv, run_script
 from support.fabricate import add_broken
 from support.recipes import assert_agree, most_agree
 
 from finetune.errors import FinetuneError, UnsafeCheckpoint
-from finetune.train import run as train
+from finetune.training import run as train
 
 
 def tool_cfg(name: str, **values):
@@ -25,7 +25,7 @@ def tool_cfg(name: str, **values):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = hydra_compose(name, overrides=[f"{k}={v}" for k, v in values.items() if not isinstance(v, dict)])
     for key, value in values.items():
         if isinstance(value, dict):

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from finetune.errors import NonFiniteLoss, WeightsUnavailable
 from finetune.models.module import load_module
-from finetune.train import run
+from finetune.training import run
 
 MARGIN = 8  # images above chance (8 of 24), of test and of validation. Measured over 4 arithmetics x 3 seeds
 # (benchmarks/arithmetics.py): test +11 to +14 (median +12), validation +13 to +14

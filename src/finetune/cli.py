@@ -95,11 +95,12 @@ def command_line_problem(args: list[str]) -> str | None:
             refuse_a_finished_run(Path(given["hydra.run.dir"]).expanduser())
         except ConfigError as e:
             return str(e)
+    searched = "hydra.searchpath" in given  # presets of the user's own: Hydra finds them, and says if it does not
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or arg.startswith("-") or key.startswith(("+", "~", "hydra")) or "/" in key:
             continue  # flags, appended or deleted keys, Hydra's own settings and plugin groups are Hydra's to check
-        if (CONF / key).is_dir():  # a config group: its options are the files in conf/GROUP/
+        if (CONF / key).is_dir() and not searched:  # a config group: its options are the files in conf/GROUP/
             options = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
             if "(" in value:  # a sweep function: choice(...), range(...)
                 continue

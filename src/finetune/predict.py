@@ -5,16 +5,12 @@ PyTorch model)."""
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import logging
-import os
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig
 
-from finetune.data.samples import Source, is_image_file
 from finetune.errors import ConfigError
 from finetune.rundir import free_path
 
@@ -34,15 +30,12 @@ def run(cfg: DictConfig) -> dict:
     if len(given) != 1:
         raise ConfigError("give the model to classify with: ckpt=RUN_DIR/checkpoints/best.ckpt or model=PATH.onnx "
                           "(an export), " + ("not both" if given else "neither was given"))
+    from finetune.model import find_inputs, load
+
     paths = find_inputs(str(cfg.inputs))
-    if given == ["model"]:  # onnxruntime, numpy and Pillow: no torch
-        from finetune.exported import ExportedModel
 
-        model = ExportedModel(cfg.model)
-    else:
-        from finetune.models.module import load_module, resolve_checkpoint
-
-        model = load_module(resolve_checkpoint(cfg.ckpt))
+    # one Model whatever it is: a checkpoint, or an export (onnxruntime, numpy and Pillow: no torch)
+    model = load(cfg.model, kind="onnx") if given == ["model"] else load(cfg.ckpt, kind="checkpoint")
     classes = model.classes
     task = model.task  # finetune.tasks: what the outputs are, and how a prediction is decided and written
     if cfg.format == "kaggle" and not task.one_class_per_image:
@@ -50,16 +43,8 @@ def run(cfg: DictConfig) -> dict:
     out = output_path(cfg.out, cfg.format)
     if cfg.format == "kaggle":
         kaggle_header(classes)  # refuse before any work if the model fits neither competition
-    progress = len(paths) > cfg.batch_size
-    if given == ["model"]:
-        probs, failed = model.probabilities(paths, cfg.batch_size, cfg.max_pixels, progress)
-    else:
-        from finetune.inference import probabilities, resolve_device
-
-        source = Source(classes, paths, np.zeros(len(paths), dtype=np.int64))
-        probs, failed = probabilities(model, source, np.arange(len(paths)), batch_size=cfg.batch_size,
-                                      num_workers=cfg.num_workers, device=resolve_device(cfg.device),
-                                      max_pixels=cfg.max_pixels, progress=progress)
+    probs, failed = model.outputs(paths, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
+                                  max_pixels=cfg.max_pixels, progress=len(paths) > cfg.batch_size)
     k = min(cfg.top_k, len(classes))
     results = []
     for i, path in enumerate(paths):
@@ -73,24 +58,6 @@ def run(cfg: DictConfig) -> dict:
     if failed:
         log.error("%d images could not be classified (listed above)", len(failed))
     return {"classified": len(results), "failed": len(failed), "out": str(out)}
-
-
-def find_inputs(inputs: str) -> list[str]:
-    """Image files named by `inputs`: a file, a folder (searched recursively) or a glob pattern."""
-    if any(c in inputs for c in "*?["):
-        found = sorted(p for p in glob.glob(os.path.expanduser(inputs), recursive=True) if os.path.isfile(p))
-    elif os.path.isdir(os.path.expanduser(inputs)):
-        found = []
-        for folder, dirs, files in os.walk(os.path.expanduser(inputs)):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            found += [os.path.join(folder, f) for f in sorted(files) if is_image_file(f)]
-    elif os.path.isfile(os.path.expanduser(inputs)):
-        found = [os.path.expanduser(inputs)]
-    else:
-        raise ConfigError(f"inputs={inputs}: no such file or folder")
-    if not found:
-        raise ConfigError(f"inputs={inputs}: no image files there")
-    return found
 
 
 def output_path(out: str | None, fmt: str) -> Path:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-# conf/: the Hydra configs the scripts compose, read also for presets (schedule=scratch, a resumed run's groups)
-CONF = Path(__file__).resolve().parents[2] / "conf"
+# finetune/conf/: the Hydra configs the commands compose, inside the package (an installed wheel has them), read also
+# for presets (schedule=scratch, a resumed run's groups)
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 def load(group: str, option: str) -> DictConfig:
@@ -25,13 +26,6 @@ def resolved(group: str, option: str) -> DictConfig:
     if group not in TrainConfig.__dataclass_fields__:
         return load(group, option)
     return OmegaConf.merge(OmegaConf.structured(TrainConfig)[group], load(group, option))
-
-
-def default_option(group: str) -> str | None:
-    """The option conf/train.yaml's defaults list gives `group` (schedule: default; head: linear), or None."""
-    listed = OmegaConf.load(CONF / "train.yaml").get("defaults", [])
-    return next((str(entry[group]) for entry in listed if isinstance(entry, (dict, DictConfig)) and group in entry),
-                None)
 
 
 def groups() -> tuple[str, ...]:
@@ -55,8 +49,11 @@ def differences(group: str, option: str, saved: DictConfig, composed: DictConfig
     if not path.is_file():
         return [f"there is no {group} preset {option}"]
     in_its_group = "@package _global_" not in path.read_text()
-    # a default preset states only what differs from the schema: its values are the schema's
-    preset = resolved(group, option) if in_its_group and option == default_option(group) else load(group, option)
+    preset = load(group, option)
+    if in_its_group and "name" not in preset:  # a default preset states only what differs from the schema: its name
+        named = OmegaConf.select(resolved(group, option), "name", default=None, throw_on_missing=False)
+        if named is not None:
+            preset["name"] = named
     base = f"{group}." if in_its_group else ""
     differing = []
 

@@ -18,26 +18,23 @@ from types import SimpleNamespace
 from support.recipes import FAST  # noqa: F401  (the tests' `from support import FAST`)
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
+CONF = ROOT / "src" / "finetune" / "conf"
 
 _COMPOSED: list = []
 
 
 def compose(run_dir: Path, *overrides: str):
-    """conf/train.yaml composed with `overrides`, writing into `run_dir`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The training config of `overrides`, writing into `run_dir`, through the front door (finetune.compose: what
+    finetune.train and the command line compose)."""
+    import finetune
 
-    import finetune.config  # noqa: F401  (the schema conf/train.yaml builds on)
-
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=[f"run_dir={run_dir}", *overrides])
+    cfg = finetune.compose(f"run_dir={run_dir}", *overrides)
     _COMPOSED.append((cfg, list(overrides)))
     return cfg
 
 
 def given(cfg) -> list[str]:
-    """The overrides `cfg` was composed with: what finetune.train.run gets as the command line, as the script does."""
+    """The overrides `cfg` was composed with: what finetune.training.run gets as the command line, as a script does."""
     return next(overrides for composed, overrides in reversed(_COMPOSED) if composed is cfg)
 
 
@@ -61,25 +58,38 @@ def run_script(name: str, *args: str, cwd: Path, env: dict | None = None) -> Fin
     so that its log file and console stream do not catch the next test's records."""
     import runpy
 
+    script = str(ROOT / "scripts" / f"{name}.py")
+    return _in_process(lambda: runpy.run_path(script, run_name="__main__"), [script, *args], cwd, env)
+
+
+def run_finetune(*args: str, cwd: Path, env: dict | None = None) -> Finished:
+    """The installed `finetune` command with `args` (`train KEY=VALUE ...`), in this process through its entry point
+    (finetune.commands.main, what [project.scripts] installs), as run_script runs a script."""
+    from finetune.commands import main
+
+    return _in_process(main, ["finetune", *args], cwd, env)
+
+
+def _in_process(call, argv: list[str], cwd: Path, env: dict | None) -> Finished:
     from hydra.core.global_hydra import GlobalHydra
 
-    argv, here, out, err = sys.argv, os.getcwd(), sys.stdout, sys.stderr
+    saved_argv, here, out, err = sys.argv, os.getcwd(), sys.stdout, sys.stderr
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     saved_env = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     captured = io.StringIO()
-    sys.argv = [str(ROOT / "scripts" / f"{name}.py"), *args]
+    sys.argv = argv
     GlobalHydra.instance().clear()
     code = 0
     try:
         os.chdir(cwd)
         sys.stdout = sys.stderr = captured
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        call()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
-        sys.argv, sys.stdout, sys.stderr = argv, out, err
+        sys.argv, sys.stdout, sys.stderr = saved_argv, out, err
         os.chdir(here)
         GlobalHydra.instance().clear()
         for handler in root.handlers:
@@ -191,7 +201,7 @@ def train(tmp_path: Path, data: Path, *overrides: str, recipe: tuple[str, ...] |
     """A training run on the image folder `data` with `recipe` and `overrides`, in this process, given its command
     line as the script gives it; its metrics and its directory, TMP_PATH/NAME. A module binds its recipe once:
     `train = functools.partial(support.train, recipe=...)`."""
-    from finetune.train import run
+    from finetune.training import run
 
     cfg = compose(tmp_path / name, "dataset=image_folder", f"dataset.root={data}", *recipe, *overrides)
     return run(cfg, overrides=given(cfg)), tmp_path / name
@@ -233,7 +243,7 @@ def trained_once(tmp_path_factory, data: Path, recipe: list[str], cache: dict):
     copy of that run directory in the folder, so that no test sees what another wrote into its run."""
     import shutil
 
-    from finetune.train import run
+    from finetune.training import run
     from support.recorders import FreezeRecorder
 
     def copy_into(folder: Path) -> Trained:

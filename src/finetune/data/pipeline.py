@@ -1,7 +1,8 @@
 """The dataset pipeline, between a reader and the loaders: read (the task given, or inferred and said), the run's
 split file where it has one, dataset.limit_per_class, the integrity scan (skipped.csv), the duplicate check and the
 seeded stratified split (duplicates.csv), the refusals of a split that could not measure a class, and split.csv.
-The DataModule, evaluate and the export call it; file names come from finetune.rundir."""
+The DataModule calls prepare; evaluate uses its steps (a run's split file, the integrity scan); file names come from
+finetune.rundir."""
 
 from __future__ import annotations
 

@@ -154,7 +154,7 @@ class Task:
 
     def fit_after_training(self, fit) -> dict:
         """What is fitted on the validation split after training and stored in best.ckpt (a temperature,
-        thresholds, nothing), asked of `fit` (finetune.train.AfterTraining), and its figures for metrics.json."""
+        thresholds, nothing), asked of `fit` (finetune.training.AfterTraining), and its figures for metrics.json."""
         return {}
 
     def test_extras(self, metrics: dict) -> dict:
@@ -217,6 +217,18 @@ class Task:
     def decide(self, outputs, classes: list[str], thresholds: list[float] | None, top_k: int) -> list:
         """One image's prediction from its outputs (numpy): [(name, probability or value)], best first."""
         raise NotImplementedError
+
+    def label_of(self, decided: list):
+        """A prediction's label (finetune.load(...).predict): the top class, the labels present, or the value."""
+        raise NotImplementedError
+
+    def value_of(self, decided: list) -> float | None:
+        """A prediction's value, for a task that predicts a number; None otherwise."""
+        return None
+
+    def probabilities_of(self, outputs, classes: list[str]) -> dict[str, float] | None:
+        """One image's probability per class or label, by name; None where the outputs are no probabilities."""
+        return {name: float(p) for name, p in zip(classes, outputs)}
 
     def said(self, decided: list) -> str:
         """A prediction as predict prints it."""

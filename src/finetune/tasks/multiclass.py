@@ -149,6 +149,9 @@ class Multiclass(Task):
 
         return [(classes[c], float(outputs[c])) for c in np.argsort(-outputs)[:top_k]]
 
+    def label_of(self, decided):
+        return decided[0][0] if decided else None
+
     def json_row(self, path, decided, outputs, classes):
         return {"path": path, "predictions": [{"class": c, "probability": p} for c, p in decided]}
 

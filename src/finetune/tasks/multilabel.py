@@ -125,6 +125,9 @@ class Multilabel(Task):
         # every label whose probability reaches its threshold, most probable first
         return [(classes[c], float(outputs[c])) for c in np.argsort(-outputs) if outputs[c] >= thresholds[c]]
 
+    def label_of(self, decided):
+        return [name for name, _ in decided]
+
     def said(self, decided):
         return super().said(decided) or "no label over its threshold"
 

@@ -126,6 +126,15 @@ class Regression(Task):
     def decide(self, outputs, classes, thresholds, top_k):
         return [(classes[0], float(outputs[0]))]
 
+    def label_of(self, decided):
+        return decided[0][1]
+
+    def value_of(self, decided):
+        return decided[0][1]
+
+    def probabilities_of(self, outputs, classes):
+        return None
+
     def said(self, decided):
         return ", ".join(f"{name} {value:.6g}" for name, value in decided)
 

@@ -122,7 +122,7 @@ def _model_and_data(cfg: DictConfig, run_dir: Path):
     from finetune.checks import validate
     from finetune.data.transforms import resolve_preprocessing
     from finetune.models.backbone import create_backbone
-    from finetune.train import build_data, build_model
+    from finetune.training import build_data, build_model
 
     cfg = validate(cfg)
     backbone = create_backbone(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.weights, cfg.head.pool)

@@ -1,4 +1,4 @@
-"""finetune.train.run: one training run, from a composed config to a tested best checkpoint and metrics.json.
+"""finetune.training.run: one training run, from a composed config to a tested best checkpoint and metrics.json.
 
 The decisions before it (which run, a valid config) are finetune.runconfig's; the Trainer is finetune.trainer's."""
 
