@@ -9,12 +9,26 @@ file. Both sides run on the CPU with the process's threads, alternately, each ke
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+# In a fresh process: seconds from `import finetune` to the first prediction, and of them, up to the loaded model.
+FIRST_PREDICTION = """
+import sys, time
+start = time.perf_counter()
+import numpy as np
+import finetune
+model = finetune.load(sys.argv[1])
+loaded = time.perf_counter()
+size = int(sys.argv[2])
+model.predict(np.zeros((size, size, 3), dtype=np.uint8), device="cpu")
+print(f"{time.perf_counter() - start:.2f} {loaded - start:.2f}")
+"""
 
 
 def arguments() -> dict:
@@ -68,6 +82,9 @@ def main() -> None:
         def front_door() -> None:
             model.predict(images, batch_size=args["batch"], device="cpu")
 
+        fresh = subprocess.run([sys.executable, "-c", FIRST_PREDICTION, str(run.dir), str(args["size"])],
+                               capture_output=True, text=True, check=True).stdout.split()
+
         best = {"timm forward": float("inf"), "Model.predict": float("inf")}
         for _ in range(3):
             for name, call in (("timm forward", raw), ("Model.predict", front_door)):
@@ -80,7 +97,8 @@ def main() -> None:
     for name, rate in rates.items():
         print(f"  {name:<14} {rate:8.1f} images/s")
     print(f"  Model.predict / timm forward: {rates['Model.predict'] / rates['timm forward']:.2f}")
-    print(f"  finetune.load to the first prediction: {first:.2f} s")
+    print(f"  finetune.load to the first prediction: {first:.2f} s in a process that has trained; {fresh[0]} s in a "
+          f"fresh one, `import finetune` included ({fresh[1]} s of it to import torch and load the checkpoint)")
 
 
 if __name__ == "__main__":

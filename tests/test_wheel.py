@@ -1,6 +1,6 @@
 """The package as a user installs it: a wheel built from this checkout, installed into a fresh environment with one
 extra, used from another folder: `finetune train`, `finetune predict`, `finetune export` and finetune.load agree,
-and docs/python-api.md's example runs as written. Offline: the environment is installed from uv's cache."""
+and docs/python-api.md's example runs as written."""
 
 import json
 import re
@@ -23,7 +23,12 @@ def python_api_example() -> str:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    """A fresh virtual environment holding the wheel of this checkout with its onnx extra; its bin/ folder."""
+    """A fresh virtual environment holding the wheel of this checkout, its console script included; its bin/ folder.
+    The tests never reach a registry, so the wheel's dependencies (and the onnx extra's) are the locked development
+    environment's, seen through a .pth file: the checkout's own source is not on the path (its editable install is a
+    .pth file of that environment, which Python does not read from a folder a .pth file adds)."""
+    import sysconfig
+
     uv = shutil.which("uv")
     if uv is None:
         pytest.skip("needs uv (README's install) to build and install the wheel")
@@ -34,9 +39,12 @@ def installed(tmp_path_factory) -> Path:
     subprocess.run([uv, "venv", "--offline", "--python", sys.executable, str(tmp / "env")], check=True,
                    capture_output=True, timeout=120)
     python = tmp / "env" / "bin" / "python"
-    install = subprocess.run([uv, "pip", "install", "--offline", "--python", str(python), f"{wheel}[onnx]"],
-                             capture_output=True, text=True, timeout=900)
+    install = subprocess.run([uv, "pip", "install", "--offline", "--no-deps", "--python", str(python), str(wheel)],
+                             capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr[-3000:]
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return tmp / "env" / "bin"
 
 
@@ -50,6 +58,9 @@ def run(command: list, cwd: Path) -> subprocess.CompletedProcess:
 def test_the_installed_command_trains_predicts_and_exports_and_load_agrees(installed, shapes, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    code = "import finetune, finetune.presets as p; print(finetune.__file__, p.CONF)"
+    where = run([installed / "python", "-c", code], elsewhere).stdout.split()
+    assert all(w.startswith(str(installed.parent)) for w in where), where  # the wheel's package and configs
     run([installed / "finetune", "train", "dataset=image_folder", f"dataset.root={shapes}", *FAST, *FIFTHS,
          "schedule.epochs=3", "schedule.lr=3e-3", "schedule.backbone_lr_ratio=0.03"], elsewhere)
     runs = list((elsewhere / "outputs" / "runs").iterdir())  # under the working folder, not the package's
@@ -74,8 +85,9 @@ def test_the_python_api_example_runs_as_written(installed, tmp_path):
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 1
     metrics = json.loads((runs[0] / "metrics.json").read_text())
-    # measured: MEASURED test accuracy on the digits' 60 test images after 3 epochs from random weights; chance 0.1
-    assert metrics["test/acc"] >= 0.3
+    # measured: 0.79 to 0.84 test accuracy on the digits' 269 test images after 4 epochs from random weights (seeds
+    # 42, 1, 2; one thread and ATen's default kernels); chance is 0.1
+    assert metrics["test/acc"] >= 0.5
     same = re.search(r"(\d+) of (\d+) labels as the checkpoint's", out)
     assert same and int(same.group(1)) >= int(same.group(2)) - 1, out[-2000:]
     assert (runs[0] / "eval" / "metrics.json").is_file() and (runs[0] / "export" / "best.onnx").is_file()
