@@ -454,3 +454,20 @@ def test_a_regression_export_of_large_targets_keeps_them_in_float32_and_in_fp16(
             outputs[name] = np.array([float(row["radius"]) for row in csv.DictReader(f)])
     assert outputs["ckpt"].min() > 65504  # beyond float16
     assert np.abs(outputs["fp16"] - outputs["ckpt"]).max() < 0.01 * outputs["ckpt"].std() + 1
+
+
+def test_evaluating_on_a_dataset_the_model_does_not_know_names_its_classes_or_labels_and_maps_the_rest():
+    from finetune.data.samples import Source
+    from finetune.tasks import task_of
+
+    multiclass, multilabel = task_of("multiclass"), task_of("multilabel")
+    with pytest.raises(DataError, match=r"dataset=x has classes the model does not know: zebra \(the model's: cat, "
+                                        r"dog\)"):
+        multiclass.align(Source(["cat", "zebra"], ["a", "b"], np.array([0, 1])), ["cat", "dog"], "x")
+    tagged = Source(["cat", "zebra"], ["a", "b"], np.array([0, 1]), task=multilabel, targets=np.eye(2, dtype="f4"))
+    with pytest.raises(DataError, match="dataset=x has labels the model does not know: zebra"):
+        multilabel.align(tagged, ["cat", "dog"], "x")
+    known = multiclass.align(Source(["dog"], ["a"], np.array([0])), ["cat", "dog"], "x")
+    assert known.classes == ["cat", "dog"] and known.labels.tolist() == [1]  # the model's class indices
+    dogs = Source(["dog"], ["a"], np.array([0]), task=multilabel, targets=np.ones((1, 1), dtype="f4"))
+    assert multilabel.align(dogs, ["cat", "dog"], "x").targets.tolist() == [[0.0, 1.0]]

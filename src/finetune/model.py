@@ -60,7 +60,7 @@ class Model:
         return self.net.thresholds
 
     def __repr__(self) -> str:
-        return f"Model({str(self.path)!r}, {self.kind}, task={self.task}, {len(self.classes)} {self.task.noun}s)"
+        return f"Model({str(self.path)!r}, {self.kind}, task={self.task}, {len(self.classes)} {self.task.plural})"
 
     def outputs(self, inputs: list, *, batch_size: int = 64, num_workers: int = 0, device: str = "auto",
                 max_pixels: int = 100_000_000, progress: bool = False) -> tuple[np.ndarray, dict[int, str]]:

@@ -67,13 +67,18 @@ class Task:
         raise NotImplementedError
 
     @property
+    def plural(self) -> str:
+        """The noun of many: classes, labels, targets."""
+        return f"{self.noun}{'es' if self.noun.endswith('s') else 's'}"
+
+    @property
     def one_label(self) -> str:
         """What one image's whole label is called: a class, a set of labels, a target."""
         return self.noun
 
     def describe(self, source) -> str:
         """What a dataset's labels are, in the log's words: 3 classes, 5 labels, a target to regress."""
-        return f"{len(source.classes)} {self.noun}{'es' if self.noun.endswith('s') else 's'}"
+        return f"{len(source.classes)} {self.plural}"
 
     def check_read(self, source, where: str) -> None:
         """A DataError for a dataset this task cannot learn from (one class; one value of the target)."""
@@ -191,6 +196,15 @@ class Task:
         """A dataset read for evaluation, its labels as the model's (in the model's order); a DataError for a class
         the model does not know."""
         return source
+
+    def refuse_unknown(self, source, classes: list[str], dataset: str) -> None:
+        """A DataError naming the classes (labels) of a dataset read for evaluation that the model does not know."""
+        from finetune.errors import DataError
+
+        unknown = [c for c in source.classes if c not in classes]
+        if unknown:
+            raise DataError(f"dataset={dataset} has {self.plural} the model does not know: {', '.join(unknown[:5])} "
+                            f"(the model's: {listing(classes)})")
 
     def score(self, outputs, labels, thresholds: list[float], classes: list[str]):
         """A model's figure on a split (accuracy, mAP or MAE) from its outputs as numpy, and its decisions (to count

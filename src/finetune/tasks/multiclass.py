@@ -131,12 +131,7 @@ class Multiclass(Task):
     def align(self, source, classes, dataset):
         import numpy as np
 
-        from finetune.errors import DataError
-
-        unknown = [c for c in source.classes if c not in classes]
-        if unknown:
-            raise DataError(f"dataset={dataset} has classes the model does not know: {', '.join(unknown[:5])} "
-                            f"(the model's: {listing(classes)})")
+        self.refuse_unknown(source, classes, dataset)
         source.labels = np.array([classes.index(source.classes[y]) for y in source.labels], dtype=np.int64)
         source.classes = list(classes)
         return source

@@ -100,12 +100,7 @@ class Multilabel(Task):
     def align(self, source, classes, dataset):
         import numpy as np
 
-        from finetune.errors import DataError
-
-        unknown = [c for c in source.classes if c not in classes]
-        if unknown:
-            raise DataError(f"dataset={dataset} has labels the model does not know: {', '.join(unknown[:5])} "
-                            f"(the model's: {listing(classes)})")
+        self.refuse_unknown(source, classes, dataset)
         targets = np.zeros((len(source), len(classes)), dtype=np.float32)
         targets[:, [classes.index(c) for c in source.classes]] = source.targets
         source.targets, source.classes = targets, list(classes)
