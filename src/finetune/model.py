@@ -68,7 +68,7 @@ class Model:
         expanded): class or label probabilities, or the value (one column), a NaN row for an input that cannot be
         read; and {position: why} of those."""
         files = [i for i, x in enumerate(inputs) if isinstance(x, (str, Path))]
-        pixels = [i for i in range(len(inputs)) if i not in set(files)]
+        pixels = [i for i, x in enumerate(inputs) if not isinstance(x, (str, Path))]
         out = np.full((len(inputs), len(self.classes)), np.nan, dtype=np.float32)
         failed: dict[int, str] = {}
         for positions, files_or_images in ((files, True), (pixels, False)):
@@ -95,7 +95,8 @@ class Model:
             source = Source(self.classes, [str(p) for p in chosen], np.zeros(n, dtype=np.int64))
         else:
             images = np.empty(n, dtype=object)  # each image its own size
-            images[:] = [np.asarray(_rgb(x)) for x in chosen]
+            for i, x in enumerate(chosen):
+                images[i] = np.asarray(_rgb(x))
             source = Source(self.classes, [f"image {i}" for i in range(n)], np.zeros(n, dtype=np.int64),
                             images=images)
         return probabilities(self.net, source, np.arange(n), batch_size=batch_size, num_workers=num_workers,
